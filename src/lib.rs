@@ -1,0 +1,7 @@
+//! pglock: distributed locks on PostgreSQL advisory locks.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod key;
+
+pub use key::AdvisoryKey;
