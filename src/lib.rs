@@ -2,6 +2,17 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod connection;
+mod error;
+mod guard;
 mod key;
+mod lock;
+mod scope;
+mod sql;
 
+pub use connection::{ConnectionSource, Session};
+pub use error::{redact_url, Error, Result};
+pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
+pub use lock::AdvisoryLock;
+pub use scope::{LockMode, LockScope, WaitStrategy};

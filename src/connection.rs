@@ -1,0 +1,384 @@
+//! Where a lock's connection comes from: a deadpool pool, or a [`Session`] the caller owns.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use deadpool_postgres::{Object, Pool};
+use tokio::task::JoinHandle;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
+
+use crate::error::{redact_url, Error, Result};
+use crate::{AdvisoryKey, LockScope};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Sends a cancel request for the query running on a connection, over the right transport.
+#[derive(Clone)]
+pub(crate) struct Canceller(Arc<dyn Fn(CancelToken) -> BoxFuture<()> + Send + Sync>);
+
+impl Canceller {
+    pub(crate) fn new<T>(tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        Canceller(Arc::new(move |token: CancelToken| {
+            let tls = tls.clone();
+            Box::pin(async move {
+                // A failed cancel leaves the server-side wait in place until it is granted;
+                // the caller closes the connection as well, which ends it then.
+                let _ = token.cancel_query(tls).await;
+            })
+        }))
+    }
+
+    pub(crate) fn cancel(&self, token: CancelToken) -> BoxFuture<()> {
+        (self.0)(token)
+    }
+}
+
+impl Default for Canceller {
+    fn default() -> Self {
+        Canceller::new(NoTls)
+    }
+}
+
+impl fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Canceller")
+    }
+}
+
+/// One PostgreSQL connection that pglock may share between several locks.
+///
+/// A `Session` wraps a [`tokio_postgres::Client`] (it derefs to it, so you can run your own
+/// queries on it) and remembers which keys pglock holds on it, so that pglock never stacks a
+/// session lock: asking for a key the session already holds fails with
+/// [`Error::AlreadyHeld`] instead of silently taking a second count that the first release
+/// would not free.
+///
+/// A blocking wait ([`WaitStrategy::Block`](crate::WaitStrategy::Block)) occupies the whole
+/// connection until it is granted: other queries on the session queue behind it. Share a
+/// session between locks that are taken with `try_lock` or
+/// [`WaitStrategy::Poll`](crate::WaitStrategy::Poll), or give blocking waiters a pool.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> pglock::Result<()> {
+/// use std::sync::Arc;
+/// use pglock::{AdvisoryLock, Session};
+///
+/// let session = Arc::new(Session::connect("postgres://postgres@localhost/test").await?);
+/// let guard = AdvisoryLock::new(session.clone(), "nightly-report").lock().await?;
+/// session.execute("SELECT 1", &[]).await?; // your own queries run on the same session
+/// pglock::AdvisoryLockGuard::unlock(guard).await?;
+/// # Ok(()) }
+/// ```
+pub struct Session {
+    client: Client,
+    statements: Mutex<Vec<(&'static str, Statement)>>,
+    held: Mutex<HashSet<AdvisoryKey>>,
+    in_transaction: Mutex<bool>,
+    canceller: Canceller,
+    connection_task: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    /// Connects to the server at `url` (a `postgres://` URL or a key-value string) without TLS.
+    ///
+    /// `application_name` defaults to `pglock`, so the session is recognisable in
+    /// `pg_stat_activity`. The connection task runs on the current tokio runtime and ends with
+    /// the session.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a malformed URL, [`Error::Connect`] when the server cannot be
+    /// reached or refuses the login. Neither message contains the password.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with_tls(url, NoTls).await
+    }
+
+    /// Connects like [`connect`](Self::connect), negotiating TLS with `tls` as the URL's
+    /// `sslmode` asks.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with_tls<T>(url: &str, tls: T) -> Result<Self>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let config = parse_config(url)?;
+        let (client, connection) =
+            config
+                .connect(tls.clone())
+                .await
+                .map_err(|source| Error::Connect {
+                    target: redact_url(url),
+                    source,
+                })?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut session = Session::from_client(client);
+        session.canceller = Canceller::new(tls);
+        session.connection_task = Some(task);
+        Ok(session)
+    }
+
+    /// Wraps a client whose connection task the caller already runs.
+    ///
+    /// Cancel requests for abandoned waits go without TLS; see
+    /// [`with_cancel_tls`](Self::with_cancel_tls).
+    pub fn from_client(client: Client) -> Self {
+        Session {
+            client,
+            statements: Mutex::new(Vec::new()),
+            held: Mutex::new(HashSet::new()),
+            in_transaction: Mutex::new(false),
+            canceller: Canceller::default(),
+            connection_task: None,
+        }
+    }
+
+    /// Sends cancel requests (for abandoned waits) through `tls`, as the server requires.
+    pub fn with_cancel_tls<T>(mut self, tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.canceller = Canceller::new(tls);
+        self
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Whether pglock currently holds `key` on this session.
+    pub fn holds(&self, key: impl Into<AdvisoryKey>) -> bool {
+        self.held.lock().unwrap().contains(&key.into())
+    }
+
+    async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.cached(sql) {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements
+            .lock()
+            .unwrap()
+            .push((sql, statement.clone()));
+        Ok(statement)
+    }
+
+    fn cached(&self, sql: &'static str) -> Option<Statement> {
+        let statements = self.statements.lock().unwrap();
+        statements
+            .iter()
+            .find(|(text, _)| std::ptr::eq(*text, sql))
+            .map(|(_, statement)| statement.clone())
+    }
+}
+
+impl Deref for Session {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(task) = self.connection_task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("held", &*self.held.lock().unwrap())
+            .field("closed", &self.client.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a connection string, defaulting `application_name` to `pglock`.
+pub(crate) fn parse_config(url: &str) -> Result<Config> {
+    let mut config = Config::from_str(url).map_err(|error| {
+        Error::Config(format!(
+            "cannot parse the connection string {}: {error}",
+            redact_url(url)
+        ))
+    })?;
+    if config.get_application_name().is_none() {
+        config.application_name("pglock");
+    }
+    Ok(config)
+}
+
+/// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.
+///
+/// Built from a [`deadpool_postgres::Pool`] (each held lock keeps one pooled connection) or
+/// from an `Arc<`[`Session`]`>` (locks share the session). `From` conversions exist for both,
+/// so you rarely name this type.
+#[derive(Clone, Debug)]
+pub struct ConnectionSource {
+    kind: SourceKind,
+    canceller: Canceller,
+}
+
+#[derive(Clone, Debug)]
+enum SourceKind {
+    Pool(Pool),
+    Session(Arc<Session>),
+}
+
+impl ConnectionSource {
+    /// Sends cancel requests for abandoned waits on pooled connections through `tls`.
+    ///
+    /// Needed when the server accepts only TLS connections; the default is no TLS.
+    pub fn with_cancel_tls<T>(mut self, tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.canceller = Canceller::new(tls);
+        self
+    }
+
+    pub(crate) async fn checkout(&self) -> Result<Conn> {
+        match &self.kind {
+            SourceKind::Pool(pool) => Ok(Conn::Pooled(pool.get().await?)),
+            SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
+        }
+    }
+
+    pub(crate) fn canceller(&self, conn: &Conn) -> Canceller {
+        match conn {
+            Conn::Pooled(_) => self.canceller.clone(),
+            Conn::Session(session) => session.canceller.clone(),
+        }
+    }
+}
+
+impl From<Pool> for ConnectionSource {
+    fn from(pool: Pool) -> Self {
+        ConnectionSource {
+            kind: SourceKind::Pool(pool),
+            canceller: Canceller::default(),
+        }
+    }
+}
+
+impl From<&Pool> for ConnectionSource {
+    fn from(pool: &Pool) -> Self {
+        pool.clone().into()
+    }
+}
+
+impl From<Arc<Session>> for ConnectionSource {
+    fn from(session: Arc<Session>) -> Self {
+        ConnectionSource {
+            kind: SourceKind::Session(session),
+            canceller: Canceller::default(),
+        }
+    }
+}
+
+impl From<&Arc<Session>> for ConnectionSource {
+    fn from(session: &Arc<Session>) -> Self {
+        session.clone().into()
+    }
+}
+
+impl From<Session> for ConnectionSource {
+    fn from(session: Session) -> Self {
+        Arc::new(session).into()
+    }
+}
+
+/// The connection one lock works on: exclusively owned (pooled) or shared (a session).
+// Boxing the pooled object would cost an allocation per acquisition to save a memcpy.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Conn {
+    Pooled(Object),
+    Session(Arc<Session>),
+}
+
+impl Conn {
+    pub(crate) fn client(&self) -> &Client {
+        match self {
+            Conn::Pooled(object) => object,
+            Conn::Session(session) => &session.client,
+        }
+    }
+
+    pub(crate) async fn prepare(
+        &self,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        match self {
+            Conn::Pooled(object) => object.prepare_cached(sql).await,
+            Conn::Session(session) => session.prepare(sql).await,
+        }
+    }
+
+    /// Closes a pooled connection instead of returning it, so the server ends its session and
+    /// frees whatever it held. A shared session stays open: it is not ours to close.
+    pub(crate) fn discard(self) {
+        if let Conn::Pooled(object) = self {
+            drop(Object::take(object));
+        }
+    }
+
+    /// Marks `key` held on a shared session (and its transaction open, for transaction scope).
+    pub(crate) fn reserve(&self, key: AdvisoryKey, scope: LockScope) -> Result<()> {
+        let Conn::Session(session) = self else {
+            return Ok(());
+        };
+        let mut held = session.held.lock().unwrap();
+        if held.contains(&key) {
+            return Err(Error::AlreadyHeld { key });
+        }
+        if scope == LockScope::Transaction {
+            let mut in_transaction = session.in_transaction.lock().unwrap();
+            if *in_transaction {
+                return Err(Error::TransactionInProgress);
+            }
+            *in_transaction = true;
+        }
+        held.insert(key);
+        Ok(())
+    }
+
+    /// Undoes [`reserve`](Self::reserve) once the lock is released or was never taken.
+    pub(crate) fn unreserve(&self, key: AdvisoryKey, scope: LockScope) {
+        if let Conn::Session(session) = self {
+            session.held.lock().unwrap().remove(&key);
+            if scope == LockScope::Transaction {
+                *session.in_transaction.lock().unwrap() = false;
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The one error type of the crate.
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+
+use crate::AdvisoryKey;
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while taking, holding or releasing an advisory lock.
+///
+/// Contention is not an error: [`try_lock`](crate::AdvisoryLock::try_lock) and
+/// [`try_lock_for`](crate::AdvisoryLock::try_lock_for) return `Ok(None)` when the lock is busy.
+///
+/// Every message says what happened and what to do next. No message contains a password: a
+/// connection string is only ever shown through [`redact_url`](crate::redact_url).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection string or another setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A connection to PostgreSQL could not be established.
+    #[error("could not connect to PostgreSQL at {target}: {source}; check that the server is running and that the URL, user and database are right")]
+    Connect {
+        /// Where pglock tried to connect, with any password removed.
+        target: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// Every connection of the pool is in use and none came free before the pool's wait timeout.
+    #[error("the connection pool is exhausted: no connection came free in time; raise the pool's max_size or its wait timeout, or hold fewer locks at once (each held lock keeps one pooled connection)")]
+    PoolExhausted,
+
+    /// Another error from the deadpool connection pool.
+    #[error("connection pool error: {0}")]
+    Pool(#[source] deadpool_postgres::PoolError),
+
+    /// The connection closed or failed; any lock it held has been released by the server.
+    #[error("the connection to PostgreSQL was lost{}: {source}; every advisory lock of that session is gone", key_suffix(.key))]
+    ConnectionLost {
+        /// The key of the lock concerned, when there is one.
+        key: Option<AdvisoryKey>,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// An operation did not finish before its deadline (connecting, a health probe, a release).
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        operation: &'static str,
+        /// How long pglock waited.
+        after: Duration,
+    },
+
+    /// PostgreSQL's deadlock detector chose this wait as the victim (SQLSTATE 40P01).
+    #[error("deadlock detected while waiting for advisory lock {key}: {source}; retry, or use WaitStrategy::Poll when the holder may wait on this session (e.g. CREATE INDEX CONCURRENTLY)")]
+    Deadlock {
+        /// The key that was being waited for.
+        key: AdvisoryKey,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The wait was cancelled on the server (SQLSTATE 57014: `pg_cancel_backend`,
+    /// `statement_timeout`).
+    #[error("the wait for advisory lock {key} was cancelled by the server: {source}")]
+    Cancelled {
+        /// The key that was being waited for.
+        key: AdvisoryKey,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The lock was not held by this session when pglock released it: it was lost before.
+    #[error("advisory lock {key} was not held by this session at release: it was lost earlier (session ended or replaced, e.g. behind a transaction-pooling PgBouncer)")]
+    NotHeld {
+        /// The key that was not held.
+        key: AdvisoryKey,
+    },
+
+    /// This session already holds the key through pglock.
+    ///
+    /// PostgreSQL would stack the lock, and the first release would then not free it, so pglock
+    /// refuses instead.
+    #[error("advisory lock {key} is already held on this session; pglock does not stack session locks: use the guard you have, or another connection")]
+    AlreadyHeld {
+        /// The key already held.
+        key: AdvisoryKey,
+    },
+
+    /// The session already has a transaction open for a transaction-scoped lock.
+    #[error("this session already has an open pglock transaction; finish it (commit or roll back its guard) or use another connection")]
+    TransactionInProgress,
+
+    /// The server is a read-only hot standby: advisory locks there do not coordinate with the
+    /// primary.
+    #[error("the server is a read-only standby (pg_is_in_recovery() is true): advisory locks taken there do not coordinate with the primary; connect to the primary instead")]
+    ReadOnlyStandby,
+
+    /// The server ran out of lock table space (SQLSTATE 53200).
+    #[error("PostgreSQL is out of lock table space ({source}); raise max_locks_per_transaction on the server (restart required) or hold fewer locks at once; locks already held are unaffected")]
+    OutOfLockMemory {
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// Any other error reported by PostgreSQL.
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[source] tokio_postgres::Error),
+}
+
+fn key_suffix(key: &Option<AdvisoryKey>) -> String {
+    match key {
+        Some(key) => format!(" while holding or taking advisory lock {key}"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// The SQLSTATE code the server sent, if this error came from the server.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            Error::Deadlock { source, .. }
+            | Error::Cancelled { source, .. }
+            | Error::OutOfLockMemory { source }
+            | Error::ConnectionLost { source, .. }
+            | Error::Connect { source, .. }
+            | Error::Postgres(source) => source.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection is gone, and with it every session lock it held.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, Error::ConnectionLost { .. })
+    }
+
+    /// Whether an operation ran past its deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// Whether the server's deadlock detector ended the wait.
+    pub fn is_deadlock(&self) -> bool {
+        matches!(self, Error::Deadlock { .. })
+    }
+
+    /// Classifies a driver error raised while working on `key`.
+    pub(crate) fn from_postgres(key: Option<AdvisoryKey>, error: tokio_postgres::Error) -> Self {
+        if error.is_closed() || (error.code().is_none() && error.as_db_error().is_none()) {
+            return Error::ConnectionLost { key, source: error };
+        }
+        let code = error.code().cloned();
+        match (code, key) {
+            (Some(SqlState::T_R_DEADLOCK_DETECTED), Some(key)) => {
+                Error::Deadlock { key, source: error }
+            }
+            (Some(SqlState::QUERY_CANCELED), Some(key)) => Error::Cancelled { key, source: error },
+            (Some(SqlState::OUT_OF_MEMORY), _) => Error::OutOfLockMemory { source: error },
+            (Some(SqlState::ADMIN_SHUTDOWN), _)
+            | (Some(SqlState::CRASH_SHUTDOWN), _)
+            | (Some(SqlState::IDLE_SESSION_TIMEOUT), _) => {
+                Error::ConnectionLost { key, source: error }
+            }
+            _ => Error::Postgres(error),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        match error {
+            PoolError::Timeout(TimeoutType::Wait) => Error::PoolExhausted,
+            PoolError::Backend(source) if source.code().is_none() => Error::Connect {
+                target: "the pool's server".to_owned(),
+                source,
+            },
+            other => Error::Pool(other),
+        }
+    }
+}
+
+/// Returns `url` with any password replaced by `***`, for messages and logs.
+///
+/// Handles both URL (`postgres://user:secret@host/db`) and key-value
+/// (`host=h password=secret`) connection strings.
+///
+/// ```
+/// assert_eq!(
+///     pglock::redact_url("postgres://app:s3cret@db:5432/prod"),
+///     "postgres://app:***@db:5432/prod"
+/// );
+/// assert_eq!(pglock::redact_url("host=db password=s3cret user=app"), "host=db password=*** user=app");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        let mut out = url[..scheme_end + 3].to_owned();
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        out.push_str(&redact_query(&rest[authority_end..]));
+        out
+    } else {
+        url.split(' ')
+            .map(|part| match part.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => part.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_everywhere() {
+        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?password=x&sslmode=require"),
+            "postgres://h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@h:1/db?application_name=a"),
+            "postgres://u:***@h:1/db?application_name=a"
+        );
+        assert_eq!(
+            redact_url("user=u password=p host=h"),
+            "user=u password=*** host=h"
+        );
+        assert_eq!(redact_url("postgres://u:p@h"), "postgres://u:***@h");
+    }
+}

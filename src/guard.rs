@@ -1,0 +1,329 @@
+//! The RAII guard of a held advisory lock, and how it is released.
+
+use std::fmt;
+use std::future::Future;
+use std::ops::Deref;
+use std::task::{Context, Poll, Waker};
+
+use tokio::runtime::Handle;
+use tokio_postgres::{Client, Statement};
+
+use crate::connection::Conn;
+use crate::error::{Error, Result};
+use crate::sql::KeyParams;
+use crate::{AdvisoryKey, LockMode, LockScope};
+
+/// A held advisory lock. The lock is released when the guard is dropped.
+///
+/// The guard owns the connection the lock lives on (a pooled connection, or a share of a
+/// [`Session`](crate::Session)) and derefs to its [`tokio_postgres::Client`], so the protected
+/// work can run in the same session: for example migrations under a migration lock, or the
+/// statements of a transaction-scoped lock's transaction.
+///
+/// # Release
+///
+/// - [`unlock`](Self::unlock) (or [`commit`](Self::commit) / [`rollback`](Self::rollback) for
+///   transaction scope) releases now and reports errors.
+/// - Dropping the guard releases in the background without blocking: the release is queued on
+///   the connection at once, ahead of anything sent after the drop, and a background task
+///   awaits its answer. A pooled connection goes back to the pool only once the release is
+///   confirmed; when it is not (an error, a lost connection, no runtime), the connection is
+///   closed instead, and the server frees the lock as the session ends. Release on drop is
+///   therefore not synchronous: for about one round trip after the drop, another session may
+///   still see the key as held.
+/// - If the connection dies while the guard is held, the server has already released the lock;
+///   `unlock` then reports [`Error::ConnectionLost`] or [`Error::NotHeld`].
+///
+/// Operations on the guard are associated functions (`AdvisoryLockGuard::unlock(guard)`), so
+/// they never shadow the methods of the `Client` it derefs to.
+#[must_use = "if unused the lock is released immediately"]
+#[clippy::has_significant_drop]
+pub struct AdvisoryLockGuard {
+    conn: Option<Conn>,
+    key: AdvisoryKey,
+    mode: LockMode,
+    scope: LockScope,
+    backend_pid: i32,
+    unlock: Option<Statement>,
+}
+
+impl AdvisoryLockGuard {
+    pub(crate) fn new(
+        conn: Conn,
+        key: AdvisoryKey,
+        mode: LockMode,
+        scope: LockScope,
+        backend_pid: i32,
+        unlock: Option<Statement>,
+    ) -> Self {
+        AdvisoryLockGuard {
+            conn: Some(conn),
+            key,
+            mode,
+            scope,
+            backend_pid,
+            unlock,
+        }
+    }
+
+    /// The key of the held lock.
+    pub fn key(this: &Self) -> AdvisoryKey {
+        this.key
+    }
+
+    /// Whether the lock is held exclusively or shared.
+    pub fn mode(this: &Self) -> LockMode {
+        this.mode
+    }
+
+    /// Whether the lock lasts for the session or for the guard's transaction.
+    pub fn scope(this: &Self) -> LockScope {
+        this.scope
+    }
+
+    /// The process id of the PostgreSQL backend that holds the lock (as in `pg_locks.pid`).
+    pub fn backend_pid(this: &Self) -> i32 {
+        this.backend_pid
+    }
+
+    /// Releases the lock now and reports how it went.
+    ///
+    /// For a session lock this runs `pg_advisory_unlock`; for a transaction-scoped lock it
+    /// commits the transaction, like [`commit`](Self::commit).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::NotHeld`] if the session no longer held the lock (it was lost before);
+    /// - [`Error::ConnectionLost`] if the connection is gone (so is the lock);
+    /// - [`Error::Postgres`] for any other failure.
+    ///
+    /// On any error a pooled connection is closed rather than returned to the pool, so nothing
+    /// can stay locked on it.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before it completes, the release still happens in the
+    /// background, as when the guard is dropped.
+    pub async fn unlock(mut this: Self) -> Result<()> {
+        let release = this.release_kind(Release::Commit);
+        this.release_now(release).await
+    }
+
+    /// Commits the transaction of a transaction-scoped lock, which releases the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the guard holds a session lock; otherwise as
+    /// [`unlock`](Self::unlock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`unlock`](Self::unlock): once called, the commit is sent even if the future is
+    /// dropped.
+    pub async fn commit(mut this: Self) -> Result<()> {
+        this.require_transaction("commit")?;
+        this.release_now(Release::Commit).await
+    }
+
+    /// Rolls back the transaction of a transaction-scoped lock, which releases the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the guard holds a session lock; otherwise as
+    /// [`unlock`](Self::unlock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`unlock`](Self::unlock).
+    pub async fn rollback(mut this: Self) -> Result<()> {
+        this.require_transaction("rollback")?;
+        this.release_now(Release::Rollback).await
+    }
+
+    /// Gives up the guard without releasing the lock.
+    ///
+    /// The connection is detached from its pool and kept open for the rest of the process, so
+    /// the lock stays held until the process exits or the server ends the session. On a shared
+    /// [`Session`](crate::Session) the key stays marked as held.
+    pub fn leak(mut this: Self) {
+        if let Some(conn) = this.conn.take() {
+            match conn {
+                Conn::Pooled(object) => std::mem::forget(deadpool_postgres::Object::take(object)),
+                Conn::Session(_) => {}
+            }
+        }
+    }
+
+    fn require_transaction(&self, what: &str) -> Result<()> {
+        match self.scope {
+            LockScope::Transaction => Ok(()),
+            LockScope::Session => Err(Error::Config(format!(
+                "{what} applies to transaction-scoped locks; release a session lock with unlock"
+            ))),
+        }
+    }
+
+    fn release_kind(&self, end_transaction: Release) -> Release {
+        match (&self.scope, &self.unlock) {
+            (LockScope::Session, Some(statement)) => Release::Unlock(statement.clone()),
+            _ => end_transaction,
+        }
+    }
+
+    async fn release_now(&mut self, how: Release) -> Result<()> {
+        let conn = self
+            .conn
+            .take()
+            .expect("a guard holds its connection until released");
+        // If this future is dropped mid-way, the slot closes a pooled connection: the release
+        // request was already queued, and closing ends the session in any case.
+        let slot = ConnSlot::new(conn, self.key, self.scope);
+        let result = release(slot.conn(), &how, self.key).await;
+        slot.finish(result.is_ok());
+        result
+    }
+}
+
+impl Drop for AdvisoryLockGuard {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let release = self.release_kind(Release::Rollback);
+            release_in_background(conn, release, self.key, self.scope);
+        }
+    }
+}
+
+impl Deref for AdvisoryLockGuard {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.conn
+            .as_ref()
+            .expect("a guard holds its connection until released")
+            .client()
+    }
+}
+
+impl fmt::Debug for AdvisoryLockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdvisoryLockGuard")
+            .field("key", &self.key)
+            .field("mode", &self.mode)
+            .field("scope", &self.scope)
+            .field("backend_pid", &self.backend_pid)
+            .finish()
+    }
+}
+
+/// How a lock is given back.
+#[derive(Clone)]
+pub(crate) enum Release {
+    /// `pg_advisory_unlock` with this prepared statement (session scope).
+    Unlock(Statement),
+    /// `COMMIT` (transaction scope).
+    Commit,
+    /// `ROLLBACK` (transaction scope).
+    Rollback,
+}
+
+/// Runs `release` on `conn`. A session unlock is retried once if a cancel request sent for an
+/// abandoned wait arrives late and cancels it.
+pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
+    let client = conn.client();
+    match release {
+        Release::Unlock(statement) => {
+            let params = KeyParams::new(key);
+            let params = params.with(None);
+            let mut result = client.query_one(statement, params.as_slice()).await;
+            if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
+            {
+                result = client.query_one(statement, params.as_slice()).await;
+            }
+            let row = result.map_err(|e| Error::from_postgres(Some(key), e))?;
+            if row.get::<_, Option<bool>>(0) == Some(true) {
+                Ok(())
+            } else {
+                Err(Error::NotHeld { key })
+            }
+        }
+        Release::Commit => client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| Error::from_postgres(Some(key), e)),
+        Release::Rollback => client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| Error::from_postgres(Some(key), e)),
+    }
+}
+
+/// Queues `release` on the connection now and confirms it in a background task.
+///
+/// The first poll happens here, synchronously: tokio-postgres writes a request into the
+/// connection's queue on the first poll, so the release is ordered before anything the caller
+/// sends afterwards. Without a runtime to finish on, the connection is closed instead.
+pub(crate) fn release_in_background(
+    conn: Conn,
+    release_how: Release,
+    key: AdvisoryKey,
+    scope: LockScope,
+) {
+    let slot = ConnSlot::new(conn, key, scope);
+    let mut task = Box::pin(async move {
+        let result = release(slot.conn(), &release_how, key).await;
+        slot.finish(result.is_ok());
+    });
+    let mut cx = Context::from_waker(Waker::noop());
+    if task.as_mut().poll(&mut cx) == Poll::Ready(()) {
+        return;
+    }
+    if let Ok(runtime) = Handle::try_current() {
+        runtime.spawn(task);
+    }
+}
+
+/// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
+/// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
+pub(crate) struct ConnSlot {
+    conn: Option<Conn>,
+    key: AdvisoryKey,
+    scope: LockScope,
+}
+
+impl ConnSlot {
+    pub(crate) fn new(conn: Conn, key: AdvisoryKey, scope: LockScope) -> Self {
+        ConnSlot {
+            conn: Some(conn),
+            key,
+            scope,
+        }
+    }
+
+    pub(crate) fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("the slot holds its connection until finished")
+    }
+
+    /// Ends the slot: the lock is released (`clean`) or its state is unknown.
+    pub(crate) fn finish(mut self, clean: bool) {
+        let conn = self.conn.take().expect("finished once");
+        conn.unreserve(self.key, self.scope);
+        if !clean {
+            conn.discard();
+        }
+    }
+
+    pub(crate) fn into_conn(mut self) -> Conn {
+        self.conn.take().expect("taken once")
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.unreserve(self.key, self.scope);
+            conn.discard();
+        }
+    }
+}

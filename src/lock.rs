@@ -1,0 +1,484 @@
+//! [`AdvisoryLock`]: a key, where its connection comes from, and the ways to acquire it.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{CancelToken, Row, Statement};
+
+use crate::connection::{Canceller, Conn, ConnectionSource};
+use crate::error::{Error, Result};
+use crate::guard::{release, ConnSlot, Release};
+use crate::sql::{statement, Form, KeyParams, Op};
+use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
+
+/// A named (or numbered) advisory lock and where to take it.
+///
+/// Cheap to clone; it holds nothing on the server. Each acquisition returns an
+/// [`AdvisoryLockGuard`] that holds the lock until it is dropped or unlocked.
+///
+/// | method | waits | busy result |
+/// |---|---|---|
+/// | [`lock`](Self::lock) / [`lock_shared`](Self::lock_shared) | until granted | — |
+/// | [`try_lock`](Self::try_lock) / [`try_lock_shared`](Self::try_lock_shared) | never | `Ok(None)` |
+/// | [`try_lock_for`](Self::try_lock_for) / [`try_lock_until`](Self::try_lock_until) (and `_shared_`) | until the deadline | `Ok(None)` |
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(pool: deadpool_postgres::Pool) -> pglock::Result<()> {
+/// use std::time::Duration;
+/// use pglock::{AdvisoryLock, AdvisoryLockGuard};
+///
+/// let lock = AdvisoryLock::new(&pool, "migrations");
+/// match lock.try_lock_for(Duration::from_secs(30)).await? {
+///     Some(guard) => {
+///         guard.batch_execute("CREATE TABLE IF NOT EXISTS t (id int)").await?;
+///         AdvisoryLockGuard::unlock(guard).await?;
+///     }
+///     None => eprintln!("another instance held the lock for 30 s"),
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Re-entrancy
+///
+/// PostgreSQL counts session locks per session: locking a key twice on one session needs two
+/// unlocks. pglock never does that. On a pool every acquisition uses its own connection, so a
+/// second acquisition of a held key, even from the same task, waits like any other session
+/// (and would wait forever for a holder in the same task: drop the first guard first). On a
+/// shared [`Session`](crate::Session), asking for a key the session holds fails at once with
+/// [`Error::AlreadyHeld`].
+#[derive(Clone, Debug)]
+pub struct AdvisoryLock {
+    source: ConnectionSource,
+    key: AdvisoryKey,
+    scope: LockScope,
+    wait: WaitStrategy,
+}
+
+/// When an acquisition gives up.
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    Never,
+    Now,
+    At(Instant),
+}
+
+impl AdvisoryLock {
+    /// A session-scoped lock on `key`, taken on connections from `source`.
+    ///
+    /// `source` is a [`deadpool_postgres::Pool`] (or `&Pool`), or an `Arc<`[`Session`](crate::Session)`>`;
+    /// `key` is anything that converts into an [`AdvisoryKey`]: a name (`&str`, hashed with
+    /// [`AdvisoryKey::from_name`]), an `i64`, or an `(i32, i32)` pair.
+    pub fn new(source: impl Into<ConnectionSource>, key: impl Into<AdvisoryKey>) -> Self {
+        AdvisoryLock {
+            source: source.into(),
+            key: key.into(),
+            scope: LockScope::Session,
+            wait: WaitStrategy::Block,
+        }
+    }
+
+    /// Sets how long the lock is held: for the session (the default) or for a transaction.
+    pub fn scope(mut self, scope: LockScope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Sets how a blocked acquisition waits (the default is [`WaitStrategy::Block`]).
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// The lock's key.
+    pub fn key(&self) -> AdvisoryKey {
+        self.key
+    }
+
+    /// Acquires the lock exclusively, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PoolExhausted`] and other pool errors, [`Error::ConnectionLost`],
+    /// [`Error::Deadlock`] if the server's deadlock detector ends the wait,
+    /// [`Error::Cancelled`] if the wait is cancelled on the server, [`Error::ReadOnlyStandby`],
+    /// [`Error::AlreadyHeld`] on a session that holds the key.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: if the future is dropped at any point, no lock is left held and no waiter is
+    /// left in the server's queue. A wait in progress is cancelled on the server (a cancel
+    /// request, then the pooled connection is closed); if the grant crossed the cancellation,
+    /// the lock is released again.
+    pub async fn lock(&self) -> Result<AdvisoryLockGuard> {
+        self.acquire(LockMode::Exclusive, Deadline::Never)
+            .await
+            .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
+    }
+
+    /// Acquires the lock in shared mode, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn lock_shared(&self) -> Result<AdvisoryLockGuard> {
+        self.acquire(LockMode::Shared, Deadline::Never)
+            .await
+            .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
+    }
+
+    /// Tries once to acquire the lock exclusively; `Ok(None)` if it is busy.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock), except that it never waits, so never deadlocks.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock(&self) -> Result<Option<AdvisoryLockGuard>> {
+        self.acquire(LockMode::Exclusive, Deadline::Now).await
+    }
+
+    /// Tries once to acquire the lock in shared mode; `Ok(None)` if an exclusive holder has it.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_lock`](Self::try_lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock_shared(&self) -> Result<Option<AdvisoryLockGuard>> {
+        self.acquire(LockMode::Shared, Deadline::Now).await
+    }
+
+    /// Acquires the lock exclusively, waiting at most `timeout`; `Ok(None)` if it stayed busy.
+    ///
+    /// The deadline is enforced by the server (`lock_timeout`, set for this one statement), so
+    /// the lock can never be granted after this returns `Ok(None)`. Time spent waiting for a
+    /// pooled connection counts against the timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock_for(&self, timeout: Duration) -> Result<Option<AdvisoryLockGuard>> {
+        self.try_lock_until(Instant::now() + timeout).await
+    }
+
+    /// Acquires the lock exclusively, waiting at most until `deadline`; `Ok(None)` if it stayed
+    /// busy.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock_until(&self, deadline: Instant) -> Result<Option<AdvisoryLockGuard>> {
+        self.acquire(LockMode::Exclusive, Deadline::At(deadline))
+            .await
+    }
+
+    /// Acquires the lock in shared mode, waiting at most `timeout`; `Ok(None)` if it stayed busy.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock_shared_for(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        self.try_lock_shared_until(Instant::now() + timeout).await
+    }
+
+    /// Acquires the lock in shared mode, waiting at most until `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Self::lock).
+    pub async fn try_lock_shared_until(
+        &self,
+        deadline: Instant,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        self.acquire(LockMode::Shared, Deadline::At(deadline)).await
+    }
+
+    async fn acquire(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        let key = self.key;
+        let conn = self.source.checkout().await?;
+        conn.reserve(key, self.scope)?;
+        let slot = ConnSlot::new(conn, key, self.scope);
+        let form = Form::of(key);
+        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let blocking_op = match deadline {
+            Deadline::Never => Op::Lock,
+            _ => Op::LockWithTimeout,
+        };
+        let op = if polling || matches!(deadline, Deadline::Now) {
+            Op::TryLock
+        } else {
+            blocking_op
+        };
+        let acquire_sql = statement(op, mode, self.scope, form);
+        // Prepare the release with the acquisition (one round trip the first time on a
+        // connection, none after) so that a guard can always release without preparing.
+        let (acquire_statement, unlock) = match self.scope {
+            LockScope::Session => {
+                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+                let conn = slot.conn();
+                let (a, u) =
+                    futures_util::future::join(conn.prepare(acquire_sql), conn.prepare(unlock_sql))
+                        .await;
+                let map = |e| Error::from_postgres(Some(key), e);
+                (a.map_err(map)?, Some(u.map_err(map)?))
+            }
+            LockScope::Transaction => (
+                slot.conn()
+                    .prepare(acquire_sql)
+                    .await
+                    .map_err(|e| Error::from_postgres(Some(key), e))?,
+                None,
+            ),
+        };
+        let mut attempt = Attempt {
+            slot: Some(slot),
+            in_flight: None,
+            cancel: None,
+            in_transaction: false,
+            key,
+            scope: self.scope,
+            unlock: unlock.clone(),
+            canceller: None,
+        };
+        let mut pause = match self.wait {
+            WaitStrategy::Poll { initial, .. } => initial,
+            WaitStrategy::Block => Duration::ZERO,
+        };
+        loop {
+            let lock_timeout = match (op, deadline) {
+                (Op::LockWithTimeout, Deadline::At(at)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    // lock_timeout = 0 would mean "wait forever": never send less than 1 ms.
+                    Some(format!("{}ms", left.as_millis().max(1)))
+                }
+                _ => None,
+            };
+            let may_wait = op != Op::TryLock;
+            if may_wait && attempt.canceller.is_none() {
+                let conn = attempt
+                    .slot
+                    .as_ref()
+                    .expect("idle attempt holds its connection")
+                    .conn();
+                attempt.canceller = Some(self.source.canceller(conn));
+            }
+            match attempt
+                .run(&acquire_statement, lock_timeout, may_wait)
+                .await
+            {
+                Ok(row) => match row.get::<_, Option<bool>>(0) {
+                    Some(true) => {
+                        let pid: i32 = row.get(1);
+                        return Ok(Some(attempt.into_guard(mode, pid, unlock)));
+                    }
+                    Some(false) => {}
+                    None => return Err(Error::ReadOnlyStandby),
+                },
+                Err(e)
+                    if op == Op::LockWithTimeout
+                        && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(Error::from_postgres(Some(key), e)),
+            }
+            // Busy after a single attempt: give up, or pause and poll again.
+            let now = Instant::now();
+            let until = match deadline {
+                Deadline::Now => return Ok(None),
+                Deadline::At(at) if at <= now => return Ok(None),
+                Deadline::At(at) => at,
+                Deadline::Never => now + pause,
+            };
+            tokio::time::sleep_until(until.min(now + pause)).await;
+            if let WaitStrategy::Poll { max, .. } = self.wait {
+                pause = (pause * 2).min(max);
+            }
+        }
+    }
+}
+
+type InFlight =
+    Pin<Box<dyn Future<Output = (ConnSlot, Result<Row, tokio_postgres::Error>)> + Send>>;
+
+/// An acquisition in progress. Whatever point it is dropped at, its `Drop` leaves the server
+/// as it found it: no lock held, no waiter queued, no transaction open.
+struct Attempt {
+    /// The connection while no statement is in flight.
+    slot: Option<ConnSlot>,
+    /// The statement in flight, which owns the connection until it answers.
+    in_flight: Option<InFlight>,
+    /// Set while the statement in flight may sit in the server's lock queue.
+    cancel: Option<CancelToken>,
+    /// `BEGIN` has been sent (transaction scope).
+    in_transaction: bool,
+    key: AdvisoryKey,
+    scope: LockScope,
+    unlock: Option<Statement>,
+    canceller: Option<Canceller>,
+}
+
+impl Attempt {
+    /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits it.
+    async fn run(
+        &mut self,
+        statement: &Statement,
+        lock_timeout: Option<String>,
+        may_wait: bool,
+    ) -> Result<Row, tokio_postgres::Error> {
+        let slot = self.slot.take().expect("one statement in flight at a time");
+        let begin = self.scope == LockScope::Transaction && !self.in_transaction;
+        self.in_transaction |= begin;
+        self.cancel = may_wait.then(|| slot.conn().client().cancel_token());
+        let statement = statement.clone();
+        let key = self.key;
+        self.in_flight = Some(Box::pin(async move {
+            let params = KeyParams::new(key);
+            let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
+            let params = params.with(extra);
+            let client = slot.conn().client();
+            let result = if begin {
+                let (begun, row) = futures_util::future::join(
+                    client.batch_execute("BEGIN"),
+                    client.query_one(&statement, params.as_slice()),
+                )
+                .await;
+                begun.and(row)
+            } else {
+                client.query_one(&statement, params.as_slice()).await
+            };
+            (slot, result)
+        }));
+        let (slot, result) = poll_fn(|cx| {
+            self.in_flight
+                .as_mut()
+                .expect("polled after completion")
+                .as_mut()
+                .poll(cx)
+        })
+        .await;
+        self.in_flight = None;
+        self.cancel = None;
+        self.slot = Some(slot);
+        result
+    }
+
+    fn into_guard(
+        mut self,
+        mode: LockMode,
+        backend_pid: i32,
+        unlock: Option<Statement>,
+    ) -> AdvisoryLockGuard {
+        let conn = self
+            .slot
+            .take()
+            .expect("granted attempt holds its connection")
+            .into_conn();
+        AdvisoryLockGuard::new(conn, self.key, mode, self.scope, backend_pid, unlock)
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let (key, scope, in_transaction) = (self.key, self.scope, self.in_transaction);
+        let unlock = self.unlock.take();
+        if let Some(in_flight) = self.in_flight.take() {
+            let cancel = self.cancel.take().zip(self.canceller.take());
+            abandon(in_flight, cancel, in_transaction, key, unlock);
+        } else if let Some(slot) = self.slot.take() {
+            if in_transaction {
+                crate::guard::release_in_background(
+                    slot.into_conn(),
+                    Release::Rollback,
+                    key,
+                    scope,
+                );
+            } else {
+                slot.finish(true);
+            }
+        }
+    }
+}
+
+/// Cleans up after an acquisition dropped while its statement was in flight.
+///
+/// A statement that may wait is cancelled on the server first, so no ghost waiter stays in the
+/// lock queue. Then the statement's answer tells whether the lock was granted after all (the
+/// grant and the cancellation can cross), and that is undone. A pooled connection that was sent
+/// a cancel request is closed rather than reused, so a late cancel cannot hit its next user.
+fn abandon(
+    in_flight: InFlight,
+    cancel: Option<(CancelToken, Canceller)>,
+    in_transaction: bool,
+    key: AdvisoryKey,
+    unlock: Option<Statement>,
+) {
+    let Ok(runtime) = Handle::try_current() else {
+        // No runtime to clean up on: dropping the statement closes a pooled connection, which
+        // ends the session; a cancel cannot be sent.
+        return;
+    };
+    runtime.spawn(async move {
+        let cancelled = cancel.is_some();
+        if let Some((token, canceller)) = cancel {
+            canceller.cancel(token).await;
+        }
+        let (slot, result) = in_flight.await;
+        if cancelled && matches!(slot.conn(), Conn::Pooled(_)) {
+            slot.finish(false);
+            return;
+        }
+        let granted = matches!(&result, Ok(row) if row.get::<_, Option<bool>>(0) == Some(true));
+        let undo = match (in_transaction, granted, unlock) {
+            (true, _, _) => Some(Release::Rollback),
+            (false, true, Some(statement)) => Some(Release::Unlock(statement)),
+            (false, true, None) => None,
+            (false, false, _) => None,
+        };
+        match undo {
+            Some(undo) => {
+                let released = release(slot.conn(), &undo, key).await;
+                slot.finish(released.is_ok());
+            }
+            None => slot.finish(result.is_ok() || !granted),
+        }
+    });
+}

@@ -1,0 +1,186 @@
+//! The SQL pglock sends. Every statement is parameterised and prepared once per connection.
+
+use std::sync::OnceLock;
+
+use tokio_postgres::types::ToSql;
+
+use crate::{AdvisoryKey, LockMode, LockScope};
+
+/// What a statement does to the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Wait in the server's queue until granted.
+    Lock,
+    /// One attempt, never waits.
+    TryLock,
+    /// Wait at most the `lock_timeout` passed as the last parameter (scoped to the statement).
+    LockWithTimeout,
+    /// Release a session lock.
+    Unlock,
+}
+
+/// Which of PostgreSQL's two key spaces a statement takes its key from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    Single,
+    Pair,
+}
+
+impl Form {
+    pub(crate) fn of(key: AdvisoryKey) -> Self {
+        match key {
+            AdvisoryKey::Single(_) => Form::Single,
+            AdvisoryKey::Pair(..) => Form::Pair,
+        }
+    }
+}
+
+/// The key as statement parameters, without allocating.
+pub(crate) enum KeyParams {
+    Single(i64),
+    Pair(i32, i32),
+}
+
+impl KeyParams {
+    pub(crate) fn new(key: AdvisoryKey) -> Self {
+        match key {
+            AdvisoryKey::Single(k) => KeyParams::Single(k),
+            AdvisoryKey::Pair(a, b) => KeyParams::Pair(a, b),
+        }
+    }
+
+    /// The parameters, followed by `extra` when given.
+    pub(crate) fn with<'a>(&'a self, extra: Option<&'a (dyn ToSql + Sync)>) -> ParamList<'a> {
+        let mut list = ParamList {
+            items: [&0i64; 3],
+            len: 0,
+        };
+        match self {
+            KeyParams::Single(k) => list.push(k),
+            KeyParams::Pair(a, b) => {
+                list.push(a);
+                list.push(b);
+            }
+        }
+        if let Some(extra) = extra {
+            list.push(extra);
+        }
+        list
+    }
+}
+
+/// Up to three statement parameters on the stack.
+pub(crate) struct ParamList<'a> {
+    items: [&'a (dyn ToSql + Sync); 3],
+    len: usize,
+}
+
+impl<'a> ParamList<'a> {
+    fn push(&mut self, item: &'a (dyn ToSql + Sync)) {
+        self.items[self.len] = item;
+        self.len += 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[&'a (dyn ToSql + Sync)] {
+        &self.items[..self.len]
+    }
+}
+
+/// The text of the statement for `op` on a key of `form`, in `mode` and `scope`.
+///
+/// Every acquiring statement returns `(granted, backend_pid)`, where `granted` is NULL when the
+/// server is a standby: checking `pg_is_in_recovery()` in the same statement costs no round trip.
+/// `Unlock` returns `(released, backend_pid)`.
+pub(crate) fn statement(op: Op, mode: LockMode, scope: LockScope, form: Form) -> &'static str {
+    static TABLE: OnceLock<Vec<String>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = Vec::with_capacity(32);
+        for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
+            for mode in [LockMode::Exclusive, LockMode::Shared] {
+                for scope in [LockScope::Session, LockScope::Transaction] {
+                    for form in [Form::Single, Form::Pair] {
+                        table.push(build(op, mode, scope, form));
+                    }
+                }
+            }
+        }
+        table
+    });
+    &table[index(op, mode, scope, form)]
+}
+
+fn index(op: Op, mode: LockMode, scope: LockScope, form: Form) -> usize {
+    let op = match op {
+        Op::Lock => 0,
+        Op::TryLock => 1,
+        Op::LockWithTimeout => 2,
+        Op::Unlock => 3,
+    };
+    let mode = matches!(mode, LockMode::Shared) as usize;
+    let scope = matches!(scope, LockScope::Transaction) as usize;
+    let form = matches!(form, Form::Pair) as usize;
+    ((op * 2 + mode) * 2 + scope) * 2 + form
+}
+
+fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
+    let (args, next) = match form {
+        Form::Single => ("$1::int8", 2),
+        Form::Pair => ("$1::int4, $2::int4", 3),
+    };
+    let xact = if scope == LockScope::Transaction {
+        "_xact"
+    } else {
+        ""
+    };
+    let shared = if mode == LockMode::Shared {
+        "_shared"
+    } else {
+        ""
+    };
+    let standby_guard = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
+    match op {
+        Op::Lock => format!(
+            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args})::text = '' END, pg_backend_pid()"
+        ),
+        Op::TryLock => format!(
+            "SELECT {standby_guard} pg_try_advisory{xact}_lock{shared}({args}) END, pg_backend_pid()"
+        ),
+        // The subquery sets lock_timeout for this transaction before the lock is requested, and
+        // the last column puts the previous value back, so the session's own setting survives
+        // even inside the explicit transaction of a transaction-scoped lock.
+        Op::LockWithTimeout => format!(
+            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args})::text = '' END, pg_backend_pid(), \
+             set_config('lock_timeout', s.previous, true) \
+             FROM (SELECT current_setting('lock_timeout') AS previous, \
+             set_config('lock_timeout', ${next}::text, true) AS applied OFFSET 0) AS s"
+        ),
+        Op::Unlock => format!("SELECT pg_advisory_unlock{shared}({args}), pg_backend_pid()"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_statement_is_distinct_and_parameterised() {
+        let mut seen = std::collections::HashSet::new();
+        for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
+            for mode in [LockMode::Exclusive, LockMode::Shared] {
+                for scope in [LockScope::Session, LockScope::Transaction] {
+                    for form in [Form::Single, Form::Pair] {
+                        let sql = statement(op, mode, scope, form);
+                        assert!(sql.contains("$1"), "{sql}");
+                        if op != Op::Unlock || scope == LockScope::Session {
+                            assert!(seen.insert(sql), "duplicate {sql}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            statement(Op::TryLock, LockMode::Shared, LockScope::Transaction, Form::Pair),
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_xact_lock_shared($1::int4, $2::int4) END, pg_backend_pid()"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against a real PostgreSQL (`DATABASE_URL`, default the local `test`
+//! database). One binary, one shared harness.
+
+mod harness;
+
+mod basics;
