@@ -178,6 +178,14 @@ impl Error {
     }
 }
 
+/// Errors of the caller's own queries on a guard's or session's connection, so that `?` works
+/// inside protected work. A dead connection becomes [`Error::ConnectionLost`].
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::from_postgres(None, error)
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         use deadpool_postgres::{PoolError, TimeoutType};
