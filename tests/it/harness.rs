@@ -34,6 +34,12 @@ impl TestDb {
         TestDb { app, admin }
     }
 
+    /// A harness for sessions that an earlier `TestDb` created (same application name).
+    pub async fn reopen(app: String) -> Self {
+        let admin = connect(&database_url()).await;
+        TestDb { app, admin }
+    }
+
     /// The URL of the test database with this test's application name.
     pub fn url(&self) -> String {
         let base = database_url();

@@ -1,0 +1,165 @@
+//! Release paths: drop, explicit unlock, panics, a vanished runtime, a killed backend.
+
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard, Error};
+
+use crate::harness::TestDb;
+
+#[tokio::test]
+async fn drop_releases_and_pool_connection_is_reused_clean() {
+    let db = TestDb::new("drop_release").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    for _ in 0..50 {
+        let guard = lock.lock().await.unwrap();
+        drop(guard);
+    }
+    // The single pooled connection came back each time, with nothing held on it.
+    assert_eq!(pool.status().size, 1);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn drop_inside_a_panicking_task_releases() {
+    let db = TestDb::new("panic_release").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let task = tokio::spawn({
+        let lock = lock.clone();
+        async move {
+            let _guard = lock.lock().await.unwrap();
+            panic!("the protected work failed");
+        }
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let again = lock.try_lock_for(Duration::from_secs(5)).await.unwrap();
+    assert!(again.is_some(), "the panicking holder's lock was released");
+    drop(again);
+    db.assert_no_locks().await;
+}
+
+#[test]
+fn drop_after_the_runtime_is_gone() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (db, guard, session_guard) = runtime.block_on(async {
+        let db = TestDb::new("runtime_gone").await;
+        let pool = db.pool(1);
+        let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+        let session = db.session().await;
+        let session_guard = AdvisoryLock::new(session, db.key()).lock().await.unwrap();
+        (db, guard, session_guard)
+    });
+    let url = db.url();
+    let app = db.app.clone();
+    drop(runtime);
+    // No runtime any more: dropping must neither panic nor block.
+    drop(guard);
+    drop(session_guard);
+    drop(db);
+    let check = tokio::runtime::Runtime::new().unwrap();
+    check.block_on(async {
+        let _ = url;
+        let db = TestDb::reopen(app).await;
+        db.assert_no_locks().await;
+    });
+}
+
+#[tokio::test]
+async fn explicit_unlock_reports_a_terminated_backend_and_the_pool_drops_it() {
+    let db = TestDb::new("terminated").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let guard = lock.lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    db.terminate(pid).await;
+    // The server freed the lock with the session.
+    let other = db.client().await;
+    let free: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&match key {
+                pglock::AdvisoryKey::Single(k) => k,
+                _ => unreachable!(),
+            }],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free);
+    other
+        .query_one("SELECT pg_advisory_unlock_all()", &[])
+        .await
+        .unwrap();
+    let error = AdvisoryLockGuard::unlock(guard).await.unwrap_err();
+    assert!(error.is_connection_lost(), "{error}");
+    // The pool never hands out the dead connection.
+    let next = lock.lock().await.unwrap();
+    assert_ne!(AdvisoryLockGuard::backend_pid(&next), pid);
+    let alive: i32 = next.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(alive, 1);
+    drop(next);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn drop_after_termination_discards_the_connection() {
+    let db = TestDb::new("terminated_drop").await;
+    let pool = db.pool(1);
+    let lock = AdvisoryLock::new(&pool, db.key());
+    for _ in 0..5 {
+        let guard = lock.lock().await.unwrap();
+        let pid = AdvisoryLockGuard::backend_pid(&guard);
+        db.terminate(pid).await;
+        drop(guard);
+        let next = lock.lock().await.unwrap();
+        assert_ne!(AdvisoryLockGuard::backend_pid(&next), pid);
+        next.query_one("SELECT 1", &[]).await.unwrap();
+        drop(next);
+    }
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn unlock_of_a_lock_lost_on_a_live_session_is_not_held() {
+    let db = TestDb::new("not_held").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let guard = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    // Something outside pglock releases every lock of the session behind the guard's back.
+    guard
+        .query_one("SELECT pg_advisory_unlock_all()", &[])
+        .await
+        .unwrap();
+    let error = AdvisoryLockGuard::unlock(guard).await.unwrap_err();
+    assert!(
+        matches!(error, Error::NotHeld { key: k } if k == key),
+        "{error}"
+    );
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn leak_keeps_the_lock_until_the_session_ends() {
+    let db = TestDb::new("leak").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let guard = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    AdvisoryLockGuard::leak(guard);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(db.holders(key).await, vec![pid]);
+    // The pool lost that connection and opens another.
+    let other = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+    assert_ne!(AdvisoryLockGuard::backend_pid(&other), pid);
+    drop(other);
+    db.terminate(pid).await;
+    db.assert_no_locks().await;
+}
