@@ -1,6 +1,6 @@
 //! Where a lock's connection comes from: a deadpool pool, or a [`Session`] the caller owns.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
@@ -86,7 +86,10 @@ impl fmt::Debug for Canceller {
 pub struct Session {
     client: Client,
     statements: Mutex<Vec<(&'static str, Statement)>>,
-    held: Mutex<HashSet<AdvisoryKey>>,
+    /// Keys pglock holds here; `true` while an abandoned acquisition of the key is being
+    /// cleaned up (a new acquisition of that key waits for `cleaned`).
+    held: Mutex<HashMap<AdvisoryKey, bool>>,
+    cleaned: tokio::sync::Notify,
     in_transaction: Mutex<bool>,
     canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
@@ -146,7 +149,8 @@ impl Session {
         Session {
             client,
             statements: Mutex::new(Vec::new()),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            cleaned: tokio::sync::Notify::new(),
             in_transaction: Mutex::new(false),
             canceller: Canceller::default(),
             connection_task: None,
@@ -172,7 +176,7 @@ impl Session {
 
     /// Whether pglock currently holds `key` on this session.
     pub fn holds(&self, key: impl Into<AdvisoryKey>) -> bool {
-        self.held.lock().unwrap().contains(&key.into())
+        self.held.lock().unwrap().contains_key(&key.into())
     }
 
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
@@ -215,7 +219,10 @@ impl Drop for Session {
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("held", &*self.held.lock().unwrap())
+            .field(
+                "held",
+                &self.held.lock().unwrap().keys().collect::<Vec<_>>(),
+            )
             .field("closed", &self.client.is_closed())
             .finish_non_exhaustive()
     }
@@ -352,33 +359,91 @@ impl Conn {
         }
     }
 
-    /// Marks `key` held on a shared session (and its transaction open, for transaction scope).
-    pub(crate) fn reserve(&self, key: AdvisoryKey, scope: LockScope) -> Result<()> {
+    /// Marks `key` held on a shared session (and its transaction open, for transaction scope)
+    /// until the returned reservation is dropped. Waits while an abandoned acquisition of the
+    /// same key is still being cleaned up.
+    pub(crate) async fn reserve(&self, key: AdvisoryKey, scope: LockScope) -> Result<Reservation> {
         let Conn::Session(session) = self else {
-            return Ok(());
+            return Ok(Reservation {
+                session: None,
+                key,
+                scope,
+            });
         };
-        let mut held = session.held.lock().unwrap();
-        if held.contains(&key) {
-            return Err(Error::AlreadyHeld { key });
-        }
-        if scope == LockScope::Transaction {
-            let mut in_transaction = session.in_transaction.lock().unwrap();
-            if *in_transaction {
-                return Err(Error::TransactionInProgress);
+        loop {
+            let cleaned = session.cleaned.notified();
+            tokio::pin!(cleaned);
+            {
+                let mut held = session.held.lock().unwrap();
+                match held.get(&key) {
+                    Some(false) => return Err(Error::AlreadyHeld { key }),
+                    Some(true) => {
+                        cleaned.as_mut().enable();
+                    }
+                    None => {
+                        if scope == LockScope::Transaction {
+                            let mut in_transaction = session.in_transaction.lock().unwrap();
+                            if *in_transaction {
+                                return Err(Error::TransactionInProgress);
+                            }
+                            *in_transaction = true;
+                        }
+                        held.insert(key, false);
+                        return Ok(Reservation {
+                            session: Some(session.clone()),
+                            key,
+                            scope,
+                        });
+                    }
+                }
             }
-            *in_transaction = true;
+            cleaned.await;
         }
-        held.insert(key);
-        Ok(())
+    }
+}
+
+/// A key marked as held on a shared [`Session`] while a guard or an acquisition owns it.
+///
+/// Dropping it clears the mark. Guards drop it right after queueing their release: the
+/// release is ordered before anything sent later on the session, and PostgreSQL counts grants
+/// and releases, so a new acquisition that follows can never be left holding a stacked count.
+pub(crate) struct Reservation {
+    session: Option<Arc<Session>>,
+    key: AdvisoryKey,
+    scope: LockScope,
+}
+
+impl Reservation {
+    pub(crate) fn key(&self) -> AdvisoryKey {
+        self.key
     }
 
-    /// Undoes [`reserve`](Self::reserve) once the lock is released or was never taken.
-    pub(crate) fn unreserve(&self, key: AdvisoryKey, scope: LockScope) {
-        if let Conn::Session(session) = self {
-            session.held.lock().unwrap().remove(&key);
-            if scope == LockScope::Transaction {
+    pub(crate) fn scope(&self) -> LockScope {
+        self.scope
+    }
+
+    /// Keeps the key reserved, but lets new acquisitions of it wait instead of failing with
+    /// [`Error::AlreadyHeld`]: the lock's owner is gone and only cleanup is left.
+    pub(crate) fn mark_cleaning(&self) {
+        if let Some(session) = &self.session {
+            session.held.lock().unwrap().insert(self.key, true);
+        }
+    }
+
+    /// The shared session, when the connection is one.
+    pub(crate) fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(session) = &self.session {
+            session.held.lock().unwrap().remove(&self.key);
+            if self.scope == LockScope::Transaction {
                 *session.in_transaction.lock().unwrap() = false;
             }
+            session.cleaned.notify_waiters();
         }
     }
 }

@@ -3,12 +3,13 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
+use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::Handle;
 use tokio_postgres::{Client, Statement};
 
-use crate::connection::Conn;
+use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::sql::KeyParams;
 use crate::{AdvisoryKey, LockMode, LockScope};
@@ -45,17 +46,19 @@ pub struct AdvisoryLockGuard {
     scope: LockScope,
     backend_pid: i32,
     unlock: Option<Statement>,
+    /// Dropped after the release is queued (fields drop after `Drop::drop`).
+    reservation: Option<Reservation>,
 }
 
 impl AdvisoryLockGuard {
     pub(crate) fn new(
         conn: Conn,
-        key: AdvisoryKey,
+        reservation: Reservation,
         mode: LockMode,
-        scope: LockScope,
         backend_pid: i32,
         unlock: Option<Statement>,
     ) -> Self {
+        let (key, scope) = (reservation.key(), reservation.scope());
         AdvisoryLockGuard {
             conn: Some(conn),
             key,
@@ -63,6 +66,7 @@ impl AdvisoryLockGuard {
             scope,
             backend_pid,
             unlock,
+            reservation: Some(reservation),
         }
     }
 
@@ -146,6 +150,7 @@ impl AdvisoryLockGuard {
     /// the lock stays held until the process exits or the server ends the session. On a shared
     /// [`Session`](crate::Session) the key stays marked as held.
     pub fn leak(mut this: Self) {
+        std::mem::forget(this.reservation.take());
         if let Some(conn) = this.conn.take() {
             match conn {
                 Conn::Pooled(object) => std::mem::forget(deadpool_postgres::Object::take(object)),
@@ -177,7 +182,7 @@ impl AdvisoryLockGuard {
             .expect("a guard holds its connection until released");
         // If this future is dropped mid-way, the slot closes a pooled connection: the release
         // request was already queued, and closing ends the session in any case.
-        let slot = ConnSlot::new(conn, self.key, self.scope);
+        let slot = ConnSlot::new(conn);
         let result = release(slot.conn(), &how, self.key).await;
         slot.finish(result.is_ok());
         result
@@ -188,7 +193,7 @@ impl Drop for AdvisoryLockGuard {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             let release = self.release_kind(Release::Rollback);
-            release_in_background(conn, release, self.key, self.scope);
+            release_in_background(conn, release, self.key);
         }
     }
 }
@@ -224,6 +229,9 @@ pub(crate) enum Release {
     Commit,
     /// `ROLLBACK` (transaction scope).
     Rollback,
+    /// Release the key in this mode if, and only if, the session holds it: the cleanup of a
+    /// session-scoped acquisition whose outcome is unknown.
+    UnlockIfHeld(LockMode),
 }
 
 /// Runs `release` on `conn`. A session unlock is retried once if a cancel request sent for an
@@ -246,6 +254,25 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 Err(Error::NotHeld { key })
             }
         }
+        Release::UnlockIfHeld(mode) => {
+            let sql = crate::sql::unlock_if_held(*mode, crate::sql::Form::of(key));
+            let (classid, objid, objsubid) = key.pg_locks_ids();
+            let (classid, objid) = (i64::from(classid), i64::from(objid));
+            let key_params = KeyParams::new(key);
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                key_params.with(None).as_slice().to_vec();
+            params.push(&classid);
+            params.push(&objid);
+            params.push(&objsubid);
+            let mut result = client.query(&sql, &params).await;
+            if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
+            {
+                result = client.query(&sql, &params).await;
+            }
+            result
+                .map(drop)
+                .map_err(|e| Error::from_postgres(Some(key), e))
+        }
         Release::Commit => client
             .batch_execute("COMMIT")
             .await
@@ -262,19 +289,13 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
 /// The first poll happens here, synchronously: tokio-postgres writes a request into the
 /// connection's queue on the first poll, so the release is ordered before anything the caller
 /// sends afterwards. Without a runtime to finish on, the connection is closed instead.
-pub(crate) fn release_in_background(
-    conn: Conn,
-    release_how: Release,
-    key: AdvisoryKey,
-    scope: LockScope,
-) {
-    let slot = ConnSlot::new(conn, key, scope);
+pub(crate) fn release_in_background(conn: Conn, release_how: Release, key: AdvisoryKey) {
+    let slot = ConnSlot::new(conn);
     let mut task = Box::pin(async move {
         let result = release(slot.conn(), &release_how, key).await;
         slot.finish(result.is_ok());
     });
-    let mut cx = Context::from_waker(Waker::noop());
-    if task.as_mut().poll(&mut cx) == Poll::Ready(()) {
+    if poll_once(task.as_mut()).is_ready() {
         return;
     }
     if let Ok(runtime) = Handle::try_current() {
@@ -282,21 +303,26 @@ pub(crate) fn release_in_background(
     }
 }
 
+/// Sends a tokio-postgres request now and forgets its answer: the first poll writes the request
+/// into the connection's queue, and the connection discards an answer nobody awaits.
+pub(crate) fn queue_now<F: Future>(request: F) {
+    let request = std::pin::pin!(request);
+    let _ = poll_once(request);
+}
+
+fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    future.poll(&mut Context::from_waker(Waker::noop()))
+}
+
 /// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
 /// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
 pub(crate) struct ConnSlot {
     conn: Option<Conn>,
-    key: AdvisoryKey,
-    scope: LockScope,
 }
 
 impl ConnSlot {
-    pub(crate) fn new(conn: Conn, key: AdvisoryKey, scope: LockScope) -> Self {
-        ConnSlot {
-            conn: Some(conn),
-            key,
-            scope,
-        }
+    pub(crate) fn new(conn: Conn) -> Self {
+        ConnSlot { conn: Some(conn) }
     }
 
     pub(crate) fn conn(&self) -> &Conn {
@@ -308,7 +334,6 @@ impl ConnSlot {
     /// Ends the slot: the lock is released (`clean`) or its state is unknown.
     pub(crate) fn finish(mut self, clean: bool) {
         let conn = self.conn.take().expect("finished once");
-        conn.unreserve(self.key, self.scope);
         if !clean {
             conn.discard();
         }
@@ -322,7 +347,6 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            conn.unreserve(self.key, self.scope);
             conn.discard();
         }
     }

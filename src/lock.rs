@@ -10,9 +10,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CancelToken, Row, Statement};
 
-use crate::connection::{Canceller, Conn, ConnectionSource};
+use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{release, ConnSlot, Release};
+use crate::guard::{queue_now, release, release_in_background, ConnSlot, Release};
 use crate::sql::{statement, Form, KeyParams, Op};
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
@@ -234,8 +234,8 @@ impl AdvisoryLock {
     ) -> Result<Option<AdvisoryLockGuard>> {
         let key = self.key;
         let conn = self.source.checkout().await?;
-        conn.reserve(key, self.scope)?;
-        let slot = ConnSlot::new(conn, key, self.scope);
+        let reservation = conn.reserve(key, self.scope).await?;
+        let slot = ConnSlot::new(conn);
         let form = Form::of(key);
         let polling = matches!(self.wait, WaitStrategy::Poll { .. });
         let blocking_op = match deadline {
@@ -277,6 +277,8 @@ impl AdvisoryLock {
             scope: self.scope,
             unlock: unlock.clone(),
             canceller: None,
+            reservation: Some(reservation),
+            mode,
         };
         let mut pause = match self.wait {
             WaitStrategy::Poll { initial, .. } => initial,
@@ -318,7 +320,12 @@ impl AdvisoryLock {
                 {
                     return Ok(None)
                 }
-                Err(e) => return Err(Error::from_postgres(Some(key), e)),
+                Err(e) => {
+                    if Outcome::of_error(&e, self.scope) == Outcome::Unknown {
+                        attempt.settle_unknown();
+                    }
+                    return Err(Error::from_postgres(Some(key), e));
+                }
             }
             // Busy after a single attempt: give up, or pause and poll again.
             let now = Instant::now();
@@ -354,7 +361,46 @@ struct Attempt {
     scope: LockScope,
     unlock: Option<Statement>,
     canceller: Option<Canceller>,
+    /// Dropped after any undo is queued (fields drop after `Drop::drop`).
+    reservation: Option<Reservation>,
+    mode: LockMode,
 }
+
+/// What an acquiring statement did to the lock, as far as its answer tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Granted,
+    NotGranted,
+    /// The statement failed, or its answer never came: a session lock may have been taken
+    /// before the failure (session locks survive the error of the statement that took them).
+    Unknown,
+}
+
+impl Outcome {
+    fn of(result: &Result<Row, tokio_postgres::Error>, scope: LockScope) -> Self {
+        match result {
+            Ok(row) if row.get::<_, Option<bool>>(0) == Some(true) => Outcome::Granted,
+            Ok(_) => Outcome::NotGranted,
+            Err(error) => Outcome::of_error(error, scope),
+        }
+    }
+
+    fn of_error(error: &tokio_postgres::Error, scope: LockScope) -> Self {
+        let code = error.code();
+        // A lock timeout or a deadlock ends the wait before any grant; a failed statement in a
+        // transaction aborts it, and the transaction-scoped lock goes with it.
+        if code == Some(&SqlState::LOCK_NOT_AVAILABLE)
+            || code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            || scope == LockScope::Transaction
+        {
+            Outcome::NotGranted
+        } else {
+            Outcome::Unknown
+        }
+    }
+}
+
+type Settled = Pin<Box<dyn Future<Output = (ConnSlot, Outcome)> + Send>>;
 
 impl Attempt {
     /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits it.
@@ -412,73 +458,108 @@ impl Attempt {
             .take()
             .expect("granted attempt holds its connection")
             .into_conn();
-        AdvisoryLockGuard::new(conn, self.key, mode, self.scope, backend_pid, unlock)
+        let reservation = self
+            .reservation
+            .take()
+            .expect("an attempt holds its reservation");
+        AdvisoryLockGuard::new(conn, reservation, mode, backend_pid, unlock)
+    }
+}
+
+impl Attempt {
+    /// Hands the connection to a background cleanup after a statement failed in a way that may
+    /// have left a session lock taken.
+    fn settle_unknown(&mut self) {
+        let slot = self
+            .slot
+            .take()
+            .expect("a failed statement returned its connection");
+        self.clean_up_in_background(Box::pin(async move { (slot, Outcome::Unknown) }), None);
+    }
+
+    /// Undoes whatever the acquisition did, once `settled` tells what that was.
+    ///
+    /// On a shared session, a rollback is queued at once, right behind the acquiring statement,
+    /// so no other acquisition can begin a transaction there in between; a session-scoped key
+    /// stays reserved (new acquisitions of it wait) until the cleanup is over. A pooled
+    /// connection that was sent a cancel request is closed rather than reused, so a late cancel
+    /// cannot hit its next user.
+    fn clean_up_in_background(
+        &mut self,
+        settled: Settled,
+        cancel: Option<(CancelToken, Canceller)>,
+    ) {
+        let (key, mode, in_transaction) = (self.key, self.mode, self.in_transaction);
+        let unlock = self.unlock.take();
+        let mut reservation = self.reservation.take();
+        let shared = reservation.as_ref().and_then(|r| r.session().cloned());
+        let rollback_queued = match &shared {
+            Some(session) if in_transaction => {
+                queue_now(session.client().batch_execute("ROLLBACK"));
+                // The rollback is on its way: the session is free for the next transaction.
+                reservation = None;
+                true
+            }
+            _ => false,
+        };
+        if let Some(reservation) = &reservation {
+            reservation.mark_cleaning();
+        }
+        let Ok(runtime) = Handle::try_current() else {
+            // No runtime to clean up on: dropping `settled` closes a pooled connection, which
+            // ends the session; a cancel cannot be sent.
+            return;
+        };
+        runtime.spawn(async move {
+            let _reservation = reservation;
+            let cancelled = cancel.is_some();
+            if let Some((token, canceller)) = cancel {
+                canceller.cancel(token).await;
+            }
+            let (slot, outcome) = settled.await;
+            let pooled = matches!(slot.conn(), Conn::Pooled(_));
+            if cancelled && pooled {
+                slot.finish(false);
+                return;
+            }
+            let undo = match outcome {
+                _ if in_transaction => (!rollback_queued).then_some(Release::Rollback),
+                Outcome::Granted => unlock.map(Release::Unlock),
+                Outcome::NotGranted => None,
+                Outcome::Unknown if pooled => {
+                    slot.finish(false);
+                    return;
+                }
+                Outcome::Unknown => Some(Release::UnlockIfHeld(mode)),
+            };
+            match undo {
+                Some(undo) => {
+                    let released = release(slot.conn(), &undo, key).await;
+                    slot.finish(released.is_ok());
+                }
+                None => slot.finish(true),
+            }
+        });
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        let (key, scope, in_transaction) = (self.key, self.scope, self.in_transaction);
-        let unlock = self.unlock.take();
         if let Some(in_flight) = self.in_flight.take() {
+            // Abandoned with a statement in flight: its answer decides the cleanup.
             let cancel = self.cancel.take().zip(self.canceller.take());
-            abandon(in_flight, cancel, in_transaction, key, unlock);
+            let scope = self.scope;
+            let settled: Settled = Box::pin(async move {
+                let (slot, result) = in_flight.await;
+                (slot, Outcome::of(&result, scope))
+            });
+            self.clean_up_in_background(settled, cancel);
         } else if let Some(slot) = self.slot.take() {
-            if in_transaction {
-                crate::guard::release_in_background(
-                    slot.into_conn(),
-                    Release::Rollback,
-                    key,
-                    scope,
-                );
+            if self.in_transaction {
+                release_in_background(slot.into_conn(), Release::Rollback, self.key);
             } else {
                 slot.finish(true);
             }
         }
     }
-}
-
-/// Cleans up after an acquisition dropped while its statement was in flight.
-///
-/// A statement that may wait is cancelled on the server first, so no ghost waiter stays in the
-/// lock queue. Then the statement's answer tells whether the lock was granted after all (the
-/// grant and the cancellation can cross), and that is undone. A pooled connection that was sent
-/// a cancel request is closed rather than reused, so a late cancel cannot hit its next user.
-fn abandon(
-    in_flight: InFlight,
-    cancel: Option<(CancelToken, Canceller)>,
-    in_transaction: bool,
-    key: AdvisoryKey,
-    unlock: Option<Statement>,
-) {
-    let Ok(runtime) = Handle::try_current() else {
-        // No runtime to clean up on: dropping the statement closes a pooled connection, which
-        // ends the session; a cancel cannot be sent.
-        return;
-    };
-    runtime.spawn(async move {
-        let cancelled = cancel.is_some();
-        if let Some((token, canceller)) = cancel {
-            canceller.cancel(token).await;
-        }
-        let (slot, result) = in_flight.await;
-        if cancelled && matches!(slot.conn(), Conn::Pooled(_)) {
-            slot.finish(false);
-            return;
-        }
-        let granted = matches!(&result, Ok(row) if row.get::<_, Option<bool>>(0) == Some(true));
-        let undo = match (in_transaction, granted, unlock) {
-            (true, _, _) => Some(Release::Rollback),
-            (false, true, Some(statement)) => Some(Release::Unlock(statement)),
-            (false, true, None) => None,
-            (false, false, _) => None,
-        };
-        match undo {
-            Some(undo) => {
-                let released = release(slot.conn(), &undo, key).await;
-                slot.finish(released.is_ok());
-            }
-            None => slot.finish(result.is_ok() || !granted),
-        }
-    });
 }

@@ -158,6 +158,33 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
     }
 }
 
+/// A statement that releases the key only if this session holds it in `mode`, for when an
+/// acquiring statement failed or was cancelled and may or may not have taken the lock (a session
+/// lock survives the error of the statement that took it). Parameters: the key, then its
+/// `pg_locks` ids `(classid, objid, objsubid)` as `int8, int8, int2`.
+///
+/// pglock never stacks a key on a session, so "held" means "taken by that statement".
+pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
+    let (args, next) = match form {
+        Form::Single => ("$1::int8", 2),
+        Form::Pair => ("$1::int4, $2::int4", 3),
+    };
+    let (shared, lock_mode) = match mode {
+        LockMode::Exclusive => ("", "ExclusiveLock"),
+        LockMode::Shared => ("_shared", "ShareLock"),
+    };
+    format!(
+        "SELECT pg_advisory_unlock{shared}({args}) FROM pg_locks \
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = ${}::int8::oid AND objid = ${}::int8::oid AND objsubid = ${}::int2 \
+         AND mode = '{lock_mode}'",
+        next,
+        next + 1,
+        next + 2
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

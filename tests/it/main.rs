@@ -4,5 +4,6 @@
 mod harness;
 
 mod basics;
+mod cancel;
 mod modes;
 mod release;

@@ -1,0 +1,221 @@
+//! Cancel safety: an acquisition dropped at any point leaves no lock held and no waiter queued.
+
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard, LockScope, WaitStrategy};
+use rand::Rng;
+
+use crate::harness::{drop_after_polls, TestDb};
+
+/// Whether the acquisition finished (with a guard, dropped here) before it was abandoned.
+fn completed_guard(outcome: Option<pglock::Result<Option<AdvisoryLockGuard>>>) -> bool {
+    match outcome {
+        Some(result) => {
+            // A try may find the key still held for a moment by an attempt abandoned just
+            // before (its cleanup runs in the background); it must never fail.
+            drop(result.unwrap());
+            true
+        }
+        None => false,
+    }
+}
+
+/// Every acquisition kind, dropped after 1, 2, 3, ... polls on a free key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_after_n_polls_on_a_free_key() {
+    let db = TestDb::new("cancel_polls_free").await;
+    let pool = db.pool(4);
+    let session = db.session().await;
+    let key = db.key();
+    let mut completed = 0;
+    for polls in 1..=8 {
+        for round in 0..40 {
+            let scope = if round % 2 == 0 {
+                LockScope::Session
+            } else {
+                LockScope::Transaction
+            };
+            let on_pool = AdvisoryLock::new(&pool, key).scope(scope);
+            let on_session = AdvisoryLock::new(&session, key).scope(scope);
+            // Each outcome is dropped at once: a guard that completed within `polls` polls is
+            // released before the next acquisition on the same session.
+            let outcomes = [
+                completed_guard(
+                    drop_after_polls(on_pool.lock(), polls)
+                        .await
+                        .map(|r| r.map(Some)),
+                ),
+                completed_guard(drop_after_polls(on_pool.try_lock(), polls).await),
+                completed_guard(
+                    drop_after_polls(on_pool.try_lock_for(Duration::from_secs(1)), polls).await,
+                ),
+                completed_guard(
+                    drop_after_polls(on_session.lock(), polls)
+                        .await
+                        .map(|r| r.map(Some)),
+                ),
+                completed_guard(drop_after_polls(on_session.try_lock_shared(), polls).await),
+            ];
+            completed += outcomes.iter().filter(|done| **done).count();
+            // Cleanup of an abandoned attempt on the session runs in the background.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while session.holds(key) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the session's abandoned attempt was cleaned up");
+        }
+    }
+    assert!(
+        completed > 0,
+        "some acquisitions should complete within a few polls"
+    );
+    db.assert_no_locks().await;
+    // The session and the pool are still usable and hold nothing.
+    let guard = AdvisoryLock::new(&session, key)
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("free");
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    let guard = AdvisoryLock::new(&pool, key)
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("free");
+    drop(guard);
+    db.assert_no_locks().await;
+}
+
+/// A waiter dropped while queued behind a holder leaves the queue at once, not when the
+/// holder releases: no ghost takes the lock later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_waiter_leaves_the_server_queue() {
+    let db = TestDb::new("cancel_queue").await;
+    let pool = db.pool(4);
+    let session = db.session().await;
+    let key = db.key();
+    let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    for (i, scope) in [LockScope::Session, LockScope::Transaction]
+        .into_iter()
+        .cycle()
+        .take(20)
+        .enumerate()
+    {
+        let lock = if i % 4 < 2 {
+            AdvisoryLock::new(&pool, key).scope(scope)
+        } else {
+            AdvisoryLock::new(&session, key).scope(scope)
+        };
+        let waiting = tokio::spawn(async move { lock.lock().await.map(|_| ()) });
+        db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // The server-side wait ends while the holder still holds the key.
+        db.wait_for_waiters(key, 0, Duration::from_secs(5)).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while session.holds(key) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let pid = AdvisoryLockGuard::backend_pid(&holder);
+    assert_eq!(db.holders(key).await, vec![pid]);
+    drop(holder);
+    db.assert_no_locks().await;
+    // The session is still usable after its waits were cancelled.
+    let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// Waiters dropped at random moments while the holder releases around the same moment: the
+/// grant and the cancellation cross, and nothing may stay held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_at_random_moments_while_the_holder_releases() {
+    let db = TestDb::new("cancel_random").await;
+    let pool = db.pool(6);
+    let session = db.session().await;
+    let key = db.key();
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    use rand::SeedableRng;
+    let mut granted = 0;
+    for i in 0..1000 {
+        let holder = match tokio::time::timeout(
+            Duration::from_secs(5),
+            AdvisoryLock::new(&pool, key).lock(),
+        )
+        .await
+        {
+            Ok(holder) => holder.unwrap(),
+            Err(_) => {
+                let activity: Vec<String> = db.admin().query("SELECT pid::text || ' ' || state || ' ' || query FROM pg_stat_activity WHERE application_name = $1", &[&db.app]).await.unwrap().iter().map(|r| r.get(0)).collect();
+                panic!(
+                    "iteration {i}: the key stayed held: {:?} {activity:?}",
+                    db.locks().await
+                )
+            }
+        };
+        let lock = match i % 3 {
+            0 => AdvisoryLock::new(&pool, key),
+            1 => AdvisoryLock::new(&session, key),
+            _ => AdvisoryLock::new(&pool, key).scope(LockScope::Transaction),
+        };
+        let release_after = Duration::from_micros(rng.gen_range(0..1500));
+        let give_up_after = Duration::from_micros(rng.gen_range(0..1500));
+        let releaser = tokio::spawn(async move {
+            tokio::time::sleep(release_after).await;
+            drop(holder);
+        });
+        if let Ok(Ok(guard)) = tokio::time::timeout(give_up_after, lock.lock()).await {
+            granted += 1;
+            drop(guard);
+        }
+        releaser.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while session.holds(key) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+    eprintln!("granted before the random deadline: {granted} of 1000");
+    db.assert_no_locks().await;
+}
+
+/// Polling waits are cancel-safe too: dropped between attempts or during one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_polling_waits() {
+    let db = TestDb::new("cancel_poll").await;
+    let pool = db.pool(4);
+    let key = db.key();
+    let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    let mut rng = rand::thread_rng();
+    for i in 0..100 {
+        let scope = if i % 2 == 0 {
+            LockScope::Session
+        } else {
+            LockScope::Transaction
+        };
+        let lock = AdvisoryLock::new(&pool, key)
+            .scope(scope)
+            .wait_strategy(WaitStrategy::Poll {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+            });
+        let give_up = Duration::from_micros(rng.gen_range(0..8000));
+        assert!(
+            tokio::time::timeout(give_up, lock.lock()).await.is_err(),
+            "the holder still holds it"
+        );
+    }
+    assert!(
+        db.waiters(key).await.is_empty(),
+        "a polling waiter never queues on the server"
+    );
+    drop(holder);
+    db.assert_no_locks().await;
+}
