@@ -1,9 +1,12 @@
 //! Integration tests against a real PostgreSQL (`DATABASE_URL`, default the local `test`
-//! database). One binary, one shared harness.
+//! database). One binary, one shared harness (`harness`), and fault-injection tools
+//! (`support`: throwaway clusters, a TCP proxy that can cut the network).
 
 mod harness;
+mod support;
 
 mod basics;
 mod cancel;
 mod modes;
 mod release;
+mod support_selftest;
