@@ -255,19 +255,28 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
             }
         }
         Release::UnlockIfHeld(mode) => {
+            // One round trip, no prepared statement: this is a rare path.
+            use tokio_postgres::types::{ToSql, Type};
             let sql = crate::sql::unlock_if_held(*mode, crate::sql::Form::of(key));
             let (classid, objid, objsubid) = key.pg_locks_ids();
             let (classid, objid) = (i64::from(classid), i64::from(objid));
-            let key_params = KeyParams::new(key);
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                key_params.with(None).as_slice().to_vec();
-            params.push(&classid);
-            params.push(&objid);
-            params.push(&objsubid);
-            let mut result = client.query(&sql, &params).await;
+            let (single, pair) = match key {
+                AdvisoryKey::Single(k) => (k, (0, 0)),
+                AdvisoryKey::Pair(a, b) => (0, (a, b)),
+            };
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = match key {
+                AdvisoryKey::Single(_) => vec![(&single, Type::INT8)],
+                AdvisoryKey::Pair(..) => vec![(&pair.0, Type::INT4), (&pair.1, Type::INT4)],
+            };
+            params.extend([
+                (&classid as &(dyn ToSql + Sync), Type::INT8),
+                (&objid, Type::INT8),
+                (&objsubid, Type::INT2),
+            ]);
+            let mut result = client.query_typed(&sql, &params).await;
             if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
             {
-                result = client.query(&sql, &params).await;
+                result = client.query_typed(&sql, &params).await;
             }
             result
                 .map(drop)

@@ -318,7 +318,21 @@ impl AdvisoryLock {
                     if op == Op::LockWithTimeout
                         && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
                 {
-                    return Ok(None)
+                    if self.scope == LockScope::Session {
+                        // The grant and the timeout can cross: the server grants the lock, then
+                        // reports the timeout that fired meanwhile, and a session lock survives
+                        // that error. Release it if so before reporting "busy", so that nothing
+                        // is ever held once this returns.
+                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
+                        if release(conn, &Release::UnlockIfHeld(mode), key)
+                            .await
+                            .is_err()
+                        {
+                            attempt.settle_unknown();
+                        }
+                    }
+                    attempt.end_transaction().await;
+                    return Ok(None);
                 }
                 Err(e) => {
                     if Outcome::of_error(&e, self.scope) == Outcome::Unknown {
@@ -330,10 +344,12 @@ impl AdvisoryLock {
             // Busy after a single attempt: give up, or pause and poll again.
             let now = Instant::now();
             let until = match deadline {
-                Deadline::Now => return Ok(None),
-                Deadline::At(at) if at <= now => return Ok(None),
-                Deadline::At(at) => at,
+                Deadline::At(at) if at > now => at,
                 Deadline::Never => now + pause,
+                Deadline::Now | Deadline::At(_) => {
+                    attempt.end_transaction().await;
+                    return Ok(None);
+                }
             };
             tokio::time::sleep_until(until.min(now + pause)).await;
             if let WaitStrategy::Poll { max, .. } = self.wait {
@@ -387,12 +403,10 @@ impl Outcome {
 
     fn of_error(error: &tokio_postgres::Error, scope: LockScope) -> Self {
         let code = error.code();
-        // A lock timeout or a deadlock ends the wait before any grant; a failed statement in a
-        // transaction aborts it, and the transaction-scoped lock goes with it.
-        if code == Some(&SqlState::LOCK_NOT_AVAILABLE)
-            || code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
-            || scope == LockScope::Transaction
-        {
+        // A deadlock ends the wait before any grant; a failed statement in a transaction aborts
+        // it, and the transaction-scoped lock goes with it. A lock timeout is not such a proof:
+        // it can be reported just after the grant.
+        if code == Some(&SqlState::T_R_DEADLOCK_DETECTED) || scope == LockScope::Transaction {
             Outcome::NotGranted
         } else {
             Outcome::Unknown
@@ -467,6 +481,25 @@ impl Attempt {
 }
 
 impl Attempt {
+    /// Rolls back the transaction of a transaction-scoped attempt that gives up, before it
+    /// reports "busy": a lock granted just as the timeout fired lives until the rollback, and
+    /// nothing may be held once the caller hears "busy".
+    async fn end_transaction(&mut self) {
+        if !self.in_transaction {
+            return;
+        }
+        let conn = self
+            .slot
+            .as_ref()
+            .expect("idle attempt holds its connection")
+            .conn();
+        if release(conn, &Release::Rollback, self.key).await.is_ok() {
+            self.in_transaction = false;
+        } else {
+            self.settle_unknown();
+        }
+    }
+
     /// Hands the connection to a background cleanup after a statement failed in a way that may
     /// have left a session lock taken.
     fn settle_unknown(&mut self) {

@@ -25,24 +25,38 @@ pub fn database_url() -> String {
 pub struct TestDb {
     pub app: String,
     admin: Client,
+    base_url: String,
 }
 
 impl TestDb {
     pub async fn new(test: &str) -> Self {
+        Self::on_server(&database_url(), test).await
+    }
+
+    /// A harness on another server, e.g. a throwaway cluster.
+    pub async fn on_server(base_url: &str, test: &str) -> Self {
         let app = format!("pglock-test-{test}-{:08x}", rand::thread_rng().gen::<u32>());
-        let admin = connect(&database_url()).await;
-        TestDb { app, admin }
+        let admin = connect(base_url).await;
+        TestDb {
+            app,
+            admin,
+            base_url: base_url.to_owned(),
+        }
     }
 
     /// A harness for sessions that an earlier `TestDb` created (same application name).
     pub async fn reopen(app: String) -> Self {
         let admin = connect(&database_url()).await;
-        TestDb { app, admin }
+        TestDb {
+            app,
+            admin,
+            base_url: database_url(),
+        }
     }
 
     /// The URL of the test database with this test's application name.
     pub fn url(&self) -> String {
-        let base = database_url();
+        let base = &self.base_url;
         let sep = if base.contains('?') { '&' } else { '?' };
         format!("{base}{sep}application_name={}", self.app)
     }

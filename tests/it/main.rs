@@ -7,6 +7,9 @@ mod support;
 
 mod basics;
 mod cancel;
+mod errors;
+mod exclusion;
 mod modes;
 mod release;
 mod support_selftest;
+mod timeouts;

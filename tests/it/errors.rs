@@ -1,0 +1,224 @@
+//! Bad input and hostile conditions give typed errors and lose nothing.
+
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, Session, WaitStrategy};
+
+use crate::harness::TestDb;
+use crate::support::{StopMode, ThrowawayCluster};
+
+#[tokio::test]
+async fn bad_urls_and_unreachable_servers_never_show_the_password() {
+    let error = Session::connect("postgres://app:hunter2@127.0.0.1:1/db")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(message.contains("app:***@127.0.0.1:1"), "{message}");
+
+    let error = Session::connect("postgres://app:hunter2@127.0.0.1:5432/db?sslmode=bogus")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Config(_)), "{error:?}");
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+    assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
+
+    let error =
+        Session::connect("host=127.0.0.1 port=5432 user=nobody_here password=hunter2 dbname=test")
+            .await
+            .unwrap_err();
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_is_a_typed_error_and_the_holder_keeps_its_lock() {
+    let db = TestDb::new("pool_exhausted").await;
+    let config: tokio_postgres::Config = db.url().parse().unwrap();
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .wait_timeout(Some(Duration::from_millis(100)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    let key = db.key();
+    let guard = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    let error = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap_err();
+    assert!(matches!(error, Error::PoolExhausted), "{error:?}");
+    assert!(error.to_string().contains("max_size"), "{error}");
+    assert_eq!(
+        db.holders(key).await,
+        vec![AdvisoryLockGuard::backend_pid(&guard)]
+    );
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_wait_cancelled_by_an_administrator_is_typed() {
+    let db = TestDb::new("admin_cancel").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    let waiter = tokio::spawn({
+        let lock = AdvisoryLock::new(&pool, key);
+        async move { lock.lock().await.map(drop) }
+    });
+    db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+    let pid = db.waiters(key).await[0];
+    db.admin()
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let error = waiter.await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, Error::Cancelled { key: k, .. } if k == key),
+        "{error:?}"
+    );
+    drop(holder);
+    db.assert_no_locks().await;
+}
+
+/// A standby answers advisory lock calls, but its locks do not coordinate with the primary:
+/// pglock refuses there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_standby_is_refused() {
+    // A hot standby needs the WAL of a replica-level primary.
+    let cluster = ThrowawayCluster::builder()
+        .setting("wal_level", "replica")
+        .setting("max_wal_senders", 2)
+        .start()
+        .await;
+    cluster.stop(StopMode::Fast).await;
+    let signal = cluster.data_dir().join("standby.signal");
+    std::fs::write(&signal, b"").unwrap();
+    let status = std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&signal)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    cluster.start_again().await;
+    let session = Session::connect(&cluster.url()).await.unwrap();
+    let in_recovery: bool = session
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "the cluster should be a standby");
+    let session = std::sync::Arc::new(session);
+    for lock in [
+        AdvisoryLock::new(&session, "migrations"),
+        AdvisoryLock::new(&session, "migrations").scope(pglock::LockScope::Transaction),
+    ] {
+        let error = lock.lock().await.unwrap_err();
+        assert!(matches!(error, Error::ReadOnlyStandby), "{error:?}");
+        assert!(error.to_string().contains("primary"), "{error}");
+        assert!(matches!(lock.try_lock().await, Err(Error::ReadOnlyStandby)));
+    }
+    let held: i64 = session
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0);
+}
+
+/// The holder of a lock runs CREATE INDEX CONCURRENTLY, which waits for every transaction with
+/// an older snapshot, including a session blocked on the lock: PostgreSQL's deadlock detector
+/// then kills the blocked waiter. A polling waiter never blocks, so it gets the lock afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_one() {
+    // CREATE INDEX CONCURRENTLY waits for every older snapshot in its database, including those
+    // of unrelated tests running in parallel: it gets a server of its own.
+    let cluster = ThrowawayCluster::start().await;
+    let db = TestDb::on_server(&cluster.url(), "cic").await;
+    let pool = db.pool(3);
+    let table = format!("pglock_cic_{:08x}", rand::random::<u32>());
+    db.admin()
+        .batch_execute(&format!("CREATE TABLE {table} (v int)"))
+        .await
+        .unwrap();
+
+    for (round, polling) in [(0, false), (1, true)] {
+        let key = db.key();
+        let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+        let strategy = if polling {
+            WaitStrategy::Poll {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+            }
+        } else {
+            WaitStrategy::Block
+        };
+        let waiter = tokio::spawn({
+            let lock = AdvisoryLock::new(&pool, key).wait_strategy(strategy);
+            async move {
+                let guard = lock.lock().await?;
+                AdvisoryLockGuard::unlock(guard).await
+            }
+        });
+        if !polling {
+            db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let statement = format!("CREATE INDEX CONCURRENTLY {table}_v{round} ON {table} (v)");
+        if polling {
+            tokio::time::timeout(Duration::from_secs(20), holder.batch_execute(&statement))
+                .await
+                .expect("CREATE INDEX CONCURRENTLY hung")
+                .unwrap();
+            AdvisoryLockGuard::unlock(holder).await.unwrap();
+            let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .unwrap()
+                .unwrap();
+            result.expect("the polling waiter gets the lock once the holder is done");
+            continue;
+        }
+        // A blocked waiter: depending on which backend's deadlock check sees the cycle, the
+        // waiter is killed with SQLSTATE 40P01, or both wait on each other indefinitely (what
+        // PostgreSQL 15.20 does here). Either way only giving up on the wait resolves it.
+        let mut cic = Box::pin(holder.batch_execute(&statement));
+        match tokio::time::timeout(Duration::from_secs(3), cic.as_mut()).await {
+            Ok(cic) => {
+                cic.unwrap();
+                let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let error = result.expect_err("the waiter was the deadlock victim");
+                assert!(error.is_deadlock(), "{error:?}");
+                assert_eq!(
+                    error.code(),
+                    Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                );
+            }
+            Err(_) => {
+                assert!(
+                    !waiter.is_finished(),
+                    "the waiter is still blocked behind the holder"
+                );
+                // Dropping the wait cancels it on the server, which unblocks the index build.
+                waiter.abort();
+                tokio::time::timeout(Duration::from_secs(10), cic.as_mut())
+                    .await
+                    .expect("CIC finishes once the wait is cancelled")
+                    .unwrap();
+            }
+        }
+        drop(cic);
+        AdvisoryLockGuard::unlock(holder).await.unwrap();
+    }
+    db.admin()
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+    db.assert_no_locks().await;
+}
