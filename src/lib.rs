@@ -1,6 +1,34 @@
-//! pglock: distributed locks on PostgreSQL advisory locks.
+//! Distributed locks on PostgreSQL advisory locks.
+//!
+//! Several instances of one service need exactly one of them to do something at a time: run
+//! the migrations, run the scheduler, enter a critical section. [`AdvisoryLock`] takes a
+//! PostgreSQL advisory lock on a connection from a [`deadpool_postgres::Pool`] or a shared
+//! [`Session`], and returns an [`AdvisoryLockGuard`] that holds it until it is unlocked or
+//! dropped.
+//!
+//! ```no_run
+//! use pglock::{AdvisoryLock, AdvisoryLockGuard};
+//!
+//! # async fn demo(pool: deadpool_postgres::Pool) -> pglock::Result<()> {
+//! let guard = AdvisoryLock::new(&pool, "migrations").lock().await?;
+//! guard.batch_execute("CREATE TABLE IF NOT EXISTS t (id int)").await?;
+//! AdvisoryLockGuard::unlock(guard).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - Acquire: [`lock`](AdvisoryLock::lock), [`try_lock`](AdvisoryLock::try_lock) (busy is
+//!   `Ok(None)`), [`try_lock_for`](AdvisoryLock::try_lock_for) (a server-side deadline), and
+//!   their `_shared` forms; [`LockScope`] session or transaction; [`WaitStrategy`] blocking or
+//!   polling.
+//! - Every acquisition is cancel-safe; release on drop is pipelined and never leaves a lock on
+//!   a pooled connection.
+//! - [`AdvisoryKey`]: names hashed by a documented, stable function, numeric keys, and the
+//!   keys of other tools.
+//!
+//! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
 mod connection;
 mod error;

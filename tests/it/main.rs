@@ -11,5 +11,6 @@ mod errors;
 mod exclusion;
 mod modes;
 mod release;
+mod send_sync;
 mod support_selftest;
 mod timeouts;
