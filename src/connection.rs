@@ -6,14 +6,17 @@ use std::future::Future;
 use std::ops::Deref;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use deadpool_postgres::{Object, Pool};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
 use crate::error::{redact_url, Error, Result};
+use crate::loss::{self, HealthCheck, Monitor};
 use crate::{AdvisoryKey, LockScope};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -93,6 +96,13 @@ pub struct Session {
     in_transaction: Mutex<bool>,
     canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
+    /// The health check of this session's loss monitor, when set with
+    /// [`with_health_check`](Self::with_health_check).
+    health: Option<HealthCheck>,
+    /// The loss monitor of this connection, created on the first `loss_signal()`.
+    monitor: OnceLock<Arc<Monitor>>,
+    /// Set when the connection task pglock runs ends (with the reason), for [`Session::connect`].
+    closed: Option<watch::Receiver<Option<String>>>,
 }
 
 impl Session {
@@ -101,6 +111,14 @@ impl Session {
     /// `application_name` defaults to `pglock`, so the session is recognisable in
     /// `pg_stat_activity`. The connection task runs on the current tokio runtime and ends with
     /// the session.
+    ///
+    /// So that a dead network path cannot keep a lock held for hours, the connection gets TCP
+    /// keepalives and a TCP user timeout on both ends, derived from the default
+    /// [`HealthCheck`] (see [`HealthCheck::keepalive_timeout`]): on the client socket unless
+    /// the URL sets them (`keepalives`, `keepalives_idle`, `keepalives_interval`,
+    /// `keepalives_retries`, `tcp_user_timeout`), and on the server through the session
+    /// settings `tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count` and
+    /// `tcp_user_timeout` (one statement after login).
     ///
     /// # Errors
     ///
@@ -123,7 +141,8 @@ impl Session {
         T::TlsConnect: Send,
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
-        let config = parse_config(url)?;
+        let mut config = parse_config(url)?;
+        HealthCheck::default().configure_client(&mut config);
         let (client, connection) =
             config
                 .connect(tls.clone())
@@ -132,12 +151,21 @@ impl Session {
                     target: redact_url(url),
                     source,
                 })?;
+        let (closed_tx, closed_rx) = watch::channel(None);
         let task = tokio::spawn(async move {
-            let _ = connection.await;
+            let detail = match connection.await {
+                Ok(()) => "the server closed the connection".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            closed_tx.send_replace(Some(detail));
         });
+        // Best effort: a server or pooler that refuses these settings still gives a usable
+        // session, only one that a dead network path keeps longer.
+        let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
         session.canceller = Canceller::new(tls);
         session.connection_task = Some(task);
+        session.closed = Some(closed_rx);
         Ok(session)
     }
 
@@ -154,7 +182,36 @@ impl Session {
             in_transaction: Mutex::new(false),
             canceller: Canceller::default(),
             connection_task: None,
+            health: None,
+            monitor: OnceLock::new(),
+            closed: None,
         }
+    }
+
+    /// Sets the health check of this session's loss monitor.
+    ///
+    /// One monitor probes the session for every lock held on it (one probe per interval,
+    /// however many locks), so this setting takes precedence over
+    /// [`AdvisoryLock::health_check`](crate::AdvisoryLock::health_check) for locks taken on the
+    /// session. Without it, the session's monitor uses the health check of the lock whose
+    /// guard first calls [`loss_signal`](crate::AdvisoryLockGuard::loss_signal) or
+    /// [`is_lost`](crate::AdvisoryLockGuard::is_lost), or [`HealthCheck::default`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pglock::Result<()> {
+    /// use std::time::Duration;
+    /// use pglock::{HealthCheck, Session};
+    ///
+    /// let session = Session::connect("postgres://postgres@localhost/test")
+    ///     .await?
+    ///     .with_health_check(HealthCheck::new(Duration::from_millis(500), Duration::from_millis(500)));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_health_check(mut self, health: HealthCheck) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Sends cancel requests (for abandoned waits) through `tls`, as the server requires.
@@ -276,7 +333,7 @@ impl ConnectionSource {
 
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         match &self.kind {
-            SourceKind::Pool(pool) => Ok(Conn::Pooled(pool.get().await?)),
+            SourceKind::Pool(pool) => Ok(Conn::pooled(pool.get().await?)),
             SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
         }
     }
@@ -329,15 +386,112 @@ impl From<Session> for ConnectionSource {
 // Boxing the pooled object would cost an allocation per acquisition to save a memcpy.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Conn {
-    Pooled(Object),
+    Pooled(Arc<Pooled>),
     Session(Arc<Session>),
 }
 
+/// A pooled connection, shared between a guard and its loss monitor.
+///
+/// It goes back to the pool when the last of them lets go, unless it was marked to be closed
+/// ([`Conn::discard`]) or leaked; the monitor only ever holds it for the length of a probe.
+pub(crate) struct Pooled {
+    object: Option<Object>,
+    fate: AtomicU8,
+    monitor: OnceLock<Arc<Monitor>>,
+}
+
+const RETURN: u8 = 0;
+const DISCARD: u8 = 1;
+const LEAK: u8 = 2;
+
+impl Pooled {
+    fn object(&self) -> &Object {
+        self.object
+            .as_ref()
+            .expect("a pooled connection holds its object until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        match self.fate.load(Ordering::Acquire) {
+            RETURN => drop(object),
+            DISCARD => drop(Object::take(object)),
+            _ => std::mem::forget(Object::take(object)),
+        }
+    }
+}
+
+/// A [`Conn`] that does not keep its connection alive: what a loss monitor holds between probes.
+pub(crate) enum WeakConn {
+    Pooled(Weak<Pooled>),
+    Session(Weak<Session>),
+}
+
+impl WeakConn {
+    pub(crate) fn upgrade(&self) -> Option<Conn> {
+        match self {
+            WeakConn::Pooled(weak) => weak.upgrade().map(Conn::Pooled),
+            WeakConn::Session(weak) => weak.upgrade().map(Conn::Session),
+        }
+    }
+}
+
 impl Conn {
+    pub(crate) fn pooled(object: Object) -> Self {
+        Conn::Pooled(Arc::new(Pooled {
+            object: Some(object),
+            fate: AtomicU8::new(RETURN),
+            monitor: OnceLock::new(),
+        }))
+    }
+
     pub(crate) fn client(&self) -> &Client {
         match self {
-            Conn::Pooled(object) => object,
+            Conn::Pooled(pooled) => pooled.object(),
             Conn::Session(session) => &session.client,
+        }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakConn {
+        match self {
+            Conn::Pooled(pooled) => WeakConn::Pooled(Arc::downgrade(pooled)),
+            Conn::Session(session) => WeakConn::Session(Arc::downgrade(session)),
+        }
+    }
+
+    /// Where this connection's loss monitor lives.
+    pub(crate) fn monitor_slot(&self) -> &OnceLock<Arc<Monitor>> {
+        match self {
+            Conn::Pooled(pooled) => &pooled.monitor,
+            Conn::Session(session) => &session.monitor,
+        }
+    }
+
+    /// The health check the connection imposes on its monitor (a session's own setting).
+    pub(crate) fn health(&self) -> Option<HealthCheck> {
+        match self {
+            Conn::Pooled(_) => None,
+            Conn::Session(session) => session.health,
+        }
+    }
+
+    /// Reports the end of the connection task, when pglock runs it.
+    pub(crate) fn closed_watch(&self) -> Option<watch::Receiver<Option<String>>> {
+        match self {
+            Conn::Pooled(_) => None,
+            Conn::Session(session) => session.closed.clone(),
+        }
+    }
+
+    /// Detaches a pooled connection from its pool for good and keeps it open until the process
+    /// exits, so whatever it holds stays held. A shared session is left as it is.
+    pub(crate) fn leak(self) {
+        if let Conn::Pooled(pooled) = self {
+            pooled.fate.store(LEAK, Ordering::Release);
         }
     }
 
@@ -346,7 +500,7 @@ impl Conn {
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
         match self {
-            Conn::Pooled(object) => object.prepare_cached(sql).await,
+            Conn::Pooled(pooled) => pooled.object().prepare_cached(sql).await,
             Conn::Session(session) => session.prepare(sql).await,
         }
     }
@@ -354,8 +508,12 @@ impl Conn {
     /// Closes a pooled connection instead of returning it, so the server ends its session and
     /// frees whatever it held. A shared session stays open: it is not ours to close.
     pub(crate) fn discard(self) {
-        if let Conn::Pooled(object) = self {
-            drop(Object::take(object));
+        if let Conn::Pooled(pooled) = self {
+            // Whoever drops the connection last (this guard, or a probe in flight) closes it.
+            pooled
+                .fate
+                .compare_exchange(RETURN, DISCARD, Ordering::AcqRel, Ordering::Acquire)
+                .ok();
         }
     }
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::Handle;
@@ -11,6 +12,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
+use crate::loss::{HealthCheck, LossSignal, Registration};
 use crate::sql::KeyParams;
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -35,6 +37,14 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// - If the connection dies while the guard is held, the server has already released the lock;
 ///   `unlock` then reports [`Error::ConnectionLost`] or [`Error::NotHeld`].
 ///
+/// # Loss
+///
+/// A held lock can be lost without the guard's doing: the server ends the session, the network
+/// path dies, someone runs `pg_advisory_unlock_all()` on the connection. [`loss_signal`](Self::loss_signal)
+/// returns a [`LossSignal`] that fires when that happens, and [`is_lost`](Self::is_lost) checks
+/// without waiting; both start a monitor that probes the connection (see [`HealthCheck`] for
+/// the bound on detection time). Guards nobody asks about cost nothing.
+///
 /// Operations on the guard are associated functions (`AdvisoryLockGuard::unlock(guard)`), so
 /// they never shadow the methods of the `Client` it derefs to.
 #[must_use = "if unused the lock is released immediately"]
@@ -48,6 +58,10 @@ pub struct AdvisoryLockGuard {
     unlock: Option<Statement>,
     /// Dropped after the release is queued (fields drop after `Drop::drop`).
     reservation: Option<Reservation>,
+    /// The health check asked for on the lock, if any.
+    health: Option<HealthCheck>,
+    /// This guard's place in its connection's loss monitor, from the first `loss_signal()`.
+    loss: OnceLock<Registration>,
 }
 
 impl AdvisoryLockGuard {
@@ -67,7 +81,14 @@ impl AdvisoryLockGuard {
             backend_pid,
             unlock,
             reservation: Some(reservation),
+            health: None,
+            loss: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn with_health_check(mut self, health: Option<HealthCheck>) -> Self {
+        self.health = health;
+        self
     }
 
     /// The key of the held lock.
@@ -88,6 +109,85 @@ impl AdvisoryLockGuard {
     /// The process id of the PostgreSQL backend that holds the lock (as in `pg_locks.pid`).
     pub fn backend_pid(this: &Self) -> i32 {
         this.backend_pid
+    }
+
+    /// A signal that fires when this lock is lost, for `tokio::select!` around protected work.
+    ///
+    /// The first call (of this or [`is_lost`](Self::is_lost)) starts watching the lock: the
+    /// connection's monitor probes it at once and then every [`HealthCheck::interval`], and a
+    /// connection's monitor serves all the locks held on it with one probe. Loss is reported at
+    /// most [`HealthCheck::detection_bound`] after it happens (or after this first call, if it
+    /// happened before). See [`LossSignal`] for what counts as loss.
+    ///
+    /// The signal outlives the guard: once the guard is released or dropped, it reports
+    /// [`LossReason::Released`](crate::LossReason::Released).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: deadpool_postgres::Pool) -> pglock::Result<()> {
+    /// # async fn work() {}
+    /// use pglock::{AdvisoryLock, AdvisoryLockGuard};
+    ///
+    /// let guard = AdvisoryLock::new(&pool, "nightly-report").lock().await?;
+    /// let mut lost = AdvisoryLockGuard::loss_signal(&guard);
+    /// tokio::select! {
+    ///     reason = lost.lost() => eprintln!("stopped: {reason}"),
+    ///     () = work() => AdvisoryLockGuard::unlock(guard).await?,
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime when the monitor must be started.
+    pub fn loss_signal(this: &Self) -> LossSignal {
+        this.registration().signal()
+    }
+
+    /// Whether the lock is known to be lost, without waiting.
+    ///
+    /// Cheap: it reads the state the monitor keeps (and whether the connection is closed). The
+    /// first call starts the monitor, as [`loss_signal`](Self::loss_signal) does, so a lock
+    /// lost before it is only reported once the first probe has answered.
+    ///
+    /// # Panics
+    ///
+    /// As [`loss_signal`](Self::loss_signal).
+    pub fn is_lost(this: &Self) -> bool {
+        let registration = this.registration();
+        if registration.is_lost() {
+            return true;
+        }
+        if Deref::deref(this).is_closed() {
+            registration.report_closed();
+            return true;
+        }
+        false
+    }
+
+    fn registration(&self) -> &Registration {
+        self.loss.get_or_init(|| {
+            let conn = self
+                .conn
+                .as_ref()
+                .expect("a guard holds its connection until released");
+            Registration::new(
+                conn,
+                self.key,
+                self.mode,
+                self.scope,
+                self.backend_pid,
+                self.health,
+            )
+        })
+    }
+
+    /// Stops watching the lock before it is released: the signal then reports `Released`.
+    fn stop_watching(&mut self) {
+        if let Some(registration) = self.loss.take() {
+            registration.released();
+        }
     }
 
     /// Releases the lock now and reports how it went.
@@ -150,12 +250,10 @@ impl AdvisoryLockGuard {
     /// the lock stays held until the process exits or the server ends the session. On a shared
     /// [`Session`](crate::Session) the key stays marked as held.
     pub fn leak(mut this: Self) {
+        this.stop_watching();
         std::mem::forget(this.reservation.take());
         if let Some(conn) = this.conn.take() {
-            match conn {
-                Conn::Pooled(object) => std::mem::forget(deadpool_postgres::Object::take(object)),
-                Conn::Session(_) => {}
-            }
+            conn.leak();
         }
     }
 
@@ -176,6 +274,7 @@ impl AdvisoryLockGuard {
     }
 
     async fn release_now(&mut self, how: Release) -> Result<()> {
+        self.stop_watching();
         let conn = self
             .conn
             .take()
@@ -191,6 +290,7 @@ impl AdvisoryLockGuard {
 
 impl Drop for AdvisoryLockGuard {
     fn drop(&mut self) {
+        self.stop_watching();
         if let Some(conn) = self.conn.take() {
             let release = self.release_kind(Release::Rollback);
             release_in_background(conn, release, self.key);

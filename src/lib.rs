@@ -35,6 +35,7 @@ mod error;
 mod guard;
 mod key;
 mod lock;
+mod loss;
 mod scope;
 mod sql;
 
@@ -43,4 +44,5 @@ pub use error::{redact_url, Error, Result};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
 pub use lock::AdvisoryLock;
+pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};

@@ -13,6 +13,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{queue_now, release, release_in_background, ConnSlot, Release};
+use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
@@ -59,6 +60,7 @@ pub struct AdvisoryLock {
     key: AdvisoryKey,
     scope: LockScope,
     wait: WaitStrategy,
+    health: Option<HealthCheck>,
 }
 
 /// When an acquisition gives up.
@@ -81,6 +83,7 @@ impl AdvisoryLock {
             key: key.into(),
             scope: LockScope::Session,
             wait: WaitStrategy::Block,
+            health: None,
         }
     }
 
@@ -93,6 +96,20 @@ impl AdvisoryLock {
     /// Sets how a blocked acquisition waits (the default is [`WaitStrategy::Block`]).
     pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
         self.wait = wait;
+        self
+    }
+
+    /// Sets how the guards of this lock watch for its loss (the default is
+    /// [`HealthCheck::default`]: a probe every second, each given a second to answer).
+    ///
+    /// It applies to guards on pooled connections; a [`Session`](crate::Session)'s own
+    /// [`with_health_check`](crate::Session::with_health_check) takes precedence for locks on
+    /// that session, since one probe serves all of them (a session without one uses the health
+    /// check of the lock whose guard first asks). Nothing is probed until a guard's
+    /// [`loss_signal`](AdvisoryLockGuard::loss_signal) or
+    /// [`is_lost`](AdvisoryLockGuard::is_lost) is first called.
+    pub fn health_check(mut self, health: HealthCheck) -> Self {
+        self.health = Some(health);
         self
     }
 
@@ -309,7 +326,8 @@ impl AdvisoryLock {
                 Ok(row) => match row.get::<_, Option<bool>>(0) {
                     Some(true) => {
                         let pid: i32 = row.get(1);
-                        return Ok(Some(attempt.into_guard(mode, pid, unlock)));
+                        let guard = attempt.into_guard(mode, pid, unlock);
+                        return Ok(Some(guard.with_health_check(self.health)));
                     }
                     Some(false) => {}
                     None => return Err(Error::ReadOnlyStandby),

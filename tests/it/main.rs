@@ -9,6 +9,7 @@ mod basics;
 mod cancel;
 mod errors;
 mod exclusion;
+mod loss;
 mod modes;
 mod release;
 mod send_sync;
