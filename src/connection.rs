@@ -338,6 +338,12 @@ impl ConnectionSource {
         }
     }
 
+    /// Whether this source is a [`Session`] whose connection has closed: nothing taken from it
+    /// can succeed any more.
+    pub(crate) fn is_closed_session(&self) -> bool {
+        matches!(&self.kind, SourceKind::Session(session) if session.client.is_closed())
+    }
+
     pub(crate) fn canceller(&self, conn: &Conn) -> Canceller {
         match conn {
             Conn::Pooled(_) => self.canceller.clone(),

@@ -115,6 +115,17 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// The leader election's term table could not be created or updated: it is missing and
+    /// this role may not create it, or this role may not write it.
+    #[error("cannot use the leader term table {table}: {source}; have it created beforehand (TermTable::create_sql gives the statement), grant this role SELECT, INSERT and UPDATE on it and connect read-write, or choose another table with LeaderElection::term_table")]
+    TermTable {
+        /// The table, as SQL.
+        table: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// Any other error reported by PostgreSQL.
     #[error("PostgreSQL error: {0}")]
     Postgres(#[source] tokio_postgres::Error),
@@ -136,6 +147,7 @@ impl Error {
             | Error::OutOfLockMemory { source }
             | Error::ConnectionLost { source, .. }
             | Error::Connect { source, .. }
+            | Error::TermTable { source, .. }
             | Error::Postgres(source) => source.code(),
             _ => None,
         }

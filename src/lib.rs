@@ -34,6 +34,7 @@ mod connection;
 mod error;
 mod guard;
 mod key;
+mod leader;
 mod lock;
 mod loss;
 mod scope;
@@ -43,6 +44,10 @@ pub use connection::{ConnectionSource, Session};
 pub use error::{redact_url, Error, Result};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
+pub use leader::{
+    HealthCheck, LeaderContext, LeaderElection, LeaderState, Leadership, LossReason, LossSignal,
+    TermTable,
+};
 pub use lock::AdvisoryLock;
 pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
