@@ -9,6 +9,7 @@ mod basics;
 mod cancel;
 mod errors;
 mod exclusion;
+mod leader;
 mod loss;
 mod modes;
 mod release;

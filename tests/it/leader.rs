@@ -1,0 +1,383 @@
+//! Leader election: one leader at a time, fast graceful handover, strictly increasing terms,
+//! takeover after the leader's backend is terminated, and no write accepted from a stale term.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use pglock::{
+    AdvisoryLock, Error, HealthCheck, LeaderElection, LeaderState, TermTable, WaitStrategy,
+};
+use rand::Rng;
+
+use crate::harness::TestDb;
+
+/// A health check quick enough for tests: loss is reported within 350 ms.
+fn fast_health() -> HealthCheck {
+    HealthCheck {
+        interval: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(250),
+    }
+}
+
+/// A leadership name no other test uses.
+fn unique_name(test: &str) -> String {
+    format!("{test}-{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+fn election(pool: &Pool, name: &str, instance: usize) -> LeaderElection {
+    LeaderElection::new(pool, name)
+        .health_check(fast_health())
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .identity(format!("instance {instance}"))
+}
+
+/// The term the table records for `name` now.
+async fn recorded_term(db: &TestDb, name: &str) -> Option<i64> {
+    db.admin()
+        .query_opt(
+            "SELECT term FROM pglock_leader_terms WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+#[tokio::test]
+async fn exactly_one_leader_among_contenders() {
+    let db = TestDb::new("leader_one").await;
+    let name = unique_name("one");
+    let contenders = 6;
+    let active = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let terms = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..contenders {
+        let pool = db.pool(2);
+        let (name, active, most, terms) = (name.clone(), active.clone(), most.clone(), terms.clone());
+        tasks.push(tokio::spawn(async move {
+            let election = election(&pool, &name, i);
+            // Each contender leads twice, so leaderships alternate between instances.
+            for _ in 0..2 {
+                election
+                    .run(|leader| {
+                        let (active, most, terms) = (active.clone(), most.clone(), terms.clone());
+                        async move {
+                            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            terms.lock().unwrap().push(leader.term());
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            active.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(election.state(), LeaderState::Follower);
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("every contender leads in time")
+            .unwrap();
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 1, "two leaders at once");
+    let terms = terms.lock().unwrap().clone();
+    assert_eq!(terms.len(), 2 * contenders);
+    assert!(
+        terms.windows(2).all(|w| w[0] < w[1]),
+        "terms not strictly increasing in leadership order: {terms:?}"
+    );
+    assert_eq!(recorded_term(&db, &name).await, terms.last().copied());
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn graceful_step_down_hands_over_at_once() {
+    let db = TestDb::new("leader_step_down").await;
+    let name = unique_name("step-down");
+    // A health check so slow that a takeover by timeout would take 10 s.
+    let slow = HealthCheck {
+        interval: Duration::from_secs(10),
+        probe_timeout: Duration::from_secs(5),
+    };
+    let (pool_a, pool_b) = (db.pool(2), db.pool(2));
+    let a = LeaderElection::new(&pool_a, &name).health_check(slow);
+    let b = Arc::new(LeaderElection::new(&pool_b, &name).health_check(slow));
+    let mut b_state = b.subscribe();
+
+    let leadership = a.campaign().await.unwrap();
+    let first = leadership.term();
+    assert_eq!(a.state(), LeaderState::Leader { term: first });
+    let standby = tokio::spawn({
+        let b = b.clone();
+        async move { b.campaign().await }
+    });
+    db.wait_for_waiters(a.lock_key(), 1, Duration::from_secs(5))
+        .await;
+
+    let started = Instant::now();
+    leadership.step_down().await.unwrap();
+    assert_eq!(a.state(), LeaderState::Follower);
+    let taken = standby.await.unwrap().unwrap();
+    let handover = started.elapsed();
+    assert!(
+        handover < slow.interval,
+        "the standby waited {handover:?}, as for a timeout"
+    );
+    assert_eq!(taken.term(), first + 1);
+    b_state
+        .wait_for(|state| *state == LeaderState::Leader { term: first + 1 })
+        .await
+        .unwrap();
+
+    // Dropping the leadership steps down as well, just as fast.
+    let again = tokio::spawn(async move {
+        let leadership = a.campaign().await.unwrap();
+        let term = leadership.term();
+        leadership.step_down().await.unwrap();
+        term
+    });
+    db.wait_for_waiters(b.lock_key(), 1, Duration::from_secs(5))
+        .await;
+    let started = Instant::now();
+    drop(taken);
+    assert_eq!(b.state(), LeaderState::Follower);
+    let term = tokio::time::timeout(Duration::from_secs(5), again)
+        .await
+        .expect("the drop handed over")
+        .unwrap();
+    assert!(started.elapsed() < slow.interval);
+    assert_eq!(term, first + 2);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn terms_increase_across_restarts() {
+    let db = TestDb::new("leader_restart").await;
+    let name = unique_name("restart");
+    let mut last = 0;
+    for instance in 0..4 {
+        // A new pool and election object each time, as after a process restart.
+        let pool = db.pool(1);
+        let election = election(&pool, &name, instance);
+        let leadership = election.campaign().await.unwrap();
+        assert!(leadership.term() > last, "{} after {last}", leadership.term());
+        last = leadership.term();
+        let row = db
+            .admin()
+            .query_one(
+                "SELECT term, leader FROM pglock_leader_terms WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), last);
+        assert_eq!(row.get::<_, String>(1), format!("instance {instance}"));
+        if instance % 2 == 0 {
+            leadership.step_down().await.unwrap();
+        } else {
+            drop(leadership);
+        }
+        drop(election);
+        pool.close();
+    }
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn terminated_leader_stops_and_standby_takes_over() {
+    let db = TestDb::new("leader_terminated").await;
+    let name = unique_name("terminated");
+    let (pool_a, pool_b) = (db.pool(2), db.pool(2));
+    let a = Arc::new(election(&pool_a, &name, 0));
+    let b = Arc::new(election(&pool_b, &name, 1));
+    let key = a.lock_key();
+
+    // Which instance runs its task now, and in which term.
+    let running: Arc<std::sync::Mutex<Vec<(usize, i64, bool)>>> = Default::default();
+    let spawn = |instance: usize, election: Arc<LeaderElection>| {
+        let running = running.clone();
+        tokio::spawn(async move {
+            election
+                .run(|leader| {
+                    let running = running.clone();
+                    async move {
+                        running.lock().unwrap().push((instance, leader.term(), true));
+                        // Marks the task stopped when the run loop drops it.
+                        struct Stopped(Arc<std::sync::Mutex<Vec<(usize, i64, bool)>>>, usize, i64);
+                        impl Drop for Stopped {
+                            fn drop(&mut self) {
+                                self.0.lock().unwrap().push((self.1, self.2, false));
+                            }
+                        }
+                        let _stopped = Stopped(running, instance, leader.term());
+                        std::future::pending::<()>().await
+                    }
+                })
+                .await
+        })
+    };
+    let run_a = spawn(0, a.clone());
+    let mut a_state = a.subscribe();
+    let first = a_state
+        .wait_for(LeaderState::is_leader)
+        .await
+        .unwrap()
+        .term()
+        .unwrap();
+    let run_b = spawn(1, b.clone());
+    db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+
+    let leader_pid = db.holders(key).await[0];
+    let fault = Instant::now();
+    db.terminate(leader_pid).await;
+    a_state
+        .wait_for(|state| !state.is_leader())
+        .await
+        .unwrap();
+    let detected = fault.elapsed();
+    let mut b_state = b.subscribe();
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        b_state.wait_for(LeaderState::is_leader),
+    )
+    .await
+    .expect("the standby takes over")
+    .unwrap()
+    .term()
+    .unwrap();
+    assert!(second > first);
+    assert!(
+        detected < Duration::from_secs(2),
+        "loss detected after {detected:?}"
+    );
+    // A's task was stopped; A campaigns again and now waits behind B.
+    db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+    {
+        let running = running.lock().unwrap();
+        assert!(running.contains(&(0, first, false)), "{running:?}");
+        assert!(running.contains(&(1, second, true)), "{running:?}");
+    }
+    run_a.abort();
+    run_b.abort();
+    let _ = run_a.await;
+    let _ = run_b.await;
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn term_table_is_created_once_under_concurrent_first_use() {
+    let db = TestDb::new("leader_ddl_race").await;
+    let table = format!("pglock_terms_race_{:08x}", rand::thread_rng().gen::<u32>());
+    let pool = db.pool(12);
+    let barrier = Arc::new(tokio::sync::Barrier::new(12));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (pool, table, barrier) = (pool.clone(), table.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            // Different names: every contender leads, so all of them create the table at once.
+            let election = LeaderElection::new(&pool, format!("ddl-{i}"))
+                .term_table(TermTable::new(table).in_schema("public"));
+            barrier.wait().await;
+            let leadership = election.campaign().await?;
+            let term = leadership.term();
+            leadership.step_down().await?;
+            Ok::<_, Error>(term)
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 1);
+    }
+    db.admin()
+        .batch_execute(&format!("DROP TABLE public.\"{table}\""))
+        .await
+        .unwrap();
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn term_table_problems_are_typed_errors() {
+    let db = TestDb::new("leader_table_errors").await;
+    let name = unique_name("errors");
+    // A read-only connection cannot create the table: a typed error, and no lock is left.
+    let read_only = {
+        let url = format!("{}&options=-c%20default_transaction_read_only%3Don", db.url());
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        Pool::builder(manager).max_size(1).build().unwrap()
+    };
+    let missing = TermTable::new(format!("pglock_missing_{:08x}", rand::thread_rng().gen::<u32>()));
+    let error = LeaderElection::new(&read_only, &name)
+        .term_table(missing.clone())
+        .campaign()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::TermTable { .. }), "{error:?}");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+    // `run` does not retry what retrying cannot fix.
+    let error = tokio::time::timeout(
+        Duration::from_secs(5),
+        LeaderElection::new(&read_only, &name)
+            .term_table(missing)
+            .run(|_| async {}),
+    )
+    .await
+    .expect("run gives up")
+    .unwrap_err();
+    assert!(matches!(error, Error::TermTable { .. }), "{error:?}");
+
+    let pool = db.pool(1);
+    let error = LeaderElection::new(&pool, &name)
+        .term_table(TermTable::new("x".repeat(64)))
+        .campaign()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Config(_)), "{error:?}");
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn one_leadership_per_election_and_no_stacking_on_a_session() {
+    let db = TestDb::new("leader_no_stack").await;
+    let name = unique_name("no-stack");
+    let pool = db.pool(3);
+    let election = election(&pool, &name, 0);
+    let leadership = election.campaign().await.unwrap();
+    // A second campaign of the same instance does not take the lock a second time.
+    assert!(election.try_campaign().await.unwrap().is_none());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), election.campaign())
+            .await
+            .is_err(),
+        "a second leadership of one instance"
+    );
+    assert_eq!(db.holders(election.lock_key()).await.len(), 1);
+    leadership.step_down().await.unwrap();
+
+    // On a shared session that already holds the key, the campaign refuses to stack it.
+    let session = db.session().await;
+    let held = AdvisoryLock::new(session.clone(), election.lock_key())
+        .lock()
+        .await
+        .unwrap();
+    let on_session = LeaderElection::new(session.clone(), &name)
+        .wait_strategy(WaitStrategy::poll());
+    let error = on_session.run(|_| async {}).await.unwrap_err();
+    assert!(matches!(error, Error::AlreadyHeld { .. }), "{error:?}");
+    pglock::AdvisoryLockGuard::unlock(held).await.unwrap();
+    let leadership = tokio::time::timeout(Duration::from_secs(5), on_session.campaign())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(session.holds(election.lock_key()));
+    leadership.step_down().await.unwrap();
+    assert!(!session.holds(election.lock_key()));
+    db.assert_no_locks().await;
+}
