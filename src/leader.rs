@@ -485,7 +485,11 @@ impl LeaderElection {
     }
 
     /// Starts a term for a freshly granted leadership lock.
-    async fn elect(&self, guard: AdvisoryLockGuard, slot: OwnedMutexGuard<()>) -> Result<Leadership> {
+    async fn elect(
+        &self,
+        guard: AdvisoryLockGuard,
+        slot: OwnedMutexGuard<()>,
+    ) -> Result<Leadership> {
         let client_bound = self.election_timeout + self.health.probe_timeout;
         let term = match tokio::time::timeout(client_bound, self.start_term(&guard)).await {
             Ok(Ok(term)) => term,

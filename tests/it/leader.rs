@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use pglock::{
     AdvisoryLock, Error, HealthCheck, LeaderElection, LeaderState, TermTable, WaitStrategy,
 };
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 use crate::harness::TestDb;
 
@@ -56,7 +56,8 @@ async fn exactly_one_leader_among_contenders() {
     let mut tasks = Vec::new();
     for i in 0..contenders {
         let pool = db.pool(2);
-        let (name, active, most, terms) = (name.clone(), active.clone(), most.clone(), terms.clone());
+        let (name, active, most, terms) =
+            (name.clone(), active.clone(), most.clone(), terms.clone());
         tasks.push(tokio::spawn(async move {
             let election = election(&pool, &name, i);
             // Each contender leads twice, so leaderships alternate between instances.
@@ -165,7 +166,11 @@ async fn terms_increase_across_restarts() {
         let pool = db.pool(1);
         let election = election(&pool, &name, instance);
         let leadership = election.campaign().await.unwrap();
-        assert!(leadership.term() > last, "{} after {last}", leadership.term());
+        assert!(
+            leadership.term() > last,
+            "{} after {last}",
+            leadership.term()
+        );
         last = leadership.term();
         let row = db
             .admin()
@@ -206,7 +211,10 @@ async fn terminated_leader_stops_and_standby_takes_over() {
                 .run(|leader| {
                     let running = running.clone();
                     async move {
-                        running.lock().unwrap().push((instance, leader.term(), true));
+                        running
+                            .lock()
+                            .unwrap()
+                            .push((instance, leader.term(), true));
                         // Marks the task stopped when the run loop drops it.
                         struct Stopped(Arc<std::sync::Mutex<Vec<(usize, i64, bool)>>>, usize, i64);
                         impl Drop for Stopped {
@@ -235,10 +243,7 @@ async fn terminated_leader_stops_and_standby_takes_over() {
     let leader_pid = db.holders(key).await[0];
     let fault = Instant::now();
     db.terminate(leader_pid).await;
-    a_state
-        .wait_for(|state| !state.is_leader())
-        .await
-        .unwrap();
+    a_state.wait_for(|state| !state.is_leader()).await.unwrap();
     let detected = fault.elapsed();
     let mut b_state = b.subscribe();
     let second = tokio::time::timeout(
@@ -305,12 +310,18 @@ async fn term_table_problems_are_typed_errors() {
     let name = unique_name("errors");
     // A read-only connection cannot create the table: a typed error, and no lock is left.
     let read_only = {
-        let url = format!("{}&options=-c%20default_transaction_read_only%3Don", db.url());
+        let url = format!(
+            "{}&options=-c%20default_transaction_read_only%3Don",
+            db.url()
+        );
         let config: tokio_postgres::Config = url.parse().unwrap();
         let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
         Pool::builder(manager).max_size(1).build().unwrap()
     };
-    let missing = TermTable::new(format!("pglock_missing_{:08x}", rand::thread_rng().gen::<u32>()));
+    let missing = TermTable::new(format!(
+        "pglock_missing_{:08x}",
+        rand::thread_rng().gen::<u32>()
+    ));
     let error = LeaderElection::new(&read_only, &name)
         .term_table(missing.clone())
         .campaign()
@@ -367,8 +378,8 @@ async fn one_leadership_per_election_and_no_stacking_on_a_session() {
         .lock()
         .await
         .unwrap();
-    let on_session = LeaderElection::new(session.clone(), &name)
-        .wait_strategy(WaitStrategy::poll());
+    let on_session =
+        LeaderElection::new(session.clone(), &name).wait_strategy(WaitStrategy::poll());
     let error = on_session.run(|_| async {}).await.unwrap_err();
     assert!(matches!(error, Error::AlreadyHeld { .. }), "{error:?}");
     pglock::AdvisoryLockGuard::unlock(held).await.unwrap();
@@ -379,5 +390,257 @@ async fn one_leadership_per_election_and_no_stacking_on_a_session() {
     assert!(session.holds(election.lock_key()));
     leadership.step_down().await.unwrap();
     assert!(!session.holds(election.lock_key()));
+    db.assert_no_locks().await;
+}
+
+/// A resource that accepts a write only with the current term of its leadership, as
+/// `docs/leader-election.md` describes, and records every accepted write in order.
+#[derive(Clone)]
+struct FencedTable {
+    table: String,
+    name: String,
+}
+
+impl FencedTable {
+    async fn create(db: &TestDb, name: &str) -> Self {
+        let table = format!("pglock_test_fenced_{:08x}", rand::thread_rng().gen::<u32>());
+        db.admin()
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id bigserial PRIMARY KEY, term bigint NOT NULL, \
+                 instance int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            ))
+            .await
+            .unwrap();
+        FencedTable {
+            table,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The term-guarded write: `FOR SHARE` on the term row makes the check and the insert one
+    /// step with respect to a new leader's term update, which waits for it (or is waited for
+    /// and then seen). `Ok(false)` when the term is stale.
+    async fn write(
+        &self,
+        client: &tokio_postgres::Client,
+        term: i64,
+        instance: i32,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let sql = format!(
+            "WITH fence AS (SELECT term FROM pglock_leader_terms WHERE name = $1 FOR SHARE) \
+             INSERT INTO {} (term, instance) SELECT $2, $3 FROM fence WHERE fence.term = $2 \
+             RETURNING id",
+            self.table
+        );
+        Ok(client
+            .query_opt(&sql, &[&self.name, &term, &instance])
+            .await?
+            .is_some())
+    }
+
+    /// Accepted writes whose term is older than that of a write accepted before them.
+    async fn stale_accepted(&self, db: &TestDb) -> i64 {
+        db.admin()
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {t} f WHERE EXISTS \
+                     (SELECT 1 FROM {t} g WHERE g.id < f.id AND g.term > f.term)",
+                    t = self.table
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Accepted writes, and the number of distinct terms they carry.
+    async fn accepted(&self, db: &TestDb) -> (i64, i64) {
+        let row = db
+            .admin()
+            .query_one(
+                &format!("SELECT count(*), count(DISTINCT term) FROM {}", self.table),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    async fn drop_table(&self, db: &TestDb) {
+        db.admin()
+            .batch_execute(&format!("DROP TABLE {}", self.table))
+            .await
+            .unwrap();
+    }
+}
+
+/// One leader task's run: who, which term, when it started and stopped.
+#[derive(Clone, Debug)]
+struct Tenure {
+    instance: usize,
+    term: i64,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Tally {
+    tenures: std::sync::Mutex<Vec<Tenure>>,
+    accepted: AtomicUsize,
+    rejected: AtomicUsize,
+}
+
+/// Starts `instances` contenders whose leader task writes to `fenced` with its term as fast as
+/// it can, until the run loop stops it.
+fn start_fenced_contenders(
+    pools: &[(Pool, Pool)],
+    name: &str,
+    fenced: &FencedTable,
+    tally: &Arc<Tally>,
+) -> Vec<(Arc<LeaderElection>, tokio::task::JoinHandle<()>)> {
+    pools
+        .iter()
+        .enumerate()
+        .map(|(instance, (leader_pool, writer_pool))| {
+            let election = Arc::new(election(leader_pool, name, instance));
+            let (writer_pool, fenced, tally) = (writer_pool.clone(), fenced.clone(), tally.clone());
+            let task = tokio::spawn({
+                let election = election.clone();
+                async move {
+                    let _ = election
+                        .run(|leader| {
+                            let (writer_pool, fenced, tally) =
+                                (writer_pool.clone(), fenced.clone(), tally.clone());
+                            async move {
+                                let index = {
+                                    let mut tenures = tally.tenures.lock().unwrap();
+                                    tenures.push(Tenure {
+                                        instance,
+                                        term: leader.term(),
+                                        start: Instant::now(),
+                                        end: None,
+                                    });
+                                    tenures.len() - 1
+                                };
+                                struct End(Arc<Tally>, usize);
+                                impl Drop for End {
+                                    fn drop(&mut self) {
+                                        self.0.tenures.lock().unwrap()[self.1].end =
+                                            Some(Instant::now());
+                                    }
+                                }
+                                let _end = End(tally.clone(), index);
+                                loop {
+                                    let Ok(client) = writer_pool.get().await else {
+                                        continue;
+                                    };
+                                    match fenced
+                                        .write(&client, leader.term(), instance as i32)
+                                        .await
+                                    {
+                                        Ok(true) => tally.accepted.fetch_add(1, Ordering::SeqCst),
+                                        Ok(false) => tally.rejected.fetch_add(1, Ordering::SeqCst),
+                                        Err(_) => 0,
+                                    };
+                                    drop(client);
+                                    tokio::time::sleep(Duration::from_millis(2)).await;
+                                }
+                            }
+                        })
+                        .await;
+                }
+            });
+            (election, task)
+        })
+        .collect()
+}
+
+/// Pairs of leader tasks of different instances that ran at the same time.
+fn overlaps(tenures: &[Tenure], until: Instant) -> Vec<(Tenure, Tenure)> {
+    let mut found = Vec::new();
+    for (i, a) in tenures.iter().enumerate() {
+        for b in &tenures[i + 1..] {
+            let (a_end, b_end) = (a.end.unwrap_or(until), b.end.unwrap_or(until));
+            if a.instance != b.instance && a.start < b_end && b.start < a_end {
+                found.push((a.clone(), b.clone()));
+            }
+        }
+    }
+    found
+}
+
+/// Waits until some contender leads in a term above `above`; returns that term.
+async fn next_leader_term(
+    elections: &[(Arc<LeaderElection>, tokio::task::JoinHandle<()>)],
+    above: i64,
+) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(term) = elections
+            .iter()
+            .filter_map(|(election, _)| election.state().term())
+            .find(|term| *term > above)
+        {
+            return term;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader above term {above} within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_write_accepted_from_a_stale_term_under_repeated_terminations() {
+    let db = TestDb::new("leader_fenced_terminate").await;
+    let name = unique_name("fenced-terminate");
+    let fenced = FencedTable::create(&db, &name).await;
+    let tally = Arc::new(Tally::default());
+    let pools: Vec<_> = (0..3).map(|_| (db.pool(2), db.pool(2))).collect();
+    let contenders = start_fenced_contenders(&pools, &name, &fenced, &tally);
+
+    let faults = 25;
+    let mut term = next_leader_term(&contenders, 0).await;
+    let first = term;
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    for _ in 0..faults {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..60))).await;
+        let holders = db.holders(contenders[0].0.lock_key()).await;
+        assert_eq!(holders.len(), 1, "one holder of the leadership lock");
+        db.terminate(holders[0]).await;
+        term = next_leader_term(&contenders, term).await;
+    }
+    let takeovers = term - first;
+    for (_, task) in &contenders {
+        task.abort();
+    }
+    for (_, task) in contenders {
+        let _ = task.await;
+    }
+    let end = Instant::now();
+
+    let tenures = tally.tenures.lock().unwrap().clone();
+    let overlapping = overlaps(&tenures, end);
+    let (accepted, terms_written) = fenced.accepted(&db).await;
+    let rejected = tally.rejected.load(Ordering::SeqCst);
+    eprintln!(
+        "terminations: {faults}, takeovers: {takeovers}, leader tasks: {}, overlapping tasks: {}, \
+         accepted writes: {accepted} in {terms_written} terms, stale writes rejected: {rejected}",
+        tenures.len(),
+        overlapping.len()
+    );
+    assert!(takeovers >= faults, "every termination led to a new term");
+    for (a, b) in &overlapping {
+        assert_ne!(a.term, b.term, "two tasks at once in one term: {a:?} {b:?}");
+    }
+    assert_eq!(
+        fenced.stale_accepted(&db).await,
+        0,
+        "a write from a stale term was accepted"
+    );
+    assert_eq!(accepted as usize, tally.accepted.load(Ordering::SeqCst));
+    fenced.drop_table(&db).await;
     db.assert_no_locks().await;
 }
