@@ -12,6 +12,7 @@ use pglock::{
 use rand::{Rng, SeedableRng};
 
 use crate::harness::TestDb;
+use crate::support::TcpProxy;
 
 /// A health check quick enough for tests: loss is reported within 350 ms.
 fn fast_health() -> HealthCheck {
@@ -642,5 +643,170 @@ async fn no_write_accepted_from_a_stale_term_under_repeated_terminations() {
     );
     assert_eq!(accepted as usize, tally.accepted.load(Ordering::SeqCst));
     fenced.drop_table(&db).await;
+    db.assert_no_locks().await;
+}
+
+/// A pool of this test's connections that go through `proxy`.
+fn pool_via(db: &TestDb, proxy: &TcpProxy, size: usize) -> Pool {
+    let mut config: tokio_postgres::Config = db.url().parse().unwrap();
+    let direct = config.clone();
+    config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.port())
+        .user(direct.get_user().unwrap_or("postgres"))
+        .dbname(direct.get_dbname().unwrap_or("test"))
+        .application_name(direct.get_application_name().unwrap())
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(password) = direct.get_password() {
+        config.password(password);
+    }
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    Pool::builder(manager).max_size(size).build().unwrap()
+}
+
+/// The address of the test server, for a proxy to forward to.
+async fn server_addr() -> std::net::SocketAddr {
+    let config: tokio_postgres::Config = crate::harness::database_url().parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        other => panic!("the fault tests need a TCP server address, not {other:?}"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut addrs = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap();
+    addrs.next().unwrap()
+}
+
+#[tokio::test]
+async fn no_write_accepted_from_a_stale_term_under_network_faults() {
+    let db = TestDb::new("leader_fenced_network").await;
+    let name = unique_name("fenced-network");
+    let fenced = FencedTable::create(&db, &name).await;
+    let tally = Arc::new(Tally::default());
+    let target = server_addr().await;
+    let mut proxies = Vec::new();
+    let mut pools = Vec::new();
+    for _ in 0..3 {
+        // The leader's connection goes through a proxy; the writes go straight to the server.
+        let proxy = TcpProxy::start(target).await;
+        pools.push((pool_via(&db, &proxy, 3), db.pool(2)));
+        proxies.push(proxy);
+    }
+    let contenders = start_fenced_contenders(&pools, &name, &fenced, &tally);
+    let leader_now = |term: i64| {
+        contenders
+            .iter()
+            .position(|(election, _)| election.state() == LeaderState::Leader { term })
+    };
+
+    let rounds = 24;
+    let mut term = next_leader_term(&contenders, 0).await;
+    let first = term;
+    let (mut partitions, mut resets, mut healed, mut blips, mut blips_survived) = (0, 0, 0, 0, 0);
+    let mut detection = Vec::new();
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..40))).await;
+        let Some(leader) = leader_now(term) else {
+            // The leadership moved by itself (a spurious probe timeout under load): go on
+            // from the new term.
+            term = next_leader_term(&contenders, term).await;
+            continue;
+        };
+        let (election, proxy) = (&contenders[leader].0, &proxies[leader]);
+        let pid = db.holders(election.lock_key()).await[0];
+        let started = Instant::now();
+        match round % 4 {
+            0 => {
+                // Partition, and the server ends the session meanwhile (as its keepalive or
+                // an administrator would): another instance leads while this one, cut off,
+                // still believes it leads until its probe times out.
+                partitions += 1;
+                proxy.blackhole();
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..150))).await;
+                db.terminate(pid).await;
+                term = next_leader_term(&contenders, term).await;
+                let mut state = election.subscribe();
+                state.wait_for(|s| !s.is_leader()).await.unwrap();
+                detection.push(started.elapsed());
+                proxy.heal();
+            }
+            1 => {
+                // Connection reset: the client and the server both see it at once.
+                resets += 1;
+                proxy.reset_all().await;
+                term = next_leader_term(&contenders, term).await;
+            }
+            2 => {
+                // Partition that outlasts the health check, then heals: the leader steps
+                // down on detection; the server frees the lock once the release gets through.
+                healed += 1;
+                proxy.blackhole();
+                let mut state = election.subscribe();
+                state.wait_for(|s| !s.is_leader()).await.unwrap();
+                detection.push(started.elapsed());
+                proxy.heal();
+                term = next_leader_term(&contenders, term).await;
+            }
+            _ => {
+                // A blip shorter than the probe timeout: the leadership should survive it.
+                blips += 1;
+                proxy.blackhole();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                proxy.heal();
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                if election.state() == (LeaderState::Leader { term }) {
+                    blips_survived += 1;
+                } else {
+                    term = next_leader_term(&contenders, term).await;
+                }
+            }
+        }
+    }
+    let takeovers = term - first;
+    for (_, task) in &contenders {
+        task.abort();
+    }
+    for (_, task) in contenders {
+        let _ = task.await;
+    }
+    let end = Instant::now();
+
+    let tenures = tally.tenures.lock().unwrap().clone();
+    let overlapping = overlaps(&tenures, end);
+    let (accepted, terms_written) = fenced.accepted(&db).await;
+    let rejected = tally.rejected.load(Ordering::SeqCst);
+    detection.sort();
+    eprintln!(
+        "faults: {partitions} partitions with the session ended server-side, {resets} resets, \
+         {healed} partitions healed after detection, {blips} short blips ({blips_survived} \
+         survived); takeovers: {takeovers}; leader tasks: {}, overlapping tasks: {}; accepted \
+         writes: {accepted} in {terms_written} terms; stale writes rejected: {rejected}; loss \
+         detection after a partition: min {:?} max {:?}",
+        tenures.len(),
+        overlapping.len(),
+        detection.first(),
+        detection.last(),
+    );
+    for (a, b) in &overlapping {
+        assert_ne!(a.term, b.term, "two tasks at once in one term: {a:?} {b:?}");
+    }
+    assert!(
+        rejected > 0,
+        "a partitioned leader kept writing with its stale term: some writes must be rejected"
+    );
+    assert_eq!(
+        fenced.stale_accepted(&db).await,
+        0,
+        "a write from a stale term was accepted"
+    );
+    assert!(
+        detection.iter().all(|d| *d < Duration::from_secs(2)),
+        "loss detection took too long: {detection:?}"
+    );
+    fenced.drop_table(&db).await;
+    drop(proxies);
     db.assert_no_locks().await;
 }
