@@ -147,11 +147,16 @@ impl TermTable {
 
     /// The statement that starts a new term: it bumps the name's term, but only while the
     /// session holds the leadership lock exclusively, and waits at most `$6` for the row.
+    ///
+    /// Its commit is synchronous whatever the session's `synchronous_commit`: with
+    /// `synchronous_commit = off`, a crash right after the commit could lose the new term, and
+    /// the next leader would get the same number again.
     fn bump_sql(&self) -> Result<String> {
         Ok(format!(
             "INSERT INTO {} AS t (name, term, leader, elected_at) \
              SELECT $1::text, 1, $2::text, now() \
-             FROM (SELECT set_config('lock_timeout', $6::text, true) OFFSET 0) AS bounded \
+             FROM (SELECT set_config('lock_timeout', $6::text, true), \
+                   set_config('synchronous_commit', 'on', true) OFFSET 0) AS bounded \
              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
                  WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
                  AND l.granted AND l.mode = 'ExclusiveLock' AND l.classid = $3::int8::oid \

@@ -810,3 +810,80 @@ async fn no_write_accepted_from_a_stale_term_under_network_faults() {
     drop(proxies);
     db.assert_no_locks().await;
 }
+
+#[tokio::test]
+async fn terms_keep_increasing_across_server_restarts() {
+    use crate::support::{StopMode, ThrowawayCluster};
+
+    let cluster = ThrowawayCluster::start().await;
+    let pool = |size| {
+        Pool::builder(deadpool_postgres::Manager::new(
+            cluster.pg_config(),
+            tokio_postgres::NoTls,
+        ))
+        .max_size(size)
+        .build()
+        .unwrap()
+    };
+    let name = unique_name("restart-server");
+    let elections: Vec<_> = (0..2)
+        .map(|i| Arc::new(election(&pool(2), &name, i)))
+        .collect();
+    let tasks: Vec<_> = elections
+        .iter()
+        .map(|election| {
+            let election = election.clone();
+            tokio::spawn(async move {
+                let _ = election.run(|_| std::future::pending::<()>()).await;
+            })
+        })
+        .collect();
+    let contenders: Vec<_> = elections.iter().cloned().zip(tasks).collect();
+
+    let mut term = next_leader_term(&contenders, 0).await;
+    for mode in [StopMode::Immediate, StopMode::Fast, StopMode::Immediate] {
+        let leader = contenders
+            .iter()
+            .position(|(e, _)| e.state().is_leader())
+            .unwrap();
+        let mut state = contenders[leader].0.subscribe();
+        cluster.restart(mode).await;
+        // The restart may already be over, and the same instance leading again.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|s| *s != LeaderState::Leader { term }),
+        )
+        .await
+        .expect("the leader notices the restart")
+        .unwrap();
+        let next =
+            tokio::time::timeout(Duration::from_secs(10), next_leader_term(&contenders, term))
+                .await
+                .expect("a leader after the restart");
+        assert!(next > term, "term {next} after {term}");
+        term = next;
+    }
+    for (_, task) in &contenders {
+        task.abort();
+    }
+    for (_, task) in contenders {
+        let _ = task.await;
+    }
+    let admin = crate::harness::connect(&cluster.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let locks: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if locks == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{locks} advisory locks left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
