@@ -123,7 +123,7 @@ async fn instance(i: usize, name: String) -> pglock::Result<()> {
         .identity(format!("{me} pid {}", std::process::id()));
     println!(
         "{me:<8} started, follower (loss detected within {:?})",
-        health.interval + health.probe_timeout
+        health.detection_bound()
     );
     let mut state = election.subscribe();
     let watcher = tokio::spawn({

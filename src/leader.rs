@@ -4,8 +4,6 @@
 //! gets a *term*: a number, kept in a small table, that strictly increases with every new leader
 //! of the name, across processes and restarts. See `docs/leader-election.md` for the guide.
 
-mod interim_loss;
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +13,11 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-pub use interim_loss::{HealthCheck, LossReason, LossSignal};
-
 use crate::error::{Error, Result};
-use crate::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, ConnectionSource, WaitStrategy};
+use crate::{
+    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, ConnectionSource, HealthCheck, LossReason,
+    LossSignal, WaitStrategy,
+};
 
 /// The longest an uncontended campaign waits in the server's lock queue before it re-checks its
 /// connection and queues again. It bounds how long a campaign can sit on a dead connection.
@@ -194,7 +193,7 @@ fn ddl_key() -> i64 {
 /// The leader holds one session-level advisory lock (on a connection of its own, taken from
 /// the [`ConnectionSource`]) and a fencing *term*. Leadership ends when the leader steps down,
 /// drops its [`Leadership`], or loses its connection; a health check on the leader's connection
-/// reports the loss within `interval + probe_timeout` of the [`HealthCheck`].
+/// reports the loss within [`HealthCheck::detection_bound`].
 ///
 /// Two ways to use it:
 /// - [`run`](Self::run) runs a leader task whenever this instance leads, stops it when the
@@ -276,7 +275,7 @@ impl LeaderElection {
     }
 
     /// Sets how the leader's connection is checked; loss is reported within
-    /// `interval + probe_timeout`.
+    /// [`HealthCheck::detection_bound`].
     pub fn health_check(mut self, health: HealthCheck) -> Self {
         self.health = health;
         self
@@ -376,7 +375,7 @@ impl LeaderElection {
     pub async fn campaign(&self) -> Result<Leadership> {
         self.table.qualified_name()?;
         let slot = self.slot.clone().lock_owned().await;
-        let lock = AdvisoryLock::new(self.source.clone(), self.key).wait_strategy(self.wait);
+        let lock = self.lock().wait_strategy(self.wait);
         loop {
             // A round trip's worth of slack on top of the server-side wait: past it, the
             // connection is presumed dead, and the attempt is dropped (which cleans up).
@@ -403,8 +402,7 @@ impl LeaderElection {
         let Ok(slot) = self.slot.clone().try_lock_owned() else {
             return Ok(None);
         };
-        let lock = AdvisoryLock::new(self.source.clone(), self.key);
-        match lock.try_lock().await? {
+        match self.lock().try_lock().await? {
             Some(guard) => self.elect(guard, slot).await.map(Some),
             None => Ok(None),
         }
@@ -422,7 +420,7 @@ impl LeaderElection {
     /// restarting, pool exhausted, timeout) is retried after a pause (see
     /// [`retry_backoff`](Self::retry_backoff)).
     ///
-    /// Between the leader's loss and its detection (at most `interval + probe_timeout`), the
+    /// Between the leader's loss and its detection (at most [`HealthCheck::detection_bound`]), the
     /// old task may still run while a new leader already leads: guard every write to a shared
     /// resource with [`LeaderContext::term`] (see `docs/leader-election.md`).
     ///
@@ -478,6 +476,10 @@ impl LeaderElection {
         }
     }
 
+    fn lock(&self) -> AdvisoryLock {
+        AdvisoryLock::new(self.source.clone(), self.key).health_check(self.health)
+    }
+
     fn is_permanent(&self, error: &Error) -> bool {
         match error {
             Error::Config(_)
@@ -506,8 +508,10 @@ impl LeaderElection {
                 })
             }
         };
-        let guard = Arc::new(guard);
-        let (loss, monitor) = interim_loss::monitor(guard.clone(), self.health);
+        // Watching starts once the term is recorded: the term statement may wait for the term
+        // row longer than a probe may take. The monitor probes at once, so a loss during the
+        // election is still reported within the detection bound.
+        let loss = AdvisoryLockGuard::loss_signal(&guard);
         self.state.send_replace(LeaderState::Leader { term });
         // Observers see the leadership end as soon as its loss is detected.
         let mut on_loss = loss.clone();
@@ -518,7 +522,6 @@ impl LeaderElection {
         });
         Ok(Leadership {
             guard: Some(guard),
-            monitor: Some(monitor),
             watcher,
             term,
             name: self.name.clone(),
@@ -653,8 +656,7 @@ fn demote(state: &watch::Sender<LeaderState>, term: i64) {
 /// ```
 #[must_use = "if unused the leadership is given up immediately"]
 pub struct Leadership {
-    guard: Option<Arc<AdvisoryLockGuard>>,
-    monitor: Option<JoinHandle<()>>,
+    guard: Option<AdvisoryLockGuard>,
     watcher: JoinHandle<()>,
     term: i64,
     name: Arc<str>,
@@ -682,7 +684,7 @@ impl Leadership {
 
     /// Completes when the leadership is lost, with the reason.
     ///
-    /// Loss is detected within `interval + probe_timeout` of the election's [`HealthCheck`].
+    /// Loss is detected within the [`HealthCheck::detection_bound`] of the election's health check.
     ///
     /// # Cancel safety
     ///
@@ -744,7 +746,10 @@ impl Leadership {
     /// If the future is dropped, the release still happens in the background.
     pub async fn step_down(mut self) -> Result<()> {
         demote(&self.state, self.term);
-        let guard = self.take_guard().await;
+        let guard = self
+            .guard
+            .take()
+            .expect("a leadership holds its lock until it ends");
         let after = self.step_down_timeout;
         match tokio::time::timeout(after, AdvisoryLockGuard::unlock(guard)).await {
             Ok(result) => result,
@@ -754,25 +759,12 @@ impl Leadership {
             }),
         }
     }
-
-    /// Stops the health check and takes the guard out of the shared pointer.
-    async fn take_guard(&mut self) -> AdvisoryLockGuard {
-        if let Some(monitor) = self.monitor.take() {
-            monitor.abort();
-            let _ = monitor.await;
-        }
-        let guard = self.guard.take().expect("taken once");
-        Arc::try_unwrap(guard).expect("the health check released its share of the guard")
-    }
 }
 
 impl Drop for Leadership {
     fn drop(&mut self) {
         demote(&self.state, self.term);
         self.watcher.abort();
-        if let Some(monitor) = self.monitor.take() {
-            monitor.abort();
-        }
     }
 }
 

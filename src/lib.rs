@@ -44,10 +44,7 @@ pub use connection::{ConnectionSource, Session};
 pub use error::{redact_url, Error, Result};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
-pub use leader::{
-    HealthCheck, LeaderContext, LeaderElection, LeaderState, Leadership, LossReason, LossSignal,
-    TermTable,
-};
+pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
 pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
