@@ -337,6 +337,8 @@ impl LeaderElection {
     /// [`Follower`](LeaderState::Follower) as soon as the leadership is lost (when the loss is
     /// detected), stepped down or dropped, before the lock is released.
     ///
+    /// For a `Stream`, wrap the receiver in `tokio_stream::wrappers::WatchStream`.
+    ///
     /// ```no_run
     /// # async fn demo(election: pglock::LeaderElection) {
     /// let mut state = election.subscribe();
