@@ -888,3 +888,26 @@ async fn terms_keep_increasing_across_server_restarts() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn run_on_a_closed_session_gives_up() {
+    let db = TestDb::new("leader_closed_session").await;
+    let name = unique_name("closed-session");
+    let session = db.session().await;
+    let election = LeaderElection::new(session.clone(), &name)
+        .health_check(fast_health())
+        .wait_strategy(WaitStrategy::poll());
+    let mut leadership = election.campaign().await.unwrap();
+    db.terminate(leadership.backend_pid()).await;
+    tokio::time::timeout(Duration::from_secs(2), leadership.lost())
+        .await
+        .expect("loss reported within the detection bound");
+    drop(leadership);
+    // Retrying cannot bring a closed session back: `run` says so instead of looping.
+    let error = tokio::time::timeout(Duration::from_secs(5), election.run(|_| async {}))
+        .await
+        .expect("run gives up on a closed session")
+        .unwrap_err();
+    assert!(error.is_connection_lost(), "{error:?}");
+    db.assert_no_locks().await;
+}
