@@ -24,6 +24,9 @@
 //!   a pooled connection.
 //! - [`AdvisoryKey`]: names hashed by a documented, stable function, numeric keys, and the
 //!   keys of other tools.
+//! - [`LeaderElection`]: one leader at a time among any number of instances, a task that stops
+//!   when the leadership is lost, and fencing terms that strictly increase with every leader
+//!   (guide: `docs/leader-election.md`).
 //!
 //! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
 #![deny(missing_docs)]
