@@ -36,6 +36,7 @@
 mod connection;
 mod error;
 mod guard;
+pub mod introspect;
 mod key;
 mod leader;
 mod lock;

@@ -1,0 +1,86 @@
+//! Making the connection from a URL: the one place that chooses the transport (plain TCP, Unix
+//! socket or TLS) and the connection settings.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pglock::{redact_url, Error, Session};
+use tokio::sync::watch;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Config, NoTls};
+
+/// A connection pglock holds a lock on, and a way to learn that it ended.
+pub struct Connection {
+    pub session: Arc<Session>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Resolves once the connection has ended (the server closed it, e.g. the backend was
+    /// terminated, or the network failed). Every session lock on it is gone by then.
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        // An error means the sender, in the connection task, is gone: closed as well.
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+}
+
+/// Connects to `url`, naming the session `application_name` unless the URL names it.
+///
+/// TCP keepalives are tightened (15 s idle, then 5 s apart, 3 probes) unless the URL sets
+/// them, so that a silent network failure ends the connection in about 30 s.
+///
+/// # Errors
+///
+/// [`Error::Config`] for a malformed URL or a TLS mode this build cannot do,
+/// [`Error::Connect`] when the server cannot be reached or refuses the login. No message
+/// contains the password.
+pub async fn connect(url: &str, application_name: &str) -> Result<Connection, Error> {
+    let mut config = Config::from_str(url).map_err(|error| {
+        Error::Config(format!(
+            "cannot parse the connection string {}: {error}",
+            redact_url(url)
+        ))
+    })?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(30));
+    }
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(15));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+    }
+    let connect_error = |source| Error::Connect {
+        target: redact_url(url),
+        source,
+    };
+    let (closed_tx, closed) = watch::channel(false);
+    let session = match config.get_ssl_mode() {
+        SslMode::Disable | SslMode::Prefer => {
+            // Prefer falls back to plain TCP with NoTls, as libpq does without TLS support.
+            let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+                let _ = closed_tx.send(true);
+            });
+            Session::from_client(client).with_cancel_tls(NoTls)
+        }
+        // A TLS connector plugs in here (feature `tls`, on the `deploy` branch).
+        _ => {
+            return Err(Error::Config(format!(
+                "{} asks for TLS (sslmode=require), but this pglock was built without TLS \
+                 support: install a build with TLS, or use sslmode=prefer/disable on a trusted \
+                 network",
+                redact_url(url)
+            )))
+        }
+    };
+    Ok(Connection {
+        session: Arc::new(session),
+        closed,
+    })
+}

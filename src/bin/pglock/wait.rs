@@ -1,0 +1,232 @@
+//! Taking the lock the way the command line asked: at once, within a timeout, or whenever it
+//! comes, telling on stderr who holds it meanwhile.
+
+use std::time::{Duration, SystemTime};
+
+use pglock::introspect::{Introspect, LockInfo};
+use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
+use tokio::time::Instant;
+
+use crate::connect::{connect, Connection};
+use crate::format::{ago, human_duration, rfc3339};
+use crate::Output;
+
+/// How long to wait.
+#[derive(Clone, Copy, Debug)]
+pub enum Patience {
+    /// One attempt (`-n`, `--timeout 0`).
+    NoWait,
+    /// Until the deadline (`--timeout`).
+    Until(Instant),
+    /// As long as it takes (the default).
+    Forever,
+}
+
+/// What came of the attempt.
+pub enum Acquired {
+    Granted(AdvisoryLockGuard),
+    /// Busy and `-n`, or still busy at the deadline.
+    NotGranted,
+}
+
+/// What the progress reports need to know.
+pub struct Progress<'a> {
+    pub out: &'a Output,
+    pub url: &'a str,
+    pub label: &'a str,
+    pub monitor_app: &'a str,
+    pub every: Duration,
+}
+
+/// Takes `lock` in `mode` within `patience`, reporting the holders on stderr while it waits.
+///
+/// # Cancel safety
+///
+/// Cancel-safe: dropping the future abandons the wait on the server (pglock's acquisition is
+/// cancel-safe) and closes the monitoring connection.
+pub async fn acquire(
+    lock: &AdvisoryLock,
+    mode: LockMode,
+    patience: Patience,
+    progress: &Progress<'_>,
+) -> Result<Acquired, Error> {
+    let first = match mode {
+        LockMode::Exclusive => lock.try_lock().await?,
+        LockMode::Shared => lock.try_lock_shared().await?,
+    };
+    if let Some(guard) = first {
+        return Ok(Acquired::Granted(guard));
+    }
+    let started = Instant::now();
+    let mut monitor = Monitor::new(progress);
+    monitor.report(lock, started, patience).await;
+    if let Patience::NoWait = patience {
+        return Ok(Acquired::NotGranted);
+    }
+    let wait = async {
+        match (mode, patience) {
+            (LockMode::Exclusive, Patience::Until(deadline)) => lock.try_lock_until(deadline).await,
+            (LockMode::Shared, Patience::Until(deadline)) => {
+                lock.try_lock_shared_until(deadline).await
+            }
+            (LockMode::Exclusive, _) => lock.lock().await.map(Some),
+            (LockMode::Shared, _) => lock.lock_shared().await.map(Some),
+        }
+    };
+    let mut wait = std::pin::pin!(wait);
+    loop {
+        tokio::select! {
+            result = &mut wait => {
+                return Ok(match result? {
+                    Some(guard) => {
+                        progress.out.verbose(format_args!(
+                            "acquired lock {} after {}",
+                            progress.label,
+                            human_duration(started.elapsed())
+                        ));
+                        Acquired::Granted(guard)
+                    }
+                    None => {
+                        progress.out.info(format_args!(
+                            "gave up on lock {} after {}: still busy",
+                            progress.label,
+                            human_duration(started.elapsed())
+                        ));
+                        Acquired::NotGranted
+                    }
+                });
+            }
+            _ = tokio::time::sleep(progress.every) => {
+                monitor.report(lock, started, patience).await;
+            }
+        }
+    }
+}
+
+/// A second connection that looks at who holds the lock, opened on the first report.
+struct Monitor<'a> {
+    progress: &'a Progress<'a>,
+    connection: Option<Connection>,
+    failed: bool,
+}
+
+impl<'a> Monitor<'a> {
+    fn new(progress: &'a Progress<'a>) -> Self {
+        Monitor {
+            progress,
+            connection: None,
+            failed: false,
+        }
+    }
+
+    async fn report(&mut self, lock: &AdvisoryLock, started: Instant, patience: Patience) {
+        let out = self.progress.out;
+        if out.quiet {
+            return;
+        }
+        let label = self.progress.label;
+        let waited = human_duration(started.elapsed());
+        let plan = match patience {
+            Patience::NoWait => "not waiting (-n)".to_owned(),
+            Patience::Until(deadline) => format!(
+                "waiting up to {} more",
+                human_duration(deadline.saturating_duration_since(Instant::now()))
+            ),
+            Patience::Forever if started.elapsed() < Duration::from_secs(1) => "waiting".to_owned(),
+            Patience::Forever => format!("waited {waited} so far"),
+        };
+        let locks = self.fetch(lock).await;
+        let Some(locks) = locks else {
+            out.info(format_args!("lock {label} is busy; {plan}"));
+            return;
+        };
+        let now = SystemTime::now();
+        let holders: Vec<&LockInfo> = locks.iter().filter(|l| l.granted).collect();
+        let waiters = locks.iter().filter(|l| !l.granted).count();
+        let held_by = if holders.is_empty() {
+            "held by a session that just let go".to_owned()
+        } else {
+            holders
+                .iter()
+                .map(|holder| describe_holder(holder, now))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let queue = match waiters {
+            0 => String::new(),
+            1 => ", 1 waiting".to_owned(),
+            n => format!(", {n} waiting"),
+        };
+        out.info(format_args!(
+            "lock {label} is busy: {held_by}{queue}; {plan}"
+        ));
+    }
+
+    async fn fetch(&mut self, lock: &AdvisoryLock) -> Option<Vec<LockInfo>> {
+        if self.failed {
+            return None;
+        }
+        if self.connection.is_none() {
+            match connect(self.progress.url, self.progress.monitor_app).await {
+                Ok(connection) => self.connection = Some(connection),
+                Err(error) => {
+                    self.progress
+                        .out
+                        .verbose(format_args!("cannot look up the holders: {error}"));
+                    self.failed = true;
+                    return None;
+                }
+            }
+        }
+        let client = &self.connection.as_ref()?.session;
+        match Introspect::new()
+            .key(lock.key())
+            .fetch(client.client())
+            .await
+        {
+            Ok(locks) => Some(locks),
+            Err(error) => {
+                self.progress
+                    .out
+                    .verbose(format_args!("cannot look up the holders: {error}"));
+                self.connection = None;
+                None
+            }
+        }
+    }
+}
+
+/// `pid 4242 (pglock run migrations, 10.1.2.3) since 2024-05-01T12:00:00Z (1m 05s)`.
+pub fn describe_holder(holder: &LockInfo, now: SystemTime) -> String {
+    let mut text = match holder.pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "a prepared transaction".to_owned(),
+    };
+    let mut about = Vec::new();
+    if let Some(app) = holder.application_name.as_deref().filter(|a| !a.is_empty()) {
+        about.push(app.to_owned());
+    }
+    if let Some(addr) = holder.client_addr {
+        about.push(format!("from {addr}"));
+    }
+    if !about.is_empty() {
+        text.push_str(&format!(" ({})", about.join(", ")));
+    }
+    if holder.mode == LockMode::Shared {
+        text.push_str(" shared");
+    }
+    match (holder.held_since, holder.backend_start) {
+        (Some(since), _) => text.push_str(&format!(
+            " since {} ({})",
+            rfc3339(since, false),
+            ago(since, now)
+        )),
+        (None, Some(connected)) => text.push_str(&format!(
+            ", connected since {} ({})",
+            rfc3339(connected, false),
+            ago(connected, now)
+        )),
+        (None, None) => {}
+    }
+    text
+}

@@ -1,0 +1,404 @@
+//! Who holds which advisory lock, and who waits for it: `pg_locks` joined with
+//! `pg_stat_activity`, as typed rows.
+//!
+//! ```no_run
+//! # async fn demo(client: &tokio_postgres::Client) -> pglock::Result<()> {
+//! use pglock::introspect::Introspect;
+//!
+//! for lock in Introspect::new().name("migrations").fetch(client).await? {
+//!     let state = if lock.granted { "holds" } else { "waits for" };
+//!     println!(
+//!         "pid {:?} ({}) {state} {} {:?}",
+//!         lock.pid,
+//!         lock.application_name.as_deref().unwrap_or("?"),
+//!         lock.name.as_deref().unwrap_or("?"),
+//!         lock.key,
+//!     );
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # What PostgreSQL can and cannot tell
+//!
+//! - **Key, mode, holder or waiter, pid** come straight from `pg_locks`, exactly.
+//! - **Name**: PostgreSQL only stores the 64-bit key. A [`LockInfo::name`] is given when a name
+//!   hashes to the key ([`AdvisoryKey::from_name`]): a name you registered with
+//!   [`Introspect::name`], or the name that the `pglock` command puts in its
+//!   `application_name` (`pglock run NAME`, `pglock leader NAME`).
+//! - **Scope** (session or transaction) is not recorded in `pg_locks`. A lock held by a
+//!   session that has no transaction open is a session lock: that is certain. Otherwise
+//!   pglock infers the scope from the statement the session runs or ran last, when that
+//!   statement calls advisory lock functions of one scope only (for a waiter it is the very
+//!   statement that waits; for a holder it must also be its only advisory lock). Anything
+//!   else is reported as `None` rather than guessed.
+//! - **Since when a lock is held** is not recorded either. [`LockInfo::held_since`] is the
+//!   moment the session's last statement ended, when that statement took an advisory lock,
+//!   the session has been idle since, and it holds only this advisory lock: which is how
+//!   pglock's own holders look. For waiters, [`LockInfo::wait_start`] is exact (PostgreSQL 14
+//!   and later).
+//! - `pg_locks` and `pg_stat_activity` are read in one statement but are not one atomic
+//!   snapshot: a session that ends between the two reads shows without its activity columns.
+//! - Without the `pg_read_all_stats` role, the activity of other users' sessions (client
+//!   address, statement, times) reads as `NULL`, and so shows as `None` here.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+use crate::{AdvisoryKey, LockMode, LockScope};
+
+/// The prefix of the `application_name` that the `pglock` command gives its connections, as in
+/// `pglock run migrations`.
+pub const APPLICATION_NAME_PREFIX: &str = "pglock ";
+
+/// The longest `application_name` PostgreSQL keeps (`NAMEDATALEN - 1` bytes); longer ones are
+/// truncated by the server.
+pub const APPLICATION_NAME_MAX: usize = 63;
+
+/// One advisory lock held or awaited by one backend, with what `pg_stat_activity` says about
+/// that backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockInfo {
+    /// The lock's key.
+    pub key: AdvisoryKey,
+    /// The name that hashes to the key, where pglock can tell (see the module docs).
+    pub name: Option<String>,
+    /// Exclusive or shared.
+    pub mode: LockMode,
+    /// `true` for a holder, `false` for a waiter.
+    pub granted: bool,
+    /// Session or transaction scope, where it can be told (see the module docs).
+    pub scope: Option<LockScope>,
+    /// The backend's process id; `None` for a lock held by a prepared transaction.
+    pub pid: Option<i32>,
+    /// The backend's `application_name`.
+    pub application_name: Option<String>,
+    /// The role the backend is logged in as.
+    pub user: Option<String>,
+    /// The client's address; `None` for a Unix socket connection (or without the privilege
+    /// to see it).
+    pub client_addr: Option<IpAddr>,
+    /// The client's TCP port.
+    pub client_port: Option<i32>,
+    /// When the backend (the client's connection) started.
+    pub backend_start: Option<SystemTime>,
+    /// When the backend's current transaction started; `None` when it has none open.
+    pub transaction_start: Option<SystemTime>,
+    /// The backend's state: `active`, `idle`, `idle in transaction`, ...
+    pub state: Option<String>,
+    /// When a waiter started to wait (PostgreSQL 14 and later); `None` for holders.
+    pub wait_start: Option<SystemTime>,
+    /// When a holder got the lock, where it can be told (see the module docs).
+    pub held_since: Option<SystemTime>,
+    /// For a waiter, the pids it waits behind (`pg_blocking_pids`): holders of a conflicting
+    /// mode and waiters queued ahead of it. Empty for holders.
+    pub blocked_by: Vec<i32>,
+}
+
+impl LockInfo {
+    /// The lock's name if known, else its key, for display.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self.key.to_string(),
+        }
+    }
+
+    /// Whether the backend is a `pglock` command (by its `application_name`).
+    pub fn is_pglock_command(&self) -> bool {
+        self.application_name
+            .as_deref()
+            .is_some_and(|app| app.starts_with(APPLICATION_NAME_PREFIX))
+    }
+}
+
+/// A query for the advisory locks of the current database.
+///
+/// Built with [`new`](Self::new), narrowed with [`key`](Self::key) and
+/// [`name`](Self::name), and run with [`fetch`](Self::fetch) on any client of the database.
+/// Rows come ordered by key, then holders before waiters, waiters in the order they started
+/// to wait, then by pid.
+#[derive(Clone, Debug, Default)]
+pub struct Introspect {
+    names: HashMap<AdvisoryKey, String>,
+    keys: Vec<AdvisoryKey>,
+    only_selected: bool,
+}
+
+impl Introspect {
+    /// All advisory locks of the current database.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `name`, so that rows of its key carry it in [`LockInfo::name`].
+    ///
+    /// Registering a name does not filter; see [`only`](Self::only).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.names.insert(AdvisoryKey::from_name(&name), name);
+        self
+    }
+
+    /// Selects `key` (a name, a number or a pair, as for [`AdvisoryLock::new`](crate::AdvisoryLock::new)).
+    /// Once any key is selected, [`fetch`](Self::fetch) returns the rows of the selected keys
+    /// only. A name passed here is also registered, as by [`name`](Self::name).
+    pub fn key(mut self, key: impl Into<SelectKey>) -> Self {
+        let SelectKey { key, name } = key.into();
+        if let Some(name) = name {
+            self.names.insert(key, name);
+        }
+        self.keys.push(key);
+        self.only_selected = true;
+        self
+    }
+
+    /// Restricts the result to the keys of the names registered so far (and keys selected).
+    pub fn only(mut self) -> Self {
+        self.keys.extend(self.names.keys().copied());
+        self.only_selected = true;
+        self
+    }
+
+    /// Runs the query on `client` (one round trip).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectionLost`] if the connection is gone, [`Error::Postgres`] for a server
+    /// error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn fetch(&self, client: &Client) -> Result<Vec<LockInfo>> {
+        let mut hi = Vec::with_capacity(self.keys.len());
+        let mut lo = Vec::with_capacity(self.keys.len());
+        let mut sub = Vec::with_capacity(self.keys.len());
+        for key in &self.keys {
+            let (classid, objid, objsubid) = key.pg_locks_ids();
+            hi.push(i64::from(classid));
+            lo.push(i64::from(objid));
+            sub.push(objsubid);
+        }
+        let rows = client
+            .query(LIST_SQL, &[&!self.only_selected, &hi, &lo, &sub])
+            .await
+            .map_err(Error::from)?;
+        let mut locks = Vec::with_capacity(rows.len());
+        let mut held_per_pid: HashMap<i32, usize> = HashMap::new();
+        for row in &rows {
+            let granted: bool = row.get("granted");
+            if let (true, Some(pid)) = (granted, row.get::<_, Option<i32>>("pid")) {
+                *held_per_pid.entry(pid).or_default() += 1;
+            }
+        }
+        for row in &rows {
+            let classid: i64 = row.get("classid");
+            let objid: i64 = row.get("objid");
+            let objsubid: i16 = row.get("objsubid");
+            let Some(key) = AdvisoryKey::from_pg_locks_ids(classid as u32, objid as u32, objsubid)
+            else {
+                continue;
+            };
+            let mode = match row.get::<_, &str>("mode") {
+                "ShareLock" => LockMode::Shared,
+                _ => LockMode::Exclusive,
+            };
+            let granted: bool = row.get("granted");
+            let pid: Option<i32> = row.get("pid");
+            let application_name: Option<String> = row.get("application_name");
+            let state: Option<String> = row.get("state");
+            let query: Option<String> = row.get("query");
+            let transaction_start: Option<SystemTime> = row.get("xact_start");
+            let only_lock = pid.is_some_and(|pid| held_per_pid.get(&pid) == Some(&1));
+            let statement_scope = query.as_deref().and_then(lock_statement_scope);
+            let idle = matches!(state.as_deref(), Some("idle" | "idle in transaction"));
+            let scope = if granted && transaction_start.is_none() && pid.is_some() {
+                Some(LockScope::Session)
+            } else if !granted || only_lock {
+                statement_scope
+            } else {
+                None
+            };
+            let held_since = if granted && idle && only_lock && statement_scope.is_some() {
+                row.get("state_change")
+            } else {
+                None
+            };
+            let name = self
+                .names
+                .get(&key)
+                .cloned()
+                .or_else(|| name_from_application_name(application_name.as_deref()?, key));
+            locks.push(LockInfo {
+                key,
+                name,
+                mode,
+                granted,
+                scope,
+                pid,
+                application_name,
+                user: row.get("usename"),
+                client_addr: row.get("client_addr"),
+                client_port: row.get("client_port"),
+                backend_start: row.get("backend_start"),
+                transaction_start,
+                state,
+                wait_start: row.get("waitstart"),
+                held_since,
+                blocked_by: row.get("blocked_by"),
+            });
+        }
+        Ok(locks)
+    }
+}
+
+/// A key to select in [`Introspect::key`]: a name (registered too), a number or a pair.
+#[derive(Clone, Debug)]
+pub struct SelectKey {
+    key: AdvisoryKey,
+    name: Option<String>,
+}
+
+impl From<AdvisoryKey> for SelectKey {
+    fn from(key: AdvisoryKey) -> Self {
+        SelectKey { key, name: None }
+    }
+}
+
+impl From<i64> for SelectKey {
+    fn from(key: i64) -> Self {
+        AdvisoryKey::from(key).into()
+    }
+}
+
+impl From<(i32, i32)> for SelectKey {
+    fn from(key: (i32, i32)) -> Self {
+        AdvisoryKey::from(key).into()
+    }
+}
+
+impl From<&str> for SelectKey {
+    fn from(name: &str) -> Self {
+        SelectKey {
+            key: AdvisoryKey::from_name(name),
+            name: Some(name.to_owned()),
+        }
+    }
+}
+
+impl From<String> for SelectKey {
+    fn from(name: String) -> Self {
+        SelectKey {
+            key: AdvisoryKey::from_name(&name),
+            name: Some(name),
+        }
+    }
+}
+
+/// The `application_name` the `pglock` command uses for `command` (`run`, `leader`) on `name`,
+/// cut to what PostgreSQL keeps (on a character boundary).
+pub fn application_name(command: &str, name: &str) -> String {
+    let mut app = format!("{APPLICATION_NAME_PREFIX}{command} {name}");
+    if app.len() > APPLICATION_NAME_MAX {
+        let mut end = APPLICATION_NAME_MAX;
+        while !app.is_char_boundary(end) {
+            end -= 1;
+        }
+        app.truncate(end);
+    }
+    app
+}
+
+/// The lock name in a `pglock <command> <name>` application name, if it hashes to `key`.
+fn name_from_application_name(app: &str, key: AdvisoryKey) -> Option<String> {
+    let rest = app.strip_prefix(APPLICATION_NAME_PREFIX)?;
+    let (_command, name) = rest.split_once(' ')?;
+    (AdvisoryKey::from_name(name) == key).then(|| name.to_owned())
+}
+
+/// The scope of the advisory lock functions `statement` calls, if they are all of one scope.
+fn lock_statement_scope(statement: &str) -> Option<LockScope> {
+    let statement = statement.to_ascii_lowercase();
+    let transaction = statement.contains("advisory_xact_lock");
+    let session = statement.contains("pg_advisory_lock") || statement.contains("try_advisory_lock");
+    match (session, transaction) {
+        (true, false) => Some(LockScope::Session),
+        (false, true) => Some(LockScope::Transaction),
+        _ => None,
+    }
+}
+
+/// The listing. `to_jsonb(l) ->> 'waitstart'` reads `pg_locks.waitstart` where it exists
+/// (PostgreSQL 14 and later) and NULL before, in one statement for every version.
+const LIST_SQL: &str = "\
+SELECT l.classid::int8 AS classid, l.objid::int8 AS objid, l.objsubid::int2 AS objsubid,
+       l.mode, l.granted, l.pid,
+       a.application_name, a.usename::text AS usename, a.client_addr, a.client_port,
+       a.backend_start, a.xact_start, a.state, a.state_change, a.query,
+       (to_jsonb(l) ->> 'waitstart')::timestamptz AS waitstart,
+       CASE WHEN l.granted OR l.pid IS NULL THEN ARRAY[]::int4[]
+            ELSE pg_blocking_pids(l.pid) END AS blocked_by
+FROM pg_locks l
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ($1::bool OR (l.classid::int8, l.objid::int8, l.objsubid::int2) IN
+       (SELECT * FROM unnest($2::int8[], $3::int8[], $4::int2[])))
+ORDER BY l.objsubid, l.classid::int8, l.objid::int8, l.granted DESC,
+         (to_jsonb(l) ->> 'waitstart')::timestamptz NULLS FIRST, l.pid";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_scopes() {
+        assert_eq!(
+            lock_statement_scope("SELECT pg_advisory_lock($1::int8)"),
+            Some(LockScope::Session)
+        );
+        assert_eq!(
+            lock_statement_scope("SELECT pg_try_advisory_lock_shared(1, 2)"),
+            Some(LockScope::Session)
+        );
+        assert_eq!(
+            lock_statement_scope("select PG_TRY_ADVISORY_XACT_LOCK(1)"),
+            Some(LockScope::Transaction)
+        );
+        assert_eq!(
+            lock_statement_scope("SELECT pg_advisory_xact_lock(1), pg_advisory_lock(2)"),
+            None
+        );
+        assert_eq!(lock_statement_scope("SELECT pg_advisory_unlock(1)"), None);
+        assert_eq!(lock_statement_scope("COMMIT"), None);
+    }
+
+    #[test]
+    fn names_from_application_names() {
+        let key = AdvisoryKey::from_name("migrations");
+        assert_eq!(
+            name_from_application_name("pglock run migrations", key).as_deref(),
+            Some("migrations")
+        );
+        assert_eq!(
+            name_from_application_name("pglock leader migrations", key).as_deref(),
+            Some("migrations")
+        );
+        assert_eq!(name_from_application_name("pglock run other", key), None);
+        assert_eq!(name_from_application_name("psql", key), None);
+        let long = "x".repeat(100);
+        let app = application_name("run", &long);
+        assert_eq!(app.len(), APPLICATION_NAME_MAX);
+        assert_eq!(
+            name_from_application_name(&app, AdvisoryKey::from_name(&long)),
+            None
+        );
+        let accented = "é".repeat(40);
+        assert!(application_name("run", &accented).len() <= APPLICATION_NAME_MAX);
+    }
+}
