@@ -24,7 +24,8 @@
 //! - **Name**: PostgreSQL only stores the 64-bit key. A [`LockInfo::name`] is given when a name
 //!   hashes to the key ([`AdvisoryKey::from_name`]): a name you registered with
 //!   [`Introspect::name`], or the name that the `pglock` command puts in its
-//!   `application_name` (`pglock run NAME`, `pglock leader NAME`).
+//!   `application_name` (`pglock run NAME`, `pglock leader NAME`), which then names every row
+//!   of that key, waiters included.
 //! - **Scope** (session or transaction) is not recorded in `pg_locks`. A lock held by a
 //!   session that has no transaction open is a session lock: that is certain. Otherwise
 //!   pglock infers the scope from the statement the session runs or ran last, when that
@@ -252,6 +253,18 @@ impl Introspect {
                 held_since,
                 blocked_by: row.get("blocked_by"),
             });
+        }
+        // A name told by one row of a key (a pglock holder's application_name) names them all.
+        let mut told: HashMap<AdvisoryKey, String> = HashMap::new();
+        for lock in &locks {
+            if let Some(name) = &lock.name {
+                told.entry(lock.key).or_insert_with(|| name.clone());
+            }
+        }
+        for lock in &mut locks {
+            if lock.name.is_none() {
+                lock.name = told.get(&lock.key).cloned();
+            }
         }
         Ok(locks)
     }

@@ -16,3 +16,6 @@ mod release;
 mod send_sync;
 mod support_selftest;
 mod timeouts;
+#[cfg(feature = "cli")]
+mod cli;
+mod introspect;

@@ -107,7 +107,13 @@ pub struct Target {
 
     /// A numeric key instead of a name: one 64-bit integer (42) or a pair of 32-bit integers
     /// (1,2), to share a lock with other programs that use pg_advisory_lock directly
-    #[arg(long, value_parser = format::parse_key, conflicts_with = "name", value_name = "KEY")]
+    #[arg(
+        long,
+        value_parser = format::parse_key,
+        conflicts_with = "name",
+        value_name = "KEY",
+        allow_hyphen_values = true
+    )]
     key: Option<AdvisoryKey>,
 }
 
@@ -212,7 +218,7 @@ pub struct StatusArgs {
     name: Vec<String>,
 
     /// Show only this key (repeatable): 42 or 1,2
-    #[arg(long, value_parser = format::parse_key, value_name = "KEY")]
+    #[arg(long, value_parser = format::parse_key, value_name = "KEY", allow_hyphen_values = true)]
     key: Vec<AdvisoryKey>,
 
     /// A lock name to recognise in the listing without filtering on it (repeatable); names of

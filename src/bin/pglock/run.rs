@@ -67,6 +67,7 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
                 signal_name(signal),
                 target.label
             ));
+            connection.abandon_wait().await;
             return exit::SIGNAL_BASE + signal;
         }
     };
