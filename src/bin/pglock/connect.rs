@@ -35,7 +35,16 @@ impl Connection {
     }
 }
 
-/// Connects to `url`, naming the session `application_name` unless the URL names it.
+/// The `application_name` of a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum AppName<'a> {
+    /// This name, unless the URL sets one.
+    Default(&'a str),
+    /// This name, whatever the URL says (`--application-name`).
+    Forced(&'a str),
+}
+
+/// Connects to `url`, naming the session as `application_name` says.
 ///
 /// TCP keepalives are tightened (15 s idle, then 5 s apart, 3 probes) unless the URL sets
 /// them, so that a silent network failure ends the connection in about 30 s.
@@ -45,15 +54,21 @@ impl Connection {
 /// [`Error::Config`] for a malformed URL or a TLS mode this build cannot do,
 /// [`Error::Connect`] when the server cannot be reached or refuses the login. No message
 /// contains the password.
-pub async fn connect(url: &str, application_name: &str) -> Result<Connection, Error> {
+pub async fn connect(url: &str, application_name: AppName<'_>) -> Result<Connection, Error> {
     let mut config = Config::from_str(url).map_err(|error| {
         Error::Config(format!(
             "cannot parse the connection string {}: {error}",
             redact_url(url)
         ))
     })?;
-    if config.get_application_name().is_none() {
-        config.application_name(application_name);
+    match application_name {
+        AppName::Forced(name) => {
+            config.application_name(name);
+        }
+        AppName::Default(name) if config.get_application_name().is_none() => {
+            config.application_name(name);
+        }
+        AppName::Default(_) => {}
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(30));

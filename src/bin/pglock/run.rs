@@ -4,7 +4,7 @@ use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
 
 use crate::child::{self, ChildOptions, Running, Signals};
-use crate::connect::{connect, Connection};
+use crate::connect::{connect, AppName, Connection};
 use crate::format::{human_duration, key_arg, signal_name};
 use crate::wait::{acquire, Acquired, Patience, Progress};
 use crate::{exit, Global, Output, Resolved, RunArgs};
@@ -15,11 +15,11 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
         Err(code) => return code,
     };
     let target = args.target.resolve();
-    let app = args
-        .child
-        .application_name
-        .clone()
-        .unwrap_or_else(|| pglock::introspect::application_name("run", &target.label));
+    let default_app = pglock::introspect::application_name("run", &target.label);
+    let app = match &args.child.application_name {
+        Some(name) => AppName::Forced(name),
+        None => AppName::Default(&default_app),
+    };
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(error) => {
@@ -27,14 +27,11 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
             return exit::SOFTWARE;
         }
     };
-    let connection = match connect(&url, &app).await {
+    let connection = match connect(&url, app).await {
         Ok(connection) => connection,
         Err(error) => return report_error(out, &error),
     };
-    out.verbose(format_args!(
-        "connected to {} as {app}",
-        pglock::redact_url(&url)
-    ));
+    out.verbose(format_args!("connected to {}", pglock::redact_url(&url)));
     let mode = if args.shared {
         LockMode::Shared
     } else {

@@ -6,7 +6,7 @@ use pglock::introspect::{Introspect, LockInfo};
 use pglock::{LockMode, LockScope};
 use serde_json::{json, Value};
 
-use crate::connect::connect;
+use crate::connect::{connect, AppName};
 use crate::format::{ago, key_arg, rfc3339};
 use crate::run::report_error;
 use crate::{exit, Global, Output, StatusArgs};
@@ -16,7 +16,7 @@ pub async fn status(global: &Global, args: StatusArgs, out: &Output) -> i32 {
         Ok(url) => url,
         Err(code) => return code,
     };
-    let connection = match connect(&url, "pglock status").await {
+    let connection = match connect(&url, AppName::Default("pglock status")).await {
         Ok(connection) => connection,
         Err(error) => return report_error(out, &error),
     };

@@ -7,7 +7,7 @@ use pglock::introspect::{Introspect, LockInfo};
 use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
 
-use crate::connect::{connect, Connection};
+use crate::connect::{connect, AppName, Connection};
 use crate::format::{ago, human_duration, rfc3339};
 use crate::Output;
 
@@ -167,7 +167,12 @@ impl<'a> Monitor<'a> {
             return None;
         }
         if self.connection.is_none() {
-            match connect(self.progress.url, self.progress.monitor_app).await {
+            match connect(
+                self.progress.url,
+                AppName::Default(self.progress.monitor_app),
+            )
+            .await
+            {
                 Ok(connection) => self.connection = Some(connection),
                 Err(error) => {
                     self.progress
