@@ -253,7 +253,7 @@ impl std::fmt::Display for Summary {
         if let Some(accounts) = self.accounts {
             write!(f, "; accounts: {accounts} rows")?;
         }
-        if self.exactly_once {
+        if self.all_ok && self.exactly_once {
             write!(f, "; every migration applied exactly once")?;
         }
         Ok(())
@@ -368,9 +368,14 @@ async fn round(cli: &Cli, admin: &Client, schema: &str, lock: bool, migrations: 
             Outcome::Failed(_) => 0,
         })
         .sum();
+    let pending = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .filter(|m| cli.from_version.is_none_or(|from| m.version() > from))
+        .count();
     let exactly_once = history_rows == migrations as i64
         && distinct_versions == migrations as i64
-        && applied_total == migrations
+        && applied_total == pending
         && accounts == Some(1000);
     if !cli.keep {
         let _ = admin
