@@ -290,7 +290,7 @@ async fn names_registered_or_from_the_application_name() {
 
     // A registered name works for any key, without filtering.
     let other = format!("registered-{name}");
-    let other_guard = AdvisoryLock::new(&db.pool(1), other.as_str())
+    let other_guard = AdvisoryLock::new(db.pool(1), other.as_str())
         .lock()
         .await
         .unwrap();

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use crate::child::{self, ChildOptions, Running, Signals};
 use crate::connect::{connect, AppName, Connection};
 use crate::format::{human_duration, key_arg, signal_name};
-use crate::wait::{acquire, Acquired, Patience, Progress};
+use crate::wait::{acquire, Patience, Progress};
 use crate::{exit, Global, Output, Resolved, RunArgs};
 
 pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
@@ -54,8 +54,8 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
     };
     let guard = tokio::select! {
         acquired = acquire(&lock, mode, patience, &progress) => match acquired {
-            Ok(Acquired::Granted(guard)) => guard,
-            Ok(Acquired::NotGranted) => return i32::from(args.conflict_exit_code),
+            Ok(Some(guard)) => guard,
+            Ok(None) => return i32::from(args.conflict_exit_code),
             Err(error) => return report_error(out, &error),
         },
         signal = signals.recv() => {

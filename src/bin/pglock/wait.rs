@@ -22,13 +22,6 @@ pub enum Patience {
     Forever,
 }
 
-/// What came of the attempt.
-pub enum Acquired {
-    Granted(AdvisoryLockGuard),
-    /// Busy and `-n`, or still busy at the deadline.
-    NotGranted,
-}
-
 /// What the progress reports need to know.
 pub struct Progress<'a> {
     pub out: &'a Output,
@@ -39,6 +32,7 @@ pub struct Progress<'a> {
 }
 
 /// Takes `lock` in `mode` within `patience`, reporting the holders on stderr while it waits.
+/// `Ok(None)` when it stayed busy (`-n`, or the deadline passed).
 ///
 /// # Cancel safety
 ///
@@ -49,19 +43,19 @@ pub async fn acquire(
     mode: LockMode,
     patience: Patience,
     progress: &Progress<'_>,
-) -> Result<Acquired, Error> {
+) -> Result<Option<AdvisoryLockGuard>, Error> {
     let first = match mode {
         LockMode::Exclusive => lock.try_lock().await?,
         LockMode::Shared => lock.try_lock_shared().await?,
     };
     if let Some(guard) = first {
-        return Ok(Acquired::Granted(guard));
+        return Ok(Some(guard));
     }
     let started = Instant::now();
     let mut monitor = Monitor::new(progress);
     monitor.report(lock, started, patience).await;
     if let Patience::NoWait = patience {
-        return Ok(Acquired::NotGranted);
+        return Ok(None);
     }
     let wait = async {
         match (mode, patience) {
@@ -84,7 +78,7 @@ pub async fn acquire(
                             progress.label,
                             human_duration(started.elapsed())
                         ));
-                        Acquired::Granted(guard)
+                        Some(guard)
                     }
                     None => {
                         progress.out.info(format_args!(
@@ -92,7 +86,7 @@ pub async fn acquire(
                             progress.label,
                             human_duration(started.elapsed())
                         ));
-                        Acquired::NotGranted
+                        None
                     }
                 });
             }
