@@ -220,7 +220,10 @@ async fn lists_holders_and_waiters_exactly() {
     let xact_row = listed.iter().find(|l| l.key == in_transaction).unwrap();
     assert_eq!(xact_row.state.as_deref(), Some("idle in transaction"));
     assert!(xact_row.transaction_start.is_some());
-    assert_eq!(listed[0].label(), name);
+    let named_row = listed.iter().find(|l| l.key == named).unwrap();
+    assert_eq!(named_row.label(), name);
+    let raw_row = listed.iter().find(|l| l.key == raw).unwrap();
+    assert_eq!(raw_row.label(), raw.to_string());
 
     // Unfiltered, the same rows are among all the database's advisory locks.
     let everything = Introspect::new().fetch(db.admin()).await.unwrap();
@@ -244,12 +247,21 @@ async fn lists_holders_and_waiters_exactly() {
     })
     .await
     .expect("the waiters get the lock once the holder lets go");
-    assert!(Introspect::new()
+    // Guards release in the background: the listing empties within moments.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !Introspect::new()
         .key(name.as_str())
         .fetch(db.admin())
         .await
         .unwrap()
-        .is_empty());
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     db.assert_no_locks().await;
 }
 

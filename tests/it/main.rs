@@ -19,3 +19,6 @@ mod timeouts;
 #[cfg(feature = "cli")]
 mod cli;
 mod introspect;
+mod modes;
+mod release;
+mod support_selftest;
