@@ -537,3 +537,66 @@ async fn status_shows_holders_and_waiters() {
     assert_key_free(&db, key).await;
     db.assert_no_locks().await;
 }
+
+/// Whether `pid` runs (a zombie, dead but not yet reaped, does not count).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn process_groups_and_parent_death() {
+    let db = TestDb::new("cli_process_groups").await;
+    let name = unique("cli-groups");
+    let key = AdvisoryKey::from_name(&name);
+    let own_group = std::process::Command::new("ps")
+        .args(["-o", "pgid=", "-p", &std::process::id().to_string()])
+        .output()
+        .unwrap();
+    let test_group = String::from_utf8_lossy(&own_group.stdout).trim().to_owned();
+
+    // By default the command leads a process group of its own; with --foreground it stays in
+    // pglock's (here: the test's) group.
+    let script = "echo $$ $(ps -o pgid= -p $$)";
+    let default = run(&["run", &name, "--", "sh", "-c", script]).await;
+    let fields: Vec<&str> = default.stdout.split_whitespace().collect();
+    assert_eq!(fields.len(), 2, "{default:?}");
+    assert_eq!(fields[0], fields[1], "the command leads its own group");
+    let foreground = run(&["run", "--foreground", &name, "--", "sh", "-c", script]).await;
+    let fields: Vec<&str> = foreground.stdout.split_whitespace().collect();
+    assert_eq!(
+        fields.get(1).copied(),
+        Some(test_group.as_str()),
+        "{foreground:?}"
+    );
+
+    // If pglock is killed outright, the command does not go on without the lock.
+    let scratch = Scratch::new();
+    let pid_file = scratch.path("pid");
+    let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
+    let mut child = pglock(&["run", &name, "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_for_file(&pid_file).await;
+    wait_for_holder(&db, key).await;
+    let command_pid: i32 = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file).unwrap().trim().parse() {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(process_alive(command_pid));
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(command_pid) {
+        assert!(Instant::now() < deadline, "the command outlived pglock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
