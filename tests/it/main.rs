@@ -16,9 +16,8 @@ mod release;
 mod send_sync;
 mod support_selftest;
 mod timeouts;
+
+// The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]
 mod cli;
 mod introspect;
-mod modes;
-mod release;
-mod support_selftest;
