@@ -27,9 +27,12 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
             return exit::SOFTWARE;
         }
     };
-    let connection = match connect(&url, app).await {
-        Ok(connection) => connection,
-        Err(error) => return report_error(out, &error),
+    let connection = tokio::select! {
+        connected = connect(&url, app) => match connected {
+            Ok(connection) => connection,
+            Err(error) => return report_error(out, &error),
+        },
+        signal = signals.recv() => return exit::SIGNAL_BASE + signal,
     };
     out.verbose(format_args!("connected to {}", pglock::redact_url(&url)));
     let mode = if args.shared {
