@@ -24,8 +24,8 @@
 //! - **Name**: PostgreSQL only stores the 64-bit key. A [`LockInfo::name`] is given when a name
 //!   hashes to the key ([`AdvisoryKey::from_name`]): a name you registered with
 //!   [`Introspect::name`], or the name that the `pglock` command puts in its
-//!   `application_name` (`pglock run NAME`, `pglock leader NAME`), which then names every row
-//!   of that key, waiters included.
+//!   `application_name` (`pglock run NAME`; `pglock leader NAME`, whose lock is the key of
+//!   `leader:NAME`), which then names every row of that key, waiters included.
 //! - **Scope** (session or transaction) is not recorded in `pg_locks`. A lock held by a
 //!   session that has no transaction open is a session lock: that is certain. Otherwise
 //!   pglock infers the scope from the statement the session runs or ran last, when that
@@ -34,8 +34,10 @@
 //!   else is reported as `None` rather than guessed.
 //! - **Since when a lock is held** is not recorded either. [`LockInfo::held_since`] is the
 //!   moment the session's last statement ended, when that statement took an advisory lock,
-//!   the session has been idle since, and it holds only this advisory lock: which is how
-//!   pglock's own holders look. For waiters, [`LockInfo::wait_start`] is exact (PostgreSQL 14
+//!   the session has been idle since, and it holds only this advisory lock: which is how a
+//!   pglock guard looks until its loss detection starts probing (every probe is a statement
+//!   too, so a watched lock's grant time cannot be told; [`LockInfo::backend_start`] then
+//!   bounds it from below). For waiters, [`LockInfo::wait_start`] is exact (PostgreSQL 14
 //!   and later).
 //! - `pg_locks` and `pg_stat_activity` are read in one statement but are not one atomic
 //!   snapshot: a session that ends between the two reads shows without its activity columns.
@@ -328,10 +330,17 @@ pub fn application_name(command: &str, name: &str) -> String {
 }
 
 /// The lock name in a `pglock <command> <name>` application name, if it hashes to `key`.
+///
+/// `pglock leader NAME` holds the key of `leader:NAME` (see
+/// [`LeaderElection::new`](crate::LeaderElection::new)), which is the name reported.
 fn name_from_application_name(app: &str, key: AdvisoryKey) -> Option<String> {
     let rest = app.strip_prefix(APPLICATION_NAME_PREFIX)?;
-    let (_command, name) = rest.split_once(' ')?;
-    (AdvisoryKey::from_name(name) == key).then(|| name.to_owned())
+    let (command, name) = rest.split_once(' ')?;
+    if AdvisoryKey::from_name(name) == key {
+        return Some(name.to_owned());
+    }
+    let leader = format!("leader:{name}");
+    (command == "leader" && AdvisoryKey::from_name(&leader) == key).then_some(leader)
 }
 
 /// The scope of the advisory lock functions `statement` calls, if they are all of one scope.
@@ -401,6 +410,11 @@ mod tests {
         assert_eq!(
             name_from_application_name("pglock leader migrations", key).as_deref(),
             Some("migrations")
+        );
+        assert_eq!(
+            name_from_application_name("pglock leader beat", AdvisoryKey::from_name("leader:beat"))
+                .as_deref(),
+            Some("leader:beat")
         );
         assert_eq!(name_from_application_name("pglock run other", key), None);
         assert_eq!(name_from_application_name("psql", key), None);

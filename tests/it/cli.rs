@@ -463,7 +463,9 @@ async fn status_shows_holders_and_waiters() {
     assert_eq!(held["pid"], holder_backend);
     assert_eq!(held["application_name"], format!("pglock run {name}"));
     assert_eq!(held["client_addr"], "127.0.0.1");
-    assert!(held["held_since"].is_string(), "{held}");
+    // pglock's loss detection probes the holder's session, so when it got the lock cannot be
+    // told (held_since is null once the first probe ran); when it connected can.
+    assert!(held["backend_start"].is_string(), "{held}");
     assert_eq!(held["blocked_by"], serde_json::json!([]));
     assert_eq!(waiting["name"], name.as_str());
     assert_eq!(waiting["state"], "waiting");
@@ -598,5 +600,185 @@ async fn process_groups_and_parent_death() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
+
+/// The key `pglock leader NAME` holds.
+fn leader_key(name: &str) -> AdvisoryKey {
+    AdvisoryKey::from_name(&format!("leader:{name}"))
+}
+
+/// Reads `path` as lines of `TERM ID`.
+fn terms(path: &Path) -> Vec<(i64, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (term, id) = line.split_once(' ')?;
+            Some((term.parse().ok()?, id.to_owned()))
+        })
+        .collect()
+}
+
+async fn wait_for_terms(path: &Path, n: usize) -> Vec<(i64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = terms(path);
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} terms expected, saw {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn leader_fails_over_between_processes() {
+    let db = TestDb::new("cli_leader_failover").await;
+    let scratch = Scratch::new();
+    let name = unique("cli-leader");
+    let key = leader_key(&name);
+    let log = scratch.path("terms");
+    let stops = scratch.path("stops");
+    let mut contenders: Vec<(String, Child)> = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            // The command logs its term when it starts and when it is stopped.
+            let script = format!(
+                "trap 'echo \"$PGLOCK_TERM {id}\" >> {stops}; exit 0' TERM; \
+                 echo \"$PGLOCK_TERM {id}\" >> {log}; while :; do sleep 0.05; done",
+                log = log.display(),
+                stops = stops.display()
+            );
+            let child = pglock(&["leader", &name, "--", "sh", "-c", &script])
+                .spawn()
+                .unwrap();
+            (id.to_string(), child)
+        })
+        .collect();
+
+    // One leads.
+    let first = wait_for_terms(&log, 1).await;
+    let (first_term, first_id) = first[0].clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(terms(&log).len(), 1, "exactly one leader at a time");
+
+    // Its backend is terminated: another instance leads, in a later term, and the old leader
+    // stops its command once it detects the loss (within the detection bound), then campaigns
+    // again.
+    db.terminate(wait_for_holder(&db, key).await).await;
+    let second = wait_for_terms(&log, 2).await;
+    let (second_term, second_id) = second[1].clone();
+    assert!(second_term > first_term, "{second:?}");
+    assert_ne!(second_id, first_id);
+    assert_eq!(
+        wait_for_terms(&stops, 1).await[0],
+        (first_term, first_id.clone())
+    );
+
+    // The current leader stops gracefully (SIGTERM): its command gets the signal, pglock exits
+    // with the command's status, and a standby takes over at once.
+    let position = contenders
+        .iter()
+        .position(|(id, _)| *id == second_id)
+        .unwrap();
+    let (_, leader) = contenders.remove(position);
+    kill(leader.id().unwrap(), "TERM");
+    let finished = finish(leader).await;
+    assert_eq!(finished.code(), 0, "{finished:?}");
+    assert_eq!(wait_for_terms(&stops, 2).await[1], (second_term, second_id));
+    let third = wait_for_terms(&log, 3).await;
+    assert!(third[2].0 > second_term, "{third:?}");
+
+    // Both remaining instances end on SIGTERM; the one that was deposed said so.
+    for (id, child) in contenders {
+        kill(child.id().unwrap(), "TERM");
+        let finished = finish(child).await;
+        assert_eq!(finished.code() == 0, id == third[2].1, "{id}: {finished:?}");
+        if id == first_id {
+            assert!(
+                finished.stderr.contains("lost the leadership"),
+                "{finished:?}"
+            );
+        }
+    }
+    let all = terms(&log);
+    for pair in all.windows(2) {
+        assert!(pair[1].0 > pair[0].0, "terms strictly increase: {all:?}");
+    }
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn leader_restart_policies() {
+    let db = TestDb::new("cli_leader_restart").await;
+    let scratch = Scratch::new();
+    let name = unique("cli-restart");
+    let log = scratch.path("terms");
+    let counter = scratch.path("count");
+    // Fails twice, then succeeds.
+    let script = format!(
+        "echo \"$PGLOCK_TERM x\" >> {log}; n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); \
+         echo $n > {counter}; [ $n -ge 3 ] && exit 0 || exit 3",
+        log = log.display(),
+        counter = counter.display()
+    );
+    let on_failure = run(&[
+        "leader",
+        "--restart-delay",
+        "50ms",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .await;
+    assert_eq!(on_failure.code(), 0, "{on_failure:?}");
+    let runs = terms(&log);
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs.windows(2).all(|p| p[1].0 > p[0].0), "{runs:?}");
+
+    let never = run(&[
+        "leader",
+        "--restart",
+        "never",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ])
+    .await;
+    assert_eq!(never.code(), 3, "{never:?}");
+
+    // With --restart never, a lost leadership ends pglock with 76.
+    let ready = scratch.path("ready");
+    let script = format!("touch {}; exec sleep 30", ready.display());
+    let child = pglock(&[
+        "leader",
+        "--restart",
+        "never",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .spawn()
+    .unwrap();
+    wait_for_file(&ready).await;
+    db.terminate(wait_for_holder(&db, leader_key(&name)).await)
+        .await;
+    let lost = finish(child).await;
+    assert_eq!(lost.code(), LOCK_LOST, "{lost:?}");
+
+    let table = run(&["status", "--name", &format!("leader:{name}")]).await;
+    assert_eq!(table.stdout.trim(), "No advisory locks held or awaited.");
+    assert_key_free(&db, leader_key(&name)).await;
     db.assert_no_locks().await;
 }

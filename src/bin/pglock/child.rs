@@ -138,6 +138,16 @@ impl Running {
         self.pid
     }
 
+    /// The signal [`stop`](Self::stop) sends first.
+    pub fn stop_signal(&self) -> i32 {
+        self.options.stop_signal
+    }
+
+    /// How long [`stop`](Self::stop) waits before SIGKILL.
+    pub fn kill_after(&self) -> Duration {
+        self.options.kill_after
+    }
+
     /// Waits for the child to exit.
     ///
     /// # Cancel safety

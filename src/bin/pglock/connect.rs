@@ -5,7 +5,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pglock::{redact_url, Error, Session};
+use deadpool_postgres::{
+    ClientWrapper, Hook, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
+};
+use pglock::{redact_url, Error, HealthCheck, Session};
 use tokio::sync::watch;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Config, NoTls};
@@ -44,17 +47,15 @@ pub enum AppName<'a> {
     Forced(&'a str),
 }
 
-/// Connects to `url`, naming the session as `application_name` says.
-///
-/// TCP keepalives are tightened (15 s idle, then 5 s apart, 3 probes) unless the URL sets
-/// them, so that a silent network failure ends the connection in about 30 s.
-///
-/// # Errors
-///
-/// [`Error::Config`] for a malformed URL or a TLS mode this build cannot do,
-/// [`Error::Connect`] when the server cannot be reached or refuses the login. No message
-/// contains the password.
-pub async fn connect(url: &str, application_name: AppName<'_>) -> Result<Connection, Error> {
+/// Has the server notice within a second that pglock is gone (killed, network down) even while
+/// its session waits for a lock, instead of when the lock is granted (PostgreSQL 14+, Linux
+/// servers; a no-op elsewhere). Best effort: a failure leaves a usable session.
+const SESSION_SETUP: &str = "SELECT set_config('client_connection_check_interval', '1s', false) \
+     WHERE current_setting('server_version_num')::int >= 140000";
+
+/// The connection settings for `url`: the application name, a connect timeout, pglock's TCP
+/// keepalives and user timeout (unless the URL sets keepalives).
+fn config(url: &str, application_name: AppName<'_>) -> Result<Config, Error> {
     let mut config = Config::from_str(url).map_err(|error| {
         Error::Config(format!(
             "cannot parse the connection string {}: {error}",
@@ -74,44 +75,78 @@ pub async fn connect(url: &str, application_name: AppName<'_>) -> Result<Connect
         config.connect_timeout(Duration::from_secs(30));
     }
     if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
-        config.keepalives_idle(Duration::from_secs(15));
-        config.keepalives_interval(Duration::from_secs(5));
-        config.keepalives_retries(3);
+        // As pglock's own sessions: a dead network path ends the connection within
+        // HealthCheck::keepalive_timeout, not after the operating system's two hours.
+        HealthCheck::default().configure_keepalives(&mut config);
     }
+    if config.get_ssl_mode() == SslMode::Require {
+        // A TLS connector plugs in here and in `connect` (feature `tls`, `deploy` branch).
+        return Err(Error::Config(format!(
+            "{} asks for TLS (sslmode=require), but this pglock was built without TLS \
+             support: install a build with TLS, or use sslmode=prefer/disable on a trusted \
+             network",
+            redact_url(url)
+        )));
+    }
+    Ok(config)
+}
+
+/// A small pool for `url` (for `pglock leader`, whose election replaces a lost connection with
+/// a fresh one), with the same settings as [`connect`]. It connects lazily.
+///
+/// # Errors
+///
+/// [`Error::Config`] as for [`connect`].
+pub fn pool(url: &str, application_name: AppName<'_>) -> Result<Pool, Error> {
+    let config = config(url, application_name)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(2)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .runtime(Runtime::Tokio1)
+        .post_create(Hook::async_fn(|client: &mut ClientWrapper, _| {
+            Box::pin(async move {
+                let _ = client.batch_execute(SESSION_SETUP).await;
+                Ok(())
+            })
+        }))
+        .build()
+        .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))
+}
+
+/// Connects to `url`, naming the session as `application_name` says.
+///
+/// TCP keepalives and the TCP user timeout are pglock's defaults
+/// ([`HealthCheck::configure_keepalives`]) unless the URL sets keepalives, so that a silent
+/// network failure ends the connection in seconds rather than hours.
+///
+/// # Errors
+///
+/// [`Error::Config`] for a malformed URL or a TLS mode this build cannot do,
+/// [`Error::Connect`] when the server cannot be reached or refuses the login. No message
+/// contains the password.
+pub async fn connect(url: &str, application_name: AppName<'_>) -> Result<Connection, Error> {
+    let config = config(url, application_name)?;
     let connect_error = |source| Error::Connect {
         target: redact_url(url),
         source,
     };
     let (closed_tx, closed) = watch::channel(false);
-    let session = match config.get_ssl_mode() {
-        SslMode::Disable | SslMode::Prefer => {
-            // Prefer falls back to plain TCP with NoTls, as libpq does without TLS support.
-            let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-                let _ = closed_tx.send(true);
-            });
-            Session::from_client(client).with_cancel_tls(NoTls)
-        }
-        // A TLS connector plugs in here (feature `tls`, on the `deploy` branch).
-        _ => {
-            return Err(Error::Config(format!(
-                "{} asks for TLS (sslmode=require), but this pglock was built without TLS \
-                 support: install a build with TLS, or use sslmode=prefer/disable on a trusted \
-                 network",
-                redact_url(url)
-            )))
-        }
-    };
-    // Have the server notice within a second that pglock is gone (killed, network down) even
-    // while its session waits for a lock, instead of when the lock is granted (PostgreSQL 14+,
-    // Linux servers; a no-op elsewhere).
-    let _ = session
-        .batch_execute(
-            "SELECT set_config('client_connection_check_interval', '1s', false) \
-             WHERE current_setting('server_version_num')::int >= 140000",
-        )
-        .await;
+    // sslmode=prefer falls back to plain TCP with NoTls, as libpq does without TLS support;
+    // `config` refused sslmode=require.
+    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = closed_tx.send(true);
+    });
+    let session = Session::from_client(client).with_cancel_tls(NoTls);
+    let _ = session.batch_execute(SESSION_SETUP).await;
     Ok(Connection {
         session: Arc::new(session),
         closed,

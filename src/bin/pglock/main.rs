@@ -5,6 +5,7 @@ mod child;
 mod connect;
 mod exit;
 mod format;
+mod leader;
 mod run;
 mod status;
 mod wait;
@@ -24,6 +25,9 @@ Examples:
   # Skip the job if another instance is running it (exit 75), or give up after 30 s.
   pglock run -n nightly-report -- ./report.sh
   pglock run --timeout 30s nightly-report -- ./report.sh
+
+  # Run celery beat on exactly one instance; another takes over if it goes away.
+  pglock leader beat -- celery --app shop beat
 
   # Who holds which lock, and who waits?
   pglock status
@@ -93,6 +97,10 @@ enum Command {
     /// Take the lock, run COMMAND, release the lock when it exits; exit with its status
     #[command(after_long_help = exit::HELP)]
     Run(RunArgs),
+    /// Run COMMAND only while this instance is the leader; stop it when leadership is lost,
+    /// campaign again; the fencing term is in PGLOCK_TERM
+    #[command(after_long_help = exit::HELP)]
+    Leader(LeaderArgs),
     /// Show the advisory locks on the database: holders, waiters, who waits for whom
     Status(StatusArgs),
 }
@@ -207,6 +215,56 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
+/// When `pglock leader` runs the command again after it exited on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Restart {
+    /// Never: pglock exits with the command's status (and with 76 if leadership is lost)
+    Never,
+    /// After a non-zero status or a death by signal; a status of 0 ends pglock with 0
+    OnFailure,
+    /// After any exit
+    Always,
+}
+
+#[derive(Args, Debug)]
+pub struct LeaderArgs {
+    /// The leadership's name; the instances that use the same name elect one leader (the lock
+    /// key is derived from "leader:NAME")
+    #[arg(value_name = "NAME")]
+    name: String,
+
+    /// When to run the command again after it exits on its own (pglock steps down, waits
+    /// --restart-delay, and campaigns again: another instance may take over)
+    #[arg(long, value_enum, default_value_t = Restart::OnFailure, value_name = "POLICY")]
+    restart: Restart,
+
+    /// Pause before campaigning again after the command exited
+    #[arg(long, default_value = "1s", value_parser = format::parse_duration, value_name = "DURATION")]
+    restart_delay: Duration,
+
+    /// The table that keeps the fencing terms, as TABLE or SCHEMA.TABLE [default:
+    /// pglock_leader_terms, created on first use]
+    #[arg(long, value_parser = parse_term_table, value_name = "TABLE")]
+    term_table: Option<pglock::TermTable>,
+
+    #[command(flatten)]
+    child: ChildArgs,
+
+    /// The command to run, after `--`. It gets PGLOCK_NAME, PGLOCK_TERM (the fencing term, a
+    /// number that grows with every new leader) and PGLOCK_KEY in its environment
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn parse_term_table(text: &str) -> Result<pglock::TermTable, String> {
+    let table = match text.split_once('.') {
+        Some((schema, table)) => pglock::TermTable::new(table).in_schema(schema),
+        None => pglock::TermTable::new(text),
+    };
+    table.qualified_name().map_err(|error| error.to_string())?;
+    Ok(table)
+}
+
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Print JSON (for scripts) instead of a table
@@ -286,6 +344,7 @@ fn main() {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&cli.global, args, &out).await,
+            Command::Leader(args) => leader::leader(&cli.global, args, &out).await,
             Command::Status(args) => status::status(&cli.global, args, &out).await,
         }
     });

@@ -1,10 +1,12 @@
 //! `pglock run NAME -- COMMAND`: take the lock, run the command, release, exit with its status.
 
+use std::future::Future;
+
 use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
 
 use crate::child::{self, ChildOptions, Running, Signals};
-use crate::connect::{connect, AppName, Connection};
+use crate::connect::{connect, AppName};
 use crate::format::{human_duration, key_arg, signal_name};
 use crate::wait::{acquire, Patience, Progress};
 use crate::{exit, Global, Output, Resolved, RunArgs};
@@ -88,9 +90,21 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
     };
     let started = Instant::now();
     out.verbose(format_args!("started pid {}", running.pid()));
-    let outcome = supervise(&mut running, &connection, &mut signals, out).await;
+    // pglock's loss detection probes the lock (a dead network path is noticed within its
+    // detection bound); the connection task's end reports a closed connection at once.
+    let mut loss = AdvisoryLockGuard::loss_signal(&guard);
+    let lost = async {
+        tokio::select! {
+            reason = loss.lost() => reason.to_string(),
+            () = connection.closed() => {
+                "the database session holding it ended (the server closed the connection)"
+                    .to_owned()
+            }
+        }
+    };
+    let outcome = supervise(&mut running, lost, &mut signals, out).await;
     match outcome {
-        Outcome::Exited(code) => {
+        Outcome::Exited { code, .. } => {
             out.verbose(format_args!(
                 "command exited with {code} after {}",
                 human_duration(started.elapsed())
@@ -106,11 +120,10 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
                 }
             }
         }
-        Outcome::Lost(status) => {
+        Outcome::Lost { reason, stopped } => {
             out.error(format_args!(
-                "lost lock {} while the command ran (the database session ended): stopped \
-                 the command ({})",
-                target.label, status
+                "lost lock {} while the command ran: {reason}; stopped the command ({stopped})",
+                target.label
             ));
             drop(guard);
             exit::LOCK_LOST
@@ -125,31 +138,35 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
 
 /// How the supervised command ended.
 pub enum Outcome {
-    /// On its own (or after a forwarded signal), with this exit code.
-    Exited(i32),
-    /// The lock was lost and pglock stopped it; how it ended.
-    Lost(String),
+    /// On its own, or after a forwarded signal, with this exit code. `stopping` when pglock
+    /// was asked to stop (SIGINT, SIGTERM or SIGQUIT forwarded) meanwhile.
+    Exited { code: i32, stopping: bool },
+    /// The lock was lost (for `reason`) and pglock stopped the command (as `stopped` says).
+    Lost { reason: String, stopped: String },
     /// Waiting for it failed.
     WaitFailed(std::io::Error),
 }
 
-/// Runs until the command exits, forwarding signals, and stops it if the connection holding
-/// the lock ends.
+/// Runs until the command exits, forwarding signals, and stops it when `lost` resolves (with
+/// the reason the lock was lost).
 pub async fn supervise(
     running: &mut Running,
-    connection: &Connection,
+    lost: impl Future<Output = String>,
     signals: &mut Signals,
     out: &Output,
 ) -> Outcome {
+    let mut lost = std::pin::pin!(lost);
+    let mut stopping = false;
     loop {
         tokio::select! {
             status = running.wait() => {
                 return match status {
-                    Ok(status) => Outcome::Exited(child::exit_code(status)),
+                    Ok(status) => Outcome::Exited { code: child::exit_code(status), stopping },
                     Err(error) => Outcome::WaitFailed(error),
                 };
             }
             signal = signals.recv() => {
+                stopping |= matches!(signal, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT);
                 if running.forward(signal) {
                     out.verbose(format_args!(
                         "forwarded {} to the command",
@@ -157,11 +174,17 @@ pub async fn supervise(
                     ));
                 }
             }
-            _ = connection.closed() => {
-                return Outcome::Lost(match running.stop().await {
+            reason = &mut lost => {
+                out.error(format_args!(
+                    "the lock is lost: stopping the command ({} now, SIGKILL after {})",
+                    signal_name(running.stop_signal()),
+                    human_duration(running.kill_after())
+                ));
+                let stopped = match running.stop().await {
                     Ok(status) => describe_status(status),
                     Err(error) => format!("could not wait for it: {error}"),
-                });
+                };
+                return Outcome::Lost { reason, stopped };
             }
         }
     }

@@ -139,7 +139,12 @@ pub fn table(locks: &[LockInfo], now: SystemTime) -> String {
                     _ => "-".to_owned(),
                 },
                 since.map_or("-".to_owned(), |t| rfc3339(t, false)),
-                since.map_or("-".to_owned(), |t| ago(t, now)),
+                match (since, lock.granted, lock.backend_start) {
+                    (Some(t), _, _) => ago(t, now),
+                    // Held for no longer than the holder has been connected.
+                    (None, true, Some(connected)) => format!("<={}", ago(connected, now)),
+                    _ => "-".to_owned(),
+                },
                 if lock.blocked_by.is_empty() {
                     "-".to_owned()
                 } else {

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use pglock::introspect::{Introspect, LockInfo};
-use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
+use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
 
 use crate::connect::{connect, AppName, Connection};
@@ -98,14 +98,14 @@ pub async fn acquire(
 }
 
 /// A second connection that looks at who holds the lock, opened on the first report.
-struct Monitor<'a> {
+pub struct Monitor<'a> {
     progress: &'a Progress<'a>,
     connection: Option<Connection>,
     failed: bool,
 }
 
 impl<'a> Monitor<'a> {
-    fn new(progress: &'a Progress<'a>) -> Self {
+    pub fn new(progress: &'a Progress<'a>) -> Self {
         Monitor {
             progress,
             connection: None,
@@ -113,6 +113,7 @@ impl<'a> Monitor<'a> {
         }
     }
 
+    /// Reports who holds the lock `pglock run` waits for.
     async fn report(&mut self, lock: &AdvisoryLock, started: Instant, patience: Patience) {
         let out = self.progress.out;
         if out.quiet {
@@ -129,16 +130,38 @@ impl<'a> Monitor<'a> {
             Patience::Forever if started.elapsed() < Duration::from_secs(1) => "waiting".to_owned(),
             Patience::Forever => format!("waited {waited} so far"),
         };
-        let locks = self.fetch(lock).await;
-        let Some(locks) = locks else {
-            out.info(format_args!("lock {label} is busy; {plan}"));
+        match self.holders(lock.key()).await {
+            Some(held_by) => out.info(format_args!("lock {label} is busy: {held_by}; {plan}")),
+            None => out.info(format_args!("lock {label} is busy; {plan}")),
+        }
+    }
+
+    /// Reports who leads while `pglock leader` campaigns for the leadership lock `key`.
+    pub async fn report_leader(&mut self, key: AdvisoryKey, started: Instant) {
+        let out = self.progress.out;
+        if out.quiet {
             return;
-        };
+        }
+        let label = self.progress.label;
+        let waited = human_duration(started.elapsed());
+        match self.holders(key).await {
+            Some(held_by) => out.info(format_args!(
+                "standing by for {label}: led by {held_by}; waited {waited} so far"
+            )),
+            None => out.info(format_args!(
+                "standing by for {label}; waited {waited} so far"
+            )),
+        }
+    }
+
+    /// `pid 4242 (...) since ...; 2 waiting`, or `None` when the holders cannot be looked up.
+    async fn holders(&mut self, key: AdvisoryKey) -> Option<String> {
+        let locks = self.fetch(key).await?;
         let now = SystemTime::now();
         let holders: Vec<&LockInfo> = locks.iter().filter(|l| l.granted).collect();
         let waiters = locks.iter().filter(|l| !l.granted).count();
         let held_by = if holders.is_empty() {
-            "held by a session that just let go".to_owned()
+            "a session that just let go".to_owned()
         } else {
             holders
                 .iter()
@@ -151,12 +174,10 @@ impl<'a> Monitor<'a> {
             1 => ", 1 waiting".to_owned(),
             n => format!(", {n} waiting"),
         };
-        out.info(format_args!(
-            "lock {label} is busy: {held_by}{queue}; {plan}"
-        ));
+        Some(format!("{held_by}{queue}"))
     }
 
-    async fn fetch(&mut self, lock: &AdvisoryLock) -> Option<Vec<LockInfo>> {
+    async fn fetch(&mut self, key: AdvisoryKey) -> Option<Vec<LockInfo>> {
         if self.failed {
             return None;
         }
@@ -178,11 +199,7 @@ impl<'a> Monitor<'a> {
             }
         }
         let client = &self.connection.as_ref()?.session;
-        match Introspect::new()
-            .key(lock.key())
-            .fetch(client.client())
-            .await
-        {
+        match Introspect::new().key(key).fetch(client.client()).await {
             Ok(locks) => Some(locks),
             Err(error) => {
                 self.progress
