@@ -782,3 +782,66 @@ async fn leader_restart_policies() {
     assert_key_free(&db, leader_key(&name)).await;
     db.assert_no_locks().await;
 }
+
+#[tokio::test]
+async fn stops_the_command_when_the_network_goes_silent() {
+    use crate::support::TcpProxy;
+
+    let db = TestDb::new("cli_blackhole").await;
+    let scratch = Scratch::new();
+    let name = unique("cli-blackhole");
+    let key = AdvisoryKey::from_name(&name);
+    let config: tokio_postgres::Config = database_url().parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let server = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = TcpProxy::start(server).await;
+    let user = config.get_user().unwrap_or("postgres");
+    let dbname = config.get_dbname().unwrap_or("test");
+    let url = format!("postgres://{user}@{}/{dbname}", proxy.addr());
+
+    let ready = scratch.path("ready");
+    let stopped = scratch.path("stopped");
+    let script = format!(
+        "trap 'touch {stopped}; exit 0' TERM; touch {ready}; while :; do sleep 0.05; done",
+        stopped = stopped.display(),
+        ready = ready.display()
+    );
+    let child = pglock(&["run", &name, "--", "sh", "-c", &script])
+        .env("DATABASE_URL", &url)
+        .spawn()
+        .unwrap();
+    wait_for_file(&ready).await;
+    let backend = wait_for_holder(&db, key).await;
+
+    // Packets stop; no socket closes. Only pglock's probes can tell.
+    let started = Instant::now();
+    proxy.blackhole();
+    let finished = finish(child).await;
+    assert_eq!(finished.code(), LOCK_LOST, "{finished:?}");
+    assert!(stopped.exists(), "the command got SIGTERM");
+    assert!(finished.stderr.contains("probe"), "{finished:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "noticed in {:?}",
+        started.elapsed()
+    );
+
+    // The server still sees the session behind the silent proxy; end it.
+    drop(proxy);
+    if db.holders(key).await.contains(&backend) {
+        let _ = db
+            .admin()
+            .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+            .await;
+    }
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
