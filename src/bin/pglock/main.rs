@@ -168,8 +168,8 @@ pub struct ChildArgs {
     #[arg(long)]
     foreground: bool,
 
-    /// application_name of pglock's session [default: "pglock run NAME"; a URL's own
-    /// application_name is kept]
+    /// application_name of pglock's sessions [default: "pglock run NAME" or "pglock leader
+    /// NAME"; a URL's own application_name is kept]
     #[arg(long, value_name = "NAME")]
     application_name: Option<String>,
 
