@@ -693,7 +693,9 @@ async fn leader_fails_over_between_processes() {
     let third = wait_for_terms(&log, 3).await;
     assert!(third[2].0 > second_term, "{third:?}");
 
-    // Both remaining instances end on SIGTERM; the one that was deposed said so.
+    // Both remaining instances end on SIGTERM, the standby first (so that it cannot take over
+    // from the leader); the one that was deposed said so.
+    contenders.sort_by_key(|(id, _)| *id == third[2].1);
     for (id, child) in contenders {
         kill(child.id().unwrap(), "TERM");
         let finished = finish(child).await;
