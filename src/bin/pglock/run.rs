@@ -74,9 +74,10 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
         }
     };
     out.verbose(format_args!(
-        "holding lock {} (key {}, {mode:?}) on backend pid {}",
+        "holding lock {} (key {}, {}) on backend pid {}",
         target.label,
         target.key,
+        mode_name(mode),
         AdvisoryLockGuard::backend_pid(&guard)
     ));
     let env = child_env(&target, mode);
@@ -203,14 +204,7 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 pub fn child_env(target: &Resolved, mode: LockMode) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("PGLOCK_KEY", key_arg(target.key)),
-        (
-            "PGLOCK_MODE",
-            match mode {
-                LockMode::Exclusive => "exclusive",
-                LockMode::Shared => "shared",
-            }
-            .to_owned(),
-        ),
+        ("PGLOCK_MODE", mode_name(mode).to_owned()),
     ];
     if let Some(name) = &target.name {
         env.push(("PGLOCK_NAME", name.clone()));
@@ -252,4 +246,12 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `exclusive` or `shared`.
+pub fn mode_name(mode: LockMode) -> &'static str {
+    match mode {
+        LockMode::Exclusive => "exclusive",
+        LockMode::Shared => "shared",
+    }
 }
