@@ -103,6 +103,8 @@ pub struct Session {
     monitor: OnceLock<Arc<Monitor>>,
     /// Set when the connection task pglock runs ends (with the reason), for [`Session::connect`].
     closed: Option<watch::Receiver<Option<String>>>,
+    /// Declared with [`behind_transaction_pooler`](Self::behind_transaction_pooler).
+    behind_pooler: bool,
 }
 
 impl Session {
@@ -185,7 +187,20 @@ impl Session {
             health: None,
             monitor: OnceLock::new(),
             closed: None,
+            behind_pooler: false,
         }
+    }
+
+    /// Declares that this session's connection goes through a transaction-pooling proxy
+    /// (PgBouncer with `pool_mode = transaction`, and the like).
+    ///
+    /// pglock then sends its statements without preparing them, so they work on poolers that
+    /// do not carry prepared statements between transactions, and refuses session-scope locks
+    /// with [`Error::SessionLockBehindPooler`]: use
+    /// [`LockScope::Transaction`](crate::LockScope::Transaction). See `docs/pgbouncer.md`.
+    pub fn behind_transaction_pooler(mut self) -> Self {
+        self.behind_pooler = true;
+        self
     }
 
     /// Sets the health check of this session's loss monitor.
@@ -308,6 +323,7 @@ pub(crate) fn parse_config(url: &str) -> Result<Config> {
 pub struct ConnectionSource {
     kind: SourceKind,
     canceller: Canceller,
+    behind_pooler: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -329,6 +345,43 @@ impl ConnectionSource {
     {
         self.canceller = Canceller::new(tls);
         self
+    }
+
+    /// Declares that the pool's connections go through a transaction-pooling proxy (PgBouncer
+    /// with `pool_mode = transaction`, and the like).
+    ///
+    /// pglock then sends its statements without preparing them (one round trip each, as
+    /// before), so they work on poolers that do not carry prepared statements between
+    /// transactions, and refuses session-scope locks with [`Error::SessionLockBehindPooler`]
+    /// before sending anything: behind such a pooler only
+    /// [`LockScope::Transaction`](crate::LockScope::Transaction) locks hold. See
+    /// `docs/pgbouncer.md`.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: deadpool_postgres::Pool) -> pglock::Result<()> {
+    /// use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, LockScope};
+    ///
+    /// let source = ConnectionSource::from(pool).behind_transaction_pooler();
+    /// let guard = AdvisoryLock::new(source, "nightly-report")
+    ///     .scope(LockScope::Transaction)
+    ///     .lock()
+    ///     .await?;
+    /// // ... work in the guard's transaction ...
+    /// AdvisoryLockGuard::commit(guard).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn behind_transaction_pooler(mut self) -> Self {
+        self.behind_pooler = true;
+        self
+    }
+
+    /// Whether the connections go through a transaction pooler (declared on the source or on
+    /// its session).
+    pub(crate) fn behind_pooler(&self) -> bool {
+        match &self.kind {
+            SourceKind::Pool(_) => self.behind_pooler,
+            SourceKind::Session(session) => self.behind_pooler || session.behind_pooler,
+        }
     }
 
     pub(crate) async fn checkout(&self) -> Result<Conn> {
@@ -357,6 +410,7 @@ impl From<Pool> for ConnectionSource {
         ConnectionSource {
             kind: SourceKind::Pool(pool),
             canceller: Canceller::default(),
+            behind_pooler: false,
         }
     }
 }
@@ -372,6 +426,7 @@ impl From<Arc<Session>> for ConnectionSource {
         ConnectionSource {
             kind: SourceKind::Session(session),
             canceller: Canceller::default(),
+            behind_pooler: false,
         }
     }
 }

@@ -98,6 +98,37 @@ pub enum Error {
         key: AdvisoryKey,
     },
 
+    /// The connection's PostgreSQL backend changed between two statements of a lock's life: the
+    /// connection goes through a transaction-pooling proxy (PgBouncer with
+    /// `pool_mode = transaction`, and the like), which hands each transaction to whichever server
+    /// connection is free.
+    ///
+    /// pglock sees it when a statement for the lock answers from another backend than the one
+    /// that granted the lock (the release then releases nothing: the lock may stay held on the
+    /// proxy's server connection until that connection closes), or when a statement pglock
+    /// prepared on the connection is missing on the server (SQLSTATE 26000). See
+    /// `docs/pgbouncer.md`.
+    #[error("the PostgreSQL backend of this connection changed between statements for advisory lock {key}{}: the connection goes through a transaction-pooling proxy (such as PgBouncer with pool_mode=transaction), where session locks do not hold; use LockScope::Transaction with ConnectionSource::behind_transaction_pooler(), or connect directly or through a session-pooling port (see docs/pgbouncer.md)", backend_suffix(*.granted_on, *.now_on))]
+    BackendChanged {
+        /// The key of the lock concerned.
+        key: AdvisoryKey,
+        /// The backend that granted the lock, when pglock knows it.
+        granted_on: Option<i32>,
+        /// The backend that answered instead, when pglock knows it.
+        now_on: Option<i32>,
+        /// The server's error, when the change showed as a missing prepared statement.
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+
+    /// A session-scope lock was asked of a connection source declared to be behind a
+    /// transaction pooler ([`ConnectionSource::behind_transaction_pooler`](crate::ConnectionSource::behind_transaction_pooler)).
+    #[error("refusing session-scope advisory lock {key}: its connection goes through a transaction pooler, which would leave the lock on a server connection that other clients use; use LockScope::Transaction, or a direct or session-pooled connection for session locks")]
+    SessionLockBehindPooler {
+        /// The key that was asked for.
+        key: AdvisoryKey,
+    },
+
     /// The session already has a transaction open for a transaction-scoped lock.
     #[error("this session already has an open pglock transaction; finish it (commit or roll back its guard) or use another connection")]
     TransactionInProgress,
@@ -131,6 +162,17 @@ pub enum Error {
     Postgres(#[source] tokio_postgres::Error),
 }
 
+fn backend_suffix(granted_on: Option<i32>, now_on: Option<i32>) -> String {
+    match (granted_on, now_on) {
+        (Some(granted), Some(now)) => format!(" (granted on backend {granted}, now on {now})"),
+        (None, Some(now)) => format!(" (now on backend {now})"),
+        (Some(granted), None) => format!(" (granted on backend {granted})"),
+        (None, None) => {
+            " (a statement pglock prepared on this connection is missing on the server)".to_owned()
+        }
+    }
+}
+
 fn key_suffix(key: &Option<AdvisoryKey>) -> String {
     match key {
         Some(key) => format!(" while holding or taking advisory lock {key}"),
@@ -149,6 +191,10 @@ impl Error {
             | Error::Connect { source, .. }
             | Error::TermTable { source, .. }
             | Error::Postgres(source) => source.code(),
+            Error::BackendChanged {
+                source: Some(source),
+                ..
+            } => source.code(),
             _ => None,
         }
     }
@@ -179,6 +225,14 @@ impl Error {
                 Error::Deadlock { key, source: error }
             }
             (Some(SqlState::QUERY_CANCELED), Some(key)) => Error::Cancelled { key, source: error },
+            // pglock prepares its statements on the connection before using them: one missing
+            // on the server means the statement reached another backend.
+            (Some(SqlState::INVALID_SQL_STATEMENT_NAME), Some(key)) => Error::BackendChanged {
+                key,
+                granted_on: None,
+                now_on: None,
+                source: Some(error),
+            },
             (Some(SqlState::OUT_OF_MEMORY), _) => Error::OutOfLockMemory { source: error },
             (Some(SqlState::ADMIN_SHUTDOWN), _)
             | (Some(SqlState::CRASH_SHUTDOWN), _)

@@ -268,7 +268,9 @@ impl AdvisoryLockGuard {
 
     fn release_kind(&self, end_transaction: Release) -> Release {
         match (&self.scope, &self.unlock) {
-            (LockScope::Session, Some(statement)) => Release::Unlock(statement.clone()),
+            (LockScope::Session, Some(statement)) => {
+                Release::Unlock(statement.clone(), self.backend_pid)
+            }
             _ => end_transaction,
         }
     }
@@ -323,8 +325,9 @@ impl fmt::Debug for AdvisoryLockGuard {
 /// How a lock is given back.
 #[derive(Clone)]
 pub(crate) enum Release {
-    /// `pg_advisory_unlock` with this prepared statement (session scope).
-    Unlock(Statement),
+    /// `pg_advisory_unlock` with this prepared statement (session scope), on the backend with
+    /// this pid only.
+    Unlock(Statement, i32),
     /// `COMMIT` (transaction scope).
     Commit,
     /// `ROLLBACK` (transaction scope).
@@ -335,19 +338,30 @@ pub(crate) enum Release {
 }
 
 /// Runs `release` on `conn`. A session unlock is retried once if a cancel request sent for an
-/// abandoned wait arrives late and cancels it.
+/// abandoned wait arrives late and cancels it. A session unlock that reaches another backend
+/// than the one that granted the lock releases nothing and fails with
+/// [`Error::BackendChanged`].
 pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
     let client = conn.client();
     match release {
-        Release::Unlock(statement) => {
+        Release::Unlock(statement, granted_on) => {
             let params = KeyParams::new(key);
-            let params = params.with(None);
+            let params = params.with(Some(granted_on));
             let mut result = client.query_one(statement, params.as_slice()).await;
             if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
             {
                 result = client.query_one(statement, params.as_slice()).await;
             }
             let row = result.map_err(|e| Error::from_postgres(Some(key), e))?;
+            let now_on: i32 = row.get(1);
+            if now_on != *granted_on {
+                return Err(Error::BackendChanged {
+                    key,
+                    granted_on: Some(*granted_on),
+                    now_on: Some(now_on),
+                    source: None,
+                });
+            }
             if row.get::<_, Option<bool>>(0) == Some(true) {
                 Ok(())
             } else {

@@ -250,6 +250,10 @@ impl AdvisoryLock {
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let key = self.key;
+        let behind_pooler = self.source.behind_pooler();
+        if behind_pooler && self.scope == LockScope::Session {
+            return Err(Error::SessionLockBehindPooler { key });
+        }
         let conn = self.source.checkout().await?;
         let reservation = conn.reserve(key, self.scope).await?;
         let slot = ConnSlot::new(conn);
@@ -268,6 +272,10 @@ impl AdvisoryLock {
         // Prepare the release with the acquisition (one round trip the first time on a
         // connection, none after) so that a guard can always release without preparing.
         let (acquire_statement, unlock) = match self.scope {
+            // Behind a transaction pooler a prepared statement may not exist on the server
+            // connection the next transaction gets: send the statement unprepared (session
+            // scope was refused above, so there is no unlock statement to prepare).
+            LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
             LockScope::Session => {
                 let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
                 let conn = slot.conn();
@@ -275,13 +283,15 @@ impl AdvisoryLock {
                     futures_util::future::join(conn.prepare(acquire_sql), conn.prepare(unlock_sql))
                         .await;
                 let map = |e| Error::from_postgres(Some(key), e);
-                (a.map_err(map)?, Some(u.map_err(map)?))
+                (Acquire::Prepared(a.map_err(map)?), Some(u.map_err(map)?))
             }
             LockScope::Transaction => (
-                slot.conn()
-                    .prepare(acquire_sql)
-                    .await
-                    .map_err(|e| Error::from_postgres(Some(key), e))?,
+                Acquire::Prepared(
+                    slot.conn()
+                        .prepare(acquire_sql)
+                        .await
+                        .map_err(|e| Error::from_postgres(Some(key), e))?,
+                ),
                 None,
             ),
         };
@@ -377,6 +387,14 @@ impl AdvisoryLock {
     }
 }
 
+/// The acquiring statement: prepared on the connection, or sent unprepared (behind a
+/// transaction pooler).
+#[derive(Clone)]
+enum Acquire {
+    Prepared(Statement),
+    Unnamed(&'static str),
+}
+
 type InFlight =
     Pin<Box<dyn Future<Output = (ConnSlot, Result<Row, tokio_postgres::Error>)> + Send>>;
 
@@ -403,7 +421,10 @@ struct Attempt {
 /// What an acquiring statement did to the lock, as far as its answer tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
-    Granted,
+    Granted {
+        /// The backend that granted the lock, where the undo must run.
+        backend_pid: i32,
+    },
     NotGranted,
     /// The statement failed, or its answer never came: a session lock may have been taken
     /// before the failure (session locks survive the error of the statement that took them).
@@ -413,7 +434,9 @@ enum Outcome {
 impl Outcome {
     fn of(result: &Result<Row, tokio_postgres::Error>, scope: LockScope) -> Self {
         match result {
-            Ok(row) if row.get::<_, Option<bool>>(0) == Some(true) => Outcome::Granted,
+            Ok(row) if row.get::<_, Option<bool>>(0) == Some(true) => Outcome::Granted {
+                backend_pid: row.get(1),
+            },
             Ok(_) => Outcome::NotGranted,
             Err(error) => Outcome::of_error(error, scope),
         }
@@ -438,7 +461,7 @@ impl Attempt {
     /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits it.
     async fn run(
         &mut self,
-        statement: &Statement,
+        statement: &Acquire,
         lock_timeout: Option<String>,
         may_wait: bool,
     ) -> Result<Row, tokio_postgres::Error> {
@@ -453,15 +476,28 @@ impl Attempt {
             let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
             let params = params.with(extra);
             let client = slot.conn().client();
+            let query = async {
+                match &statement {
+                    Acquire::Prepared(statement) => {
+                        client.query_one(statement, params.as_slice()).await
+                    }
+                    Acquire::Unnamed(sql) => {
+                        let typed = KeyParams::new(key);
+                        let typed = typed.typed(extra);
+                        let rows = client.query_typed(sql, typed.as_slice()).await?;
+                        Ok(rows
+                            .into_iter()
+                            .next()
+                            .expect("the statement returns one row"))
+                    }
+                }
+            };
             let result = if begin {
-                let (begun, row) = futures_util::future::join(
-                    client.batch_execute("BEGIN"),
-                    client.query_one(&statement, params.as_slice()),
-                )
-                .await;
+                let (begun, row) =
+                    futures_util::future::join(client.batch_execute("BEGIN"), query).await;
                 begun.and(row)
             } else {
-                client.query_one(&statement, params.as_slice()).await
+                query.await
             };
             (slot, result)
         }));
@@ -575,7 +611,9 @@ impl Attempt {
             }
             let undo = match outcome {
                 _ if in_transaction => (!rollback_queued).then_some(Release::Rollback),
-                Outcome::Granted => unlock.map(Release::Unlock),
+                Outcome::Granted { backend_pid } => {
+                    unlock.map(|statement| Release::Unlock(statement, backend_pid))
+                }
                 Outcome::NotGranted => None,
                 Outcome::Unknown if pooled => {
                     slot.finish(false);

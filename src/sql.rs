@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -69,6 +69,48 @@ impl KeyParams {
     }
 }
 
+/// Up to three statement parameters with their types, on the stack, for statements sent
+/// without preparing them (`Client::query_typed`).
+pub(crate) struct TypedParamList<'a> {
+    items: [(&'a (dyn ToSql + Sync), Type); 3],
+    len: usize,
+}
+
+impl<'a> TypedParamList<'a> {
+    pub(crate) fn as_slice(&self) -> &[(&'a (dyn ToSql + Sync), Type)] {
+        &self.items[..self.len]
+    }
+}
+
+impl KeyParams {
+    /// The parameters with their types, followed by `extra` (a `text` parameter) when given.
+    pub(crate) fn typed<'a>(&'a self, extra: Option<&'a (dyn ToSql + Sync)>) -> TypedParamList<'a> {
+        let mut list = TypedParamList {
+            items: [
+                (&0i64, Type::INT8),
+                (&0i64, Type::INT8),
+                (&0i64, Type::INT8),
+            ],
+            len: 0,
+        };
+        let mut push = |item: &'a (dyn ToSql + Sync), ty: Type| {
+            list.items[list.len] = (item, ty);
+            list.len += 1;
+        };
+        match self {
+            KeyParams::Single(k) => push(k, Type::INT8),
+            KeyParams::Pair(a, b) => {
+                push(a, Type::INT4);
+                push(b, Type::INT4);
+            }
+        }
+        if let Some(extra) = extra {
+            push(extra, Type::TEXT);
+        }
+        list
+    }
+}
+
 /// Up to three statement parameters on the stack.
 pub(crate) struct ParamList<'a> {
     items: [&'a (dyn ToSql + Sync); 3],
@@ -90,7 +132,9 @@ impl<'a> ParamList<'a> {
 ///
 /// Every acquiring statement returns `(granted, backend_pid)`, where `granted` is NULL when the
 /// server is a standby: checking `pg_is_in_recovery()` in the same statement costs no round trip.
-/// `Unlock` returns `(released, backend_pid)`.
+/// `Unlock` takes the backend pid that granted the lock as its last parameter and returns
+/// `(released, backend_pid)`: it releases only on that backend, so a connection whose backend
+/// changed (a transaction-pooling proxy) can never release a lock another client holds there.
 pub(crate) fn statement(op: Op, mode: LockMode, scope: LockScope, form: Form) -> &'static str {
     static TABLE: OnceLock<Vec<String>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
@@ -154,7 +198,10 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
              FROM (SELECT current_setting('lock_timeout') AS previous, \
              set_config('lock_timeout', ${next}::text, true) AS applied OFFSET 0) AS s"
         ),
-        Op::Unlock => format!("SELECT pg_advisory_unlock{shared}({args}), pg_backend_pid()"),
+        Op::Unlock => format!(
+            "SELECT CASE WHEN pg_backend_pid() = ${next}::int4 THEN pg_advisory_unlock{shared}({args}) END, \
+             pg_backend_pid()"
+        ),
     }
 }
 

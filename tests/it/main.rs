@@ -6,12 +6,14 @@ mod harness;
 mod support;
 
 mod basics;
+mod bouncer;
 mod cancel;
 mod errors;
 mod exclusion;
 mod leader;
 mod loss;
 mod modes;
+mod pgbouncer;
 mod release;
 mod send_sync;
 mod support_selftest;
