@@ -143,16 +143,29 @@ impl Session {
         T::TlsConnect: Send,
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
-        let mut config = parse_config(url)?;
+        let config = parse_config(url)?;
+        Self::connect_config(config, tls)
+            .await
+            .map_err(|source| Error::Connect {
+                target: redact_url(url),
+                source,
+            })
+    }
+
+    /// Connects with an already parsed configuration (keepalives as the default health check
+    /// wants them); cancel requests go through `tls`.
+    pub(crate) async fn connect_config<T>(
+        mut config: Config,
+        tls: T,
+    ) -> Result<Self, tokio_postgres::Error>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
         HealthCheck::default().configure_client(&mut config);
-        let (client, connection) =
-            config
-                .connect(tls.clone())
-                .await
-                .map_err(|source| Error::Connect {
-                    target: redact_url(url),
-                    source,
-                })?;
+        let (client, connection) = config.connect(tls.clone()).await?;
         let (closed_tx, closed_rx) = watch::channel(None);
         let task = tokio::spawn(async move {
             let detail = match connection.await {
@@ -303,8 +316,16 @@ impl fmt::Debug for Session {
 /// Parses a connection string, defaulting `application_name` to `pglock`.
 pub(crate) fn parse_config(url: &str) -> Result<Config> {
     let mut config = Config::from_str(url).map_err(|error| {
+        // tokio-postgres knows sslmode=disable|prefer|require only; pglock's TLS module
+        // understands the verifying modes and root certificates.
+        let hint = if url.contains("verify-") || url.contains("sslrootcert") {
+            "; sslmode=verify-ca/verify-full and sslrootcert need pglock's `rustls` feature: \
+             connect with pglock::tls"
+        } else {
+            ""
+        };
         Error::Config(format!(
-            "cannot parse the connection string {}: {error}",
+            "cannot parse the connection string {}: {error}{hint}",
             redact_url(url)
         ))
     })?;

@@ -33,6 +33,21 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// TLS could not be set up with the server (see [`TlsFailure`] for why and what to do).
+    ///
+    /// Only the TLS connectors of [`pglock::tls`](crate#feature-flags) (feature `rustls`)
+    /// report it; other connectors' failures are [`Error::Connect`].
+    #[error("could not set up TLS with PostgreSQL at {target}: {failure} ({source})")]
+    Tls {
+        /// Where pglock tried to connect, with any password removed.
+        target: String,
+        /// What went wrong, in a form a program can match on.
+        failure: TlsFailure,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// Every connection of the pool is in use and none came free before the pool's wait timeout.
     #[error("the connection pool is exhausted: no connection came free in time; raise the pool's max_size or its wait timeout, or hold fewer locks at once (each held lock keeps one pooled connection)")]
     PoolExhausted,
@@ -162,6 +177,27 @@ pub enum Error {
     Postgres(#[source] tokio_postgres::Error),
 }
 
+/// Why a TLS connection to the server failed ([`Error::Tls`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server's certificate does not chain to a trusted root certificate.
+    #[error("the server's certificate is not signed by a trusted certificate authority; set sslrootcert to the CA certificate that signed it (managed services publish theirs), or use sslmode=require to encrypt without verifying")]
+    UntrustedCertificate,
+    /// The certificate is trusted but issued for another host name than the one connected to.
+    #[error("the server's certificate is not valid for the host name in the connection string; connect with a host name the certificate names, or use sslmode=verify-ca to check the certificate authority only")]
+    HostnameMismatch,
+    /// The certificate has expired or is not valid yet.
+    #[error("the server's certificate has expired or is not valid yet; renew it on the server, or check this machine's clock")]
+    CertificateExpired,
+    /// The server refused TLS (`ssl = off`) while the connection string requires it.
+    #[error("the server does not accept TLS connections; turn ssl on at the server, or lower sslmode to prefer or disable")]
+    ServerWithoutTls,
+    /// Any other handshake failure (protocol versions, ciphers, a bad certificate).
+    #[error("the TLS handshake failed")]
+    Handshake,
+}
+
 fn backend_suffix(granted_on: Option<i32>, now_on: Option<i32>) -> String {
     match (granted_on, now_on) {
         (Some(granted), Some(now)) => format!(" (granted on backend {granted}, now on {now})"),
@@ -190,6 +226,7 @@ impl Error {
             | Error::ConnectionLost { source, .. }
             | Error::Connect { source, .. }
             | Error::TermTable { source, .. }
+            | Error::Tls { source, .. }
             | Error::Postgres(source) => source.code(),
             Error::BackendChanged {
                 source: Some(source),

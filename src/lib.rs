@@ -43,9 +43,11 @@ mod lock;
 mod loss;
 mod scope;
 mod sql;
+#[cfg(feature = "rustls")]
+pub mod tls;
 
 pub use connection::{ConnectionSource, Session};
-pub use error::{redact_url, Error, Result};
+pub use error::{redact_url, Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};

@@ -18,6 +18,7 @@ mod release;
 mod send_sync;
 mod support_selftest;
 mod timeouts;
+mod tls;
 
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]

@@ -1,0 +1,828 @@
+//! TLS connections to PostgreSQL with rustls (feature `rustls`).
+//!
+//! Managed PostgreSQL services require TLS. This module reads the TLS settings of a connection
+//! string the way libpq does and connects with [rustls](https://docs.rs/rustls) (the `ring`
+//! provider, so no system library is needed):
+//!
+//! | `sslmode` | TLS | server certificate checked |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `allow`, `prefer` (the default) | if the server offers it | no¹ |
+//! | `require` | always | no¹ |
+//! | `verify-ca` | always | signed by a trusted root |
+//! | `verify-full` | always | signed by a trusted root **and** issued for the host connected to |
+//!
+//! ¹ As with libpq, naming root certificates explicitly (`sslrootcert` or
+//! [`TlsConfig::root_certs`]) upgrades these modes to `verify-ca`. (`allow` tries TLS first,
+//! like `prefer`: tokio-postgres has no plaintext-first mode.)
+//!
+//! Trusted roots (`sslrootcert`):
+//!
+//! - `sslrootcert=/path/to/ca.pem`: the PEM certificates in that file, and only those. This is
+//!   what managed services document (Amazon RDS's global bundle, Azure's and Google Cloud SQL's
+//!   server CA).
+//! - `sslrootcert=system`: the operating system's trust store.
+//! - not set: the Mozilla root program, built in ([webpki-roots](https://docs.rs/webpki-roots)),
+//!   which covers services whose certificates come from a public CA (Let's Encrypt and
+//!   the like). libpq would read `~/.postgresql/root.crt` instead; pglock does not.
+//!
+//! Client certificates (`sslcert`, `sslkey`) are not supported yet and are refused with
+//! [`Error::Config`].
+//!
+//! Everything made here also sends its cancel requests (for abandoned waits) over TLS.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> pglock::Result<()> {
+//! use pglock::{AdvisoryLock, AdvisoryLockGuard};
+//!
+//! let url = "postgres://app@db.example.com/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem";
+//!
+//! // A pool (each held lock keeps one connection):
+//! let pool = pglock::tls::make_pool(url, 8)?;
+//! let guard = AdvisoryLock::new(&pool, "nightly-report").lock().await?;
+//! AdvisoryLockGuard::unlock(guard).await?;
+//!
+//! // Or one session shared by several locks:
+//! let session = std::sync::Arc::new(pglock::tls::connect(url).await?);
+//! let guard = AdvisoryLock::new(&session, "cache-refresh").try_lock().await?;
+//! # drop(guard);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
+use rustls::{SignatureScheme, SupportedProtocolVersion};
+
+pub use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::connection::parse_config;
+use crate::error::{redact_url, Error, Result, TlsFailure};
+use crate::{ConnectionSource, Session};
+
+/// libpq's `sslmode`: whether to use TLS and how far to trust the server's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it (tried first), certificate not checked.
+    Allow,
+    /// TLS if the server offers it, certificate not checked (the default).
+    #[default]
+    Prefer,
+    /// TLS always, certificate not checked.
+    Require,
+    /// TLS always; the certificate must chain to a trusted root.
+    VerifyCa,
+    /// TLS always; the certificate must chain to a trusted root and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<Self> {
+        Ok(match value {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown sslmode {other:?}: use disable, allow, prefer, require, verify-ca or verify-full"
+                )))
+            }
+        })
+    }
+
+    fn for_driver(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Driver;
+        match self {
+            SslMode::Disable => Driver::Disable,
+            SslMode::Allow | SslMode::Prefer => Driver::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Driver::Require,
+        }
+    }
+}
+
+/// Where the trusted root certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RootCerts {
+    /// The PEM certificates in this file (`sslrootcert=/path`).
+    PemFile(PathBuf),
+    /// These PEM certificates.
+    Pem(Vec<u8>),
+    /// The operating system's trust store (`sslrootcert=system`).
+    System,
+    /// The Mozilla root program, built in (the default when `sslrootcert` is not set).
+    WebPki,
+}
+
+/// A connection string's driver settings and TLS settings, ready to connect.
+///
+/// Made by [`from_url`](Self::from_url); [`connect`](Self::connect) gives a [`Session`],
+/// [`pool`](Self::pool) a [`TlsPool`], and [`config`](Self::config) with
+/// [`connector`](Self::connector) build anything else (your own deadpool `Manager`).
+#[derive(Clone)]
+pub struct TlsConfig {
+    config: tokio_postgres::Config,
+    mode: SslMode,
+    roots: Option<RootCerts>,
+    target: String,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("target", &self.target)
+            .field("mode", &self.mode)
+            .field("roots", &self.roots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Reads a `postgres://` URL or a key-value connection string, including `sslmode` (all six
+    /// libpq values) and `sslrootcert`. `application_name` defaults to `pglock`.
+    ///
+    /// ```
+    /// use pglock::tls::{RootCerts, SslMode, TlsConfig};
+    ///
+    /// let tls = TlsConfig::from_url(
+    ///     "postgres://app:secret@db.example.com/app?sslmode=verify-full&sslrootcert=/etc/db-ca.pem",
+    /// )?;
+    /// assert_eq!(tls.ssl_mode(), SslMode::VerifyFull);
+    /// assert_eq!(tls.root_cert_source(), Some(&RootCerts::PemFile("/etc/db-ca.pem".into())));
+    /// assert_eq!(tls.config().get_dbname(), Some("app"));
+    ///
+    /// let tls = TlsConfig::from_url("host=db.example.com user=app sslmode=require")?;
+    /// assert_eq!(tls.ssl_mode(), SslMode::Require);
+    /// # Ok::<(), pglock::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a malformed string, an unknown `sslmode`, or a client certificate
+    /// setting (`sslcert`, `sslkey`, `sslpassword`: not supported yet). Messages never contain
+    /// the password.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let target = redact_url(url);
+        let parsed = split_tls_params(url).map_err(|reason| {
+            Error::Config(format!(
+                "cannot parse the connection string {target}: {reason}"
+            ))
+        })?;
+        let mode = match &parsed.sslmode {
+            Some(value) => SslMode::parse(value)?,
+            None => SslMode::default(),
+        };
+        let roots = parsed.sslrootcert.map(|value| match value.as_str() {
+            "system" => RootCerts::System,
+            path => RootCerts::PemFile(PathBuf::from(path)),
+        });
+        let mut config = parse_config(&parsed.rest)?;
+        config.ssl_mode(mode.for_driver());
+        Ok(TlsConfig {
+            config,
+            mode,
+            roots,
+            target,
+        })
+    }
+
+    /// Sets the trusted root certificates, replacing `sslrootcert`. With `require` or lower
+    /// modes this also turns certificate checking on, as `verify-ca`.
+    pub fn root_certs(mut self, roots: RootCerts) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
+    /// Sets the `sslmode`, replacing the connection string's.
+    pub fn with_ssl_mode(mut self, mode: SslMode) -> Self {
+        self.mode = mode;
+        self.config.ssl_mode(mode.for_driver());
+        self
+    }
+
+    /// The `sslmode` in effect.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.mode
+    }
+
+    /// The root certificates named explicitly, if any (else the default applies).
+    pub fn root_cert_source(&self) -> Option<&RootCerts> {
+        self.roots.as_ref()
+    }
+
+    /// The driver configuration: everything but the TLS settings, with the driver's `sslmode`
+    /// set to match.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The TLS connector for tokio-postgres and deadpool, verifying as the `sslmode` says.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the root certificates cannot be read or contain no certificate.
+    pub fn connector(&self) -> Result<MakeRustlsConnect> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verify = match (self.mode, &self.roots) {
+            (SslMode::VerifyFull, _) => Verify::Full,
+            (SslMode::VerifyCa, _) | (_, Some(_)) => Verify::Ca,
+            _ => Verify::Nothing,
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match verify {
+            Verify::Nothing => Arc::new(EncryptOnly(provider.clone())),
+            Verify::Ca | Verify::Full => {
+                let roots = self.load_roots()?;
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| {
+                            Error::Config(format!("cannot use the root certificates: {e}"))
+                        })?;
+                if verify == Verify::Full {
+                    webpki
+                } else {
+                    Arc::new(CaOnly(webpki))
+                }
+            }
+        };
+        let versions: &[&SupportedProtocolVersion] = rustls::DEFAULT_VERSIONS;
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|e| Error::Config(format!("cannot configure TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        // PostgreSQL 17 checks the ALPN protocol; earlier servers ignore it.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    fn load_roots(&self) -> Result<RootCertStore> {
+        let mut store = RootCertStore::empty();
+        let source = self.roots.clone().unwrap_or(RootCerts::WebPki);
+        let read_error = |what: &str, e: &dyn fmt::Display| {
+            Error::Config(format!(
+                "cannot read the root certificates from {what}: {e}"
+            ))
+        };
+        match &source {
+            RootCerts::WebPki => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            RootCerts::System => {
+                let found = rustls_native_certs::load_native_certs();
+                store.add_parsable_certificates(found.certs);
+            }
+            RootCerts::PemFile(path) => {
+                let what = path.display().to_string();
+                for cert in
+                    CertificateDer::pem_file_iter(path).map_err(|e| read_error(&what, &e))?
+                {
+                    let cert = cert.map_err(|e| read_error(&what, &e))?;
+                    store.add(cert).map_err(|e| read_error(&what, &e))?;
+                }
+            }
+            RootCerts::Pem(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| read_error("PEM data", &e))?;
+                    store.add(cert).map_err(|e| read_error("PEM data", &e))?;
+                }
+            }
+        }
+        if store.is_empty() {
+            return Err(Error::Config(format!(
+                "no root certificate found in {source:?}: sslrootcert must name a PEM file with the CA certificate"
+            )));
+        }
+        Ok(store)
+    }
+
+    /// Connects one [`Session`], whose cancel requests also go over TLS.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] when TLS cannot be set up (an untrusted certificate, a host name the
+    /// certificate does not name, a server without TLS), [`Error::Connect`] for other
+    /// connection failures, [`Error::Config`] as [`connector`](Self::connector).
+    pub async fn connect(&self) -> Result<Session> {
+        let tls = self.connector()?;
+        Session::connect_config(self.config.clone(), tls)
+            .await
+            .map_err(|error| classify(&self.target, error))
+    }
+
+    /// A deadpool pool of at most `max_size` TLS connections, ready for
+    /// [`AdvisoryLock::new`](crate::AdvisoryLock::new).
+    ///
+    /// The pool connects lazily: a TLS failure shows on the first acquisition, as
+    /// [`Error::Tls`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] as [`connector`](Self::connector).
+    pub fn pool(&self, max_size: usize) -> Result<TlsPool> {
+        let tls = self.connector()?;
+        let manager = Manager::from_config(
+            self.config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
+        Ok(TlsPool {
+            pool,
+            tls,
+            target: self.target.clone(),
+        })
+    }
+}
+
+/// Connects one [`Session`] to `url` with TLS as its `sslmode` says; see the
+/// [module docs](self).
+///
+/// # Errors
+///
+/// As [`TlsConfig::from_url`] and [`TlsConfig::connect`].
+pub async fn connect(url: &str) -> Result<Session> {
+    TlsConfig::from_url(url)?.connect().await
+}
+
+/// A pool of at most `max_size` connections to `url` with TLS as its `sslmode` says; see the
+/// [module docs](self).
+///
+/// # Errors
+///
+/// As [`TlsConfig::from_url`] and [`TlsConfig::pool`].
+pub fn make_pool(url: &str, max_size: usize) -> Result<TlsPool> {
+    TlsConfig::from_url(url)?.pool(max_size)
+}
+
+/// A deadpool pool of TLS connections that sends cancel requests over TLS too.
+///
+/// Pass it (or a reference) wherever pglock takes a pool; it derefs to the
+/// [`deadpool_postgres::Pool`] for everything else.
+#[derive(Clone)]
+pub struct TlsPool {
+    pool: Pool,
+    tls: MakeRustlsConnect,
+    target: String,
+}
+
+impl TlsPool {
+    /// The underlying pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The TLS connector, for [`ConnectionSource::with_cancel_tls`] and the like.
+    pub fn connector(&self) -> &MakeRustlsConnect {
+        &self.tls
+    }
+
+    /// Takes a connection from the pool, reporting TLS failures as [`Error::Tls`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`], [`Error::Connect`], [`Error::PoolExhausted`] or [`Error::Pool`].
+    pub async fn get(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|error| match error {
+            deadpool_postgres::PoolError::Backend(source) => classify(&self.target, source),
+            other => Error::from(other),
+        })
+    }
+}
+
+impl Deref for TlsPool {
+    type Target = Pool;
+
+    fn deref(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+impl fmt::Debug for TlsPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsPool")
+            .field("target", &self.target)
+            .field("status", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<&TlsPool> for ConnectionSource {
+    fn from(pool: &TlsPool) -> Self {
+        ConnectionSource::from(pool.pool.clone()).with_cancel_tls(pool.tls.clone())
+    }
+}
+
+impl From<TlsPool> for ConnectionSource {
+    fn from(pool: TlsPool) -> Self {
+        ConnectionSource::from(&pool)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    Nothing,
+    Ca,
+    Full,
+}
+
+/// `require` without root certificates: encrypt, accept any certificate (libpq's behaviour),
+/// but still check that the server holds the certificate's key.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the host name is not checked.
+#[derive(Debug)]
+struct CaOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The chain is checked before the name, so a name error means the chain is trusted.
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Turns a connection error into [`Error::Tls`] when TLS is what failed.
+fn classify(target: &str, error: tokio_postgres::Error) -> Error {
+    let failure = tls_failure(&error);
+    match failure {
+        Some(failure) => Error::Tls {
+            target: target.to_owned(),
+            failure,
+            source: error,
+        },
+        None => Error::Connect {
+            target: target.to_owned(),
+            source: error,
+        },
+    }
+}
+
+fn tls_failure(error: &tokio_postgres::Error) -> Option<TlsFailure> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        // tokio-rustls wraps rustls's error in an io::Error, whose `source` skips it.
+        let rustls_error = current.downcast_ref::<rustls::Error>().or_else(|| {
+            current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls_error) = rustls_error {
+            return Some(match rustls_error {
+                rustls::Error::InvalidCertificate(cert) => match cert {
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                        TlsFailure::UntrustedCertificate
+                    }
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. } => {
+                        TlsFailure::HostnameMismatch
+                    }
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. } => TlsFailure::CertificateExpired,
+                    _ => TlsFailure::Handshake,
+                },
+                _ => TlsFailure::Handshake,
+            });
+        }
+        // tokio-postgres's own TLS errors have no type of their own, only this text.
+        if current.to_string().contains("server does not support TLS") {
+            return Some(TlsFailure::ServerWithoutTls);
+        }
+        next = current.source();
+    }
+    error
+        .to_string()
+        .starts_with("error performing TLS handshake")
+        .then_some(TlsFailure::Handshake)
+}
+
+/// A connection string without its TLS settings, and those settings.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SplitParams {
+    rest: String,
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+}
+
+/// The libpq settings pglock handles itself (tokio-postgres does not know them), and those it
+/// refuses.
+const TLS_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
+const UNSUPPORTED_KEYS: [&str; 4] = ["sslcert", "sslkey", "sslpassword", "sslcrl"];
+
+fn split_tls_params(url: &str) -> std::result::Result<SplitParams, String> {
+    let mut out = SplitParams::default();
+    let mut take = |key: &str, value: String| -> std::result::Result<bool, String> {
+        match key {
+            "sslmode" => out.sslmode = Some(value),
+            "sslrootcert" => out.sslrootcert = Some(value),
+            key if UNSUPPORTED_KEYS.contains(&key) => {
+                return Err(format!(
+                    "{key} (client certificate authentication) is not supported by pglock yet"
+                ))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            out.rest = url.to_owned();
+            return Ok(out);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(&percent_decode(key)?, percent_decode(value)?)? {
+                kept.push(pair);
+            }
+        }
+        out.rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+    } else {
+        let mut kept = Vec::new();
+        for (key, value) in key_value_pairs(url)? {
+            if !take(&key, value.clone())? {
+                kept.push(format!("{key}={}", quote(&value)));
+            }
+        }
+        out.rest = kept.join(" ");
+    }
+    debug_assert!(TLS_KEYS
+        .iter()
+        .all(|key| !out.rest.contains(&format!("{key}="))));
+    Ok(out)
+}
+
+fn percent_decode(text: &str) -> std::result::Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("invalid percent-encoding in {text:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+}
+
+/// libpq's key-value syntax: `key = value` pairs separated by spaces, values optionally in
+/// single quotes with `\'` and `\\` escapes.
+fn key_value_pairs(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(format!("expected `=` after {key:?}"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => value.push(chars.next().ok_or("unterminated quoted value")?),
+                    Some(c) => value.push(c),
+                    None => return Err("unterminated quoted value".to_owned()),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next().ok_or("dangling backslash")?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_tls_settings_from_urls() {
+        let split = split_tls_params(
+            "postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca%20x.pem",
+        )
+        .unwrap();
+        assert_eq!(split.rest, "postgres://u:p@h:5/db?application_name=x");
+        assert_eq!(split.sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(split.sslrootcert.as_deref(), Some("/tmp/ca x.pem"));
+
+        let split = split_tls_params("postgresql://h/db?sslmode=require").unwrap();
+        assert_eq!(split.rest, "postgresql://h/db");
+        assert_eq!(split.sslrootcert, None);
+
+        let split = split_tls_params("postgres://h/db").unwrap();
+        assert_eq!(split.rest, "postgres://h/db");
+        assert_eq!(split.sslmode, None);
+    }
+
+    #[test]
+    fn splits_tls_settings_from_key_value_strings() {
+        let split = split_tls_params(
+            "host=h  sslmode = verify-ca password='a b\\'c' sslrootcert='/tmp/my ca.pem' user=u",
+        )
+        .unwrap();
+        assert_eq!(split.rest, "host='h' password='a b\\'c' user='u'");
+        assert_eq!(split.sslmode.as_deref(), Some("verify-ca"));
+        assert_eq!(split.sslrootcert.as_deref(), Some("/tmp/my ca.pem"));
+        let config: tokio_postgres::Config = split.rest.parse().unwrap();
+        assert_eq!(config.get_password(), Some(&b"a b'c"[..]));
+    }
+
+    #[test]
+    fn refuses_client_certificates_and_bad_modes() {
+        for url in [
+            "postgres://h/db?sslcert=/c.pem",
+            "host=h sslkey=/k.pem",
+            "postgres://h/db?sslmode=verify",
+        ] {
+            assert!(
+                matches!(TlsConfig::from_url(url), Err(Error::Config(_))),
+                "{url}"
+            );
+        }
+        let error = TlsConfig::from_url("postgres://u:secret@h/db?sslcert=/c.pem").unwrap_err();
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn modes_map_to_the_driver() {
+        use tokio_postgres::config::SslMode as Driver;
+        for (value, driver) in [
+            ("disable", Driver::Disable),
+            ("allow", Driver::Prefer),
+            ("prefer", Driver::Prefer),
+            ("require", Driver::Require),
+            ("verify-ca", Driver::Require),
+            ("verify-full", Driver::Require),
+        ] {
+            let tls = TlsConfig::from_url(&format!("postgres://h/db?sslmode={value}")).unwrap();
+            assert_eq!(tls.config().get_ssl_mode(), driver, "{value}");
+        }
+        let tls = TlsConfig::from_url("postgres://h/db").unwrap();
+        assert_eq!(tls.ssl_mode(), SslMode::Prefer);
+        assert_eq!(tls.config().get_application_name(), Some("pglock"));
+    }
+
+    #[test]
+    fn missing_root_file_is_a_config_error() {
+        let tls = TlsConfig::from_url(
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        )
+        .unwrap();
+        let error = tls.connector().err().expect("no such file");
+        assert!(matches!(error, Error::Config(_)), "{error}");
+        assert!(
+            TlsConfig::from_url("postgres://h/db?sslmode=verify-full")
+                .unwrap()
+                .connector()
+                .is_ok(),
+            "built-in roots"
+        );
+    }
+}
