@@ -37,12 +37,15 @@ pub enum Error {
     ///
     /// Only the TLS connectors of [`pglock::tls`](crate#feature-flags) (feature `rustls`)
     /// report it; other connectors' failures are [`Error::Connect`].
-    #[error("could not set up TLS with PostgreSQL at {target}: {failure} ({source})")]
+    #[error("could not set up TLS with PostgreSQL at {target}: {failure} ({detail})")]
     Tls {
         /// Where pglock tried to connect, with any password removed.
         target: String,
         /// What went wrong, in a form a program can match on.
         failure: TlsFailure,
+        /// The TLS library's own description, such as
+        /// `invalid peer certificate: UnknownIssuer`.
+        detail: String,
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,

@@ -548,11 +548,11 @@ impl ServerCertVerifier for CaOnly {
 
 /// Turns a connection error into [`Error::Tls`] when TLS is what failed.
 fn classify(target: &str, error: tokio_postgres::Error) -> Error {
-    let failure = tls_failure(&error);
-    match failure {
-        Some(failure) => Error::Tls {
+    match tls_failure(&error) {
+        Some((failure, detail)) => Error::Tls {
             target: target.to_owned(),
             failure,
+            detail,
             source: error,
         },
         None => Error::Connect {
@@ -562,7 +562,8 @@ fn classify(target: &str, error: tokio_postgres::Error) -> Error {
     }
 }
 
-fn tls_failure(error: &tokio_postgres::Error) -> Option<TlsFailure> {
+/// What failed, and the innermost description of it.
+fn tls_failure(error: &tokio_postgres::Error) -> Option<(TlsFailure, String)> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = next {
         // tokio-rustls wraps rustls's error in an io::Error, whose `source` skips it.
@@ -573,7 +574,7 @@ fn tls_failure(error: &tokio_postgres::Error) -> Option<TlsFailure> {
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
         if let Some(rustls_error) = rustls_error {
-            return Some(match rustls_error {
+            let failure = match rustls_error {
                 rustls::Error::InvalidCertificate(cert) => match cert {
                     CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                         TlsFailure::UntrustedCertificate
@@ -589,18 +590,27 @@ fn tls_failure(error: &tokio_postgres::Error) -> Option<TlsFailure> {
                     _ => TlsFailure::Handshake,
                 },
                 _ => TlsFailure::Handshake,
-            });
+            };
+            return Some((failure, rustls_error.to_string()));
         }
         // tokio-postgres's own TLS errors have no type of their own, only this text.
-        if current.to_string().contains("server does not support TLS") {
-            return Some(TlsFailure::ServerWithoutTls);
+        let text = current.to_string();
+        if text.contains("server does not support TLS") {
+            return Some((TlsFailure::ServerWithoutTls, text));
         }
         next = current.source();
     }
-    error
-        .to_string()
-        .starts_with("error performing TLS handshake")
-        .then_some(TlsFailure::Handshake)
+    let text = error.to_string();
+    text.starts_with("error performing TLS handshake")
+        .then(|| (TlsFailure::Handshake, innermost(error)))
+}
+
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }
 
 /// A connection string without its TLS settings, and those settings.

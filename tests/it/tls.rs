@@ -288,6 +288,7 @@ async fn verification_failures_are_typed() {
         TlsFailure::UntrustedCertificate,
     );
     assert!(message.contains("sslrootcert"), "{message}");
+    assert!(message.contains("UnknownIssuer"), "{message}");
     assert!(
         message.contains(&format!("{}", cluster.port())),
         "{message}"
