@@ -29,6 +29,7 @@
 //!   (guide: `docs/leader-election.md`).
 //!
 //! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
+#![doc = include_str!("lib.md")]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
