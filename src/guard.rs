@@ -14,6 +14,7 @@ use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::loss::{HealthCheck, LossSignal, Registration};
 use crate::sql::KeyParams;
+use crate::trace;
 use crate::{AdvisoryKey, LockMode, LockScope};
 
 /// A held advisory lock. The lock is released when the guard is dropped.
@@ -251,6 +252,7 @@ impl AdvisoryLockGuard {
     /// [`Session`](crate::Session) the key stays marked as held.
     pub fn leak(mut this: Self) {
         this.stop_watching();
+        trace::leaked(this.key, this.backend_pid);
         std::mem::forget(this.reservation.take());
         if let Some(conn) = this.conn.take() {
             conn.leak();
@@ -285,6 +287,7 @@ impl AdvisoryLockGuard {
         // request was already queued, and closing ends the session in any case.
         let slot = ConnSlot::new(conn);
         let result = release(slot.conn(), &how, self.key).await;
+        trace::released(self.key, self.backend_pid, how.name(), &result, false);
         slot.finish(result.is_ok());
         result
     }
@@ -295,7 +298,7 @@ impl Drop for AdvisoryLockGuard {
         self.stop_watching();
         if let Some(conn) = self.conn.take() {
             let release = self.release_kind(Release::Rollback);
-            release_in_background(conn, release, self.key);
+            release_in_background_traced(conn, release, self.key, Some(self.backend_pid));
         }
     }
 }
@@ -335,6 +338,17 @@ pub(crate) enum Release {
     /// Release the key in this mode if, and only if, the session holds it: the cleanup of a
     /// session-scoped acquisition whose outcome is unknown.
     UnlockIfHeld(LockMode),
+}
+
+impl Release {
+    /// How the release reads in events.
+    fn name(&self) -> &'static str {
+        match self {
+            Release::Unlock(..) | Release::UnlockIfHeld(_) => "unlock",
+            Release::Commit => "commit",
+            Release::Rollback => "rollback",
+        }
+    }
 }
 
 /// Runs `release` on `conn`. A session unlock is retried once if a cancel request sent for an
@@ -413,9 +427,23 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
 /// connection's queue on the first poll, so the release is ordered before anything the caller
 /// sends afterwards. Without a runtime to finish on, the connection is closed instead.
 pub(crate) fn release_in_background(conn: Conn, release_how: Release, key: AdvisoryKey) {
+    release_in_background_traced(conn, release_how, key, None);
+}
+
+/// [`release_in_background`], reporting the outcome as a release of the lock granted by
+/// `backend_pid` (a guard's drop) or, without one, only a failure (a cleanup).
+fn release_in_background_traced(
+    conn: Conn,
+    release_how: Release,
+    key: AdvisoryKey,
+    backend_pid: Option<i32>,
+) {
     let slot = ConnSlot::new(conn);
     let mut task = Box::pin(async move {
         let result = release(slot.conn(), &release_how, key).await;
+        if backend_pid.is_some() || result.is_err() {
+            trace::released(key, backend_pid.unwrap_or(0), "drop", &result, true);
+        }
         slot.finish(result.is_ok());
     });
     if poll_once(task.as_mut()).is_ready() {

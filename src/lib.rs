@@ -46,6 +46,7 @@ mod scope;
 mod sql;
 #[cfg(feature = "rustls")]
 pub mod tls;
+mod trace;
 
 pub use connection::{ConnectionSource, Session};
 pub use error::{redact_url, Error, Result, TlsFailure};

@@ -9,12 +9,14 @@ use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CancelToken, Row, Statement};
+use tracing::Instrument;
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{queue_now, release, release_in_background, ConnSlot, Release};
 use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
+use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
 /// A named (or numbered) advisory lock and where to take it.
@@ -249,6 +251,20 @@ impl AdvisoryLock {
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
+        let timer = trace::Timer::start();
+        let result = self
+            .acquire_untraced(mode, deadline)
+            .instrument(trace::acquire_span(self.key, mode, self.scope))
+            .await;
+        trace::acquired(self.key, mode, self.scope, &result, &timer);
+        result
+    }
+
+    async fn acquire_untraced(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<AdvisoryLockGuard>> {
         let key = self.key;
         let behind_pooler = self.source.behind_pooler();
         if behind_pooler && self.scope == LockScope::Session {
@@ -339,7 +355,11 @@ impl AdvisoryLock {
                         let guard = attempt.into_guard(mode, pid, unlock);
                         return Ok(Some(guard.with_health_check(self.health)));
                     }
-                    Some(false) => {}
+                    Some(false) => {
+                        if polling && !matches!(deadline, Deadline::Now) {
+                            trace::polling(key, row.get(1), pause);
+                        }
+                    }
                     None => return Err(Error::ReadOnlyStandby),
                 },
                 Err(e)
@@ -636,6 +656,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(in_flight) = self.in_flight.take() {
             // Abandoned with a statement in flight: its answer decides the cleanup.
+            trace::abandoned(self.key, self.scope);
             let cancel = self.cancel.take().zip(self.canceller.take());
             let scope = self.scope;
             let settled: Settled = Box::pin(async move {

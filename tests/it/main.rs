@@ -19,6 +19,7 @@ mod send_sync;
 mod support_selftest;
 mod timeouts;
 mod tls;
+mod tracing_events;
 
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]

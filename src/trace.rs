@@ -1,0 +1,149 @@
+//! The `tracing` events pglock emits (target `pglock`).
+//!
+//! Nothing is printed unless the application installs a `tracing` subscriber. With none, or with
+//! `pglock` filtered out, each event costs a check of a cached flag: field values are neither
+//! computed nor formatted, nothing is allocated, and the wait-time clock is not even read.
+//!
+//! | event | level | fields |
+//! |---|---|---|
+//! | span `pglock.acquire` around an acquisition | DEBUG | `key`, `mode`, `scope` |
+//! | `advisory lock busy, polling again` | TRACE | `key`, `backend_pid`, `pause_ms` |
+//! | `advisory lock granted` | DEBUG | `key`, `mode`, `scope`, `backend_pid`, `wait_ms` |
+//! | `advisory lock busy` (try/timeout gave up) | DEBUG | `key`, `mode`, `scope`, `wait_ms` |
+//! | `advisory lock not acquired` (an error) | DEBUG | `key`, `wait_ms`, `error` |
+//! | `advisory lock released` | DEBUG | `key`, `backend_pid`, `how` (`unlock`, `commit`, `rollback`, `drop`) |
+//! | `advisory lock release failed` | WARN on drop, DEBUG when returned | `key`, `backend_pid`, `error` |
+//! | `advisory lock acquisition abandoned` | DEBUG | `key`, `scope` |
+//! | `advisory lock leaked on purpose` | DEBUG | `key`, `backend_pid` |
+//! | `backend changed under advisory lock` | WARN | `key`, `error` |
+
+use std::time::Instant;
+
+use tracing::Level;
+
+use crate::error::Error;
+use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
+
+/// The target of every pglock event, for filters (`RUST_LOG=pglock=debug`).
+pub(crate) const TARGET: &str = "pglock";
+
+/// Measures a wait, only when DEBUG events of pglock are enabled.
+pub(crate) struct Timer(Option<Instant>);
+
+impl Timer {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Timer(tracing::enabled!(target: TARGET, Level::DEBUG).then(Instant::now))
+    }
+
+    fn wait_ms(&self) -> u64 {
+        self.0
+            .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+#[inline]
+pub(crate) fn acquire_span(key: AdvisoryKey, mode: LockMode, scope: LockScope) -> tracing::Span {
+    tracing::debug_span!(target: TARGET, "pglock.acquire", key = %key, mode = ?mode, scope = ?scope)
+}
+
+/// How an acquisition ended.
+pub(crate) fn acquired(
+    key: AdvisoryKey,
+    mode: LockMode,
+    scope: LockScope,
+    result: &crate::Result<Option<AdvisoryLockGuard>>,
+    timer: &Timer,
+) {
+    match result {
+        Ok(Some(guard)) => tracing::debug!(
+            target: TARGET,
+            key = %key,
+            mode = ?mode,
+            scope = ?scope,
+            backend_pid = AdvisoryLockGuard::backend_pid(guard),
+            wait_ms = timer.wait_ms(),
+            "advisory lock granted"
+        ),
+        Ok(None) => tracing::debug!(
+            target: TARGET,
+            key = %key,
+            mode = ?mode,
+            scope = ?scope,
+            wait_ms = timer.wait_ms(),
+            "advisory lock busy"
+        ),
+        Err(error @ Error::BackendChanged { .. }) => backend_changed(key, error),
+        Err(error) => tracing::debug!(
+            target: TARGET,
+            key = %key,
+            wait_ms = timer.wait_ms(),
+            error = %error,
+            "advisory lock not acquired"
+        ),
+    }
+}
+
+#[inline]
+pub(crate) fn polling(key: AdvisoryKey, backend_pid: i32, pause: std::time::Duration) {
+    tracing::trace!(
+        target: TARGET,
+        key = %key,
+        backend_pid,
+        pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+        "advisory lock busy, polling again"
+    );
+}
+
+/// A release ended, now or in the background (`background`: nobody else sees its error).
+pub(crate) fn released(
+    key: AdvisoryKey,
+    backend_pid: i32,
+    how: &'static str,
+    result: &crate::Result<()>,
+    background: bool,
+) {
+    match result {
+        Ok(()) => tracing::debug!(
+            target: TARGET,
+            key = %key,
+            backend_pid,
+            how,
+            "advisory lock released"
+        ),
+        Err(error @ Error::BackendChanged { .. }) => backend_changed(key, error),
+        Err(error) if background => tracing::warn!(
+            target: TARGET,
+            key = %key,
+            backend_pid,
+            error = %error,
+            "advisory lock release failed; the connection is closed, so the server frees the lock"
+        ),
+        Err(error) => tracing::debug!(
+            target: TARGET,
+            key = %key,
+            backend_pid,
+            error = %error,
+            "advisory lock release failed"
+        ),
+    }
+}
+
+pub(crate) fn backend_changed(key: AdvisoryKey, error: &Error) {
+    tracing::warn!(target: TARGET, key = %key, error = %error, "backend changed under advisory lock");
+}
+
+#[inline]
+pub(crate) fn abandoned(key: AdvisoryKey, scope: LockScope) {
+    tracing::debug!(
+        target: TARGET,
+        key = %key,
+        scope = ?scope,
+        "advisory lock acquisition abandoned; cancelling it on the server"
+    );
+}
+
+pub(crate) fn leaked(key: AdvisoryKey, backend_pid: i32) {
+    tracing::debug!(target: TARGET, key = %key, backend_pid, "advisory lock leaked on purpose");
+}

@@ -1,0 +1,198 @@
+//! pglock's `tracing` events: emitted with the documented fields, seen by whatever subscriber
+//! the application installs (here a minimal one that records them).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard, LockScope, WaitStrategy};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+
+use crate::harness::TestDb;
+
+#[derive(Clone, Debug)]
+struct Recorded {
+    target: String,
+    level: tracing::Level,
+    fields: BTreeMap<String, String>,
+}
+
+impl Recorded {
+    fn message(&self) -> &str {
+        self.fields.get("message").map_or("", String::as_str)
+    }
+
+    fn field(&self, name: &str) -> &str {
+        self.fields
+            .get(name)
+            .map_or_else(|| panic!("no field {name} in {self:?}"), String::as_str)
+    }
+}
+
+/// Records every event and the names of the spans created.
+#[derive(Clone, Default)]
+struct Recorder {
+    events: Arc<Mutex<Vec<Recorded>>>,
+    spans: Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>,
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl Subscriber for Recorder {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, span: &Attributes<'_>) -> Id {
+        let mut fields = BTreeMap::new();
+        span.record(&mut Fields(&mut fields));
+        let mut spans = self.spans.lock().unwrap();
+        spans.push((span.metadata().name().to_owned(), fields));
+        Id::from_u64(spans.len() as u64)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        self.events.lock().unwrap().push(Recorded {
+            target: event.metadata().target().to_owned(),
+            level: *event.metadata().level(),
+            fields,
+        });
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+impl Recorder {
+    /// pglock's events with this message and key so far.
+    fn find(&self, message: &str, key: &str) -> Vec<Recorded> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.target == "pglock" && e.message().starts_with(message))
+            .filter(|e| e.fields.get("key").map(String::as_str) == Some(key))
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_for(&self, message: &str, key: &str) -> Recorded {
+        for _ in 0..500 {
+            if let Some(event) = self.find(message, key).pop() {
+                return event;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no event {message:?} for key {key}");
+    }
+}
+
+#[tokio::test]
+async fn acquisitions_and_releases_are_traced() {
+    let recorder = Recorder::default();
+    // The test runtime is single-threaded, so background releases report here too.
+    let _default = tracing::subscriber::set_default(recorder.clone());
+    let db = TestDb::new("tracing_events").await;
+    let pool = db.pool(3);
+    let key = db.key();
+    let key_text = key.to_string();
+    let lock = AdvisoryLock::new(&pool, key);
+
+    let guard = lock.lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    let granted = recorder.wait_for("advisory lock granted", &key_text).await;
+    assert_eq!(granted.level, tracing::Level::DEBUG);
+    assert_eq!(granted.field("backend_pid"), pid.to_string());
+    assert_eq!(granted.field("mode"), "Exclusive");
+    assert_eq!(granted.field("scope"), "Session");
+    granted.field("wait_ms").parse::<u64>().unwrap();
+    assert!(recorder
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(name, fields)| name == "pglock.acquire" && fields.get("key") == Some(&key_text)));
+
+    // Busy: a try that gives up.
+    assert!(lock.try_lock().await.unwrap().is_none());
+    recorder.wait_for("advisory lock busy", &key_text).await;
+
+    // A waiter's wait time, and polling.
+    let waiter = AdvisoryLock::new(&pool, key).wait_strategy(WaitStrategy::Poll {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(20),
+    });
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    let released = recorder.wait_for("advisory lock released", &key_text).await;
+    assert_eq!(released.field("how"), "unlock");
+    assert_eq!(released.field("backend_pid"), pid.to_string());
+
+    let second = waiting.await.unwrap().unwrap();
+    let polls = recorder.find("advisory lock busy, polling again", &key_text);
+    assert!(!polls.is_empty(), "polling is traced");
+    assert_eq!(polls[0].level, tracing::Level::TRACE);
+    let granted = recorder.find("advisory lock granted", &key_text);
+    let waited: u64 = granted.last().unwrap().field("wait_ms").parse().unwrap();
+    assert!(waited >= 150, "wait_ms = {waited}");
+
+    // Release on drop, in the background.
+    let second_pid = AdvisoryLockGuard::backend_pid(&second);
+    drop(second);
+    let drops = || -> Vec<Recorded> {
+        recorder
+            .find("advisory lock released", &key_text)
+            .into_iter()
+            .filter(|e| e.field("how") == "drop")
+            .collect()
+    };
+    for _ in 0..500 {
+        if !drops().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drops = drops();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(drops[0].field("backend_pid"), second_pid.to_string());
+
+    // A transaction-scoped lock, and an abandoned acquisition.
+    let xact = AdvisoryLock::new(&pool, key).scope(LockScope::Transaction);
+    let guard = xact.lock().await.unwrap();
+    let blocked = AdvisoryLock::new(&pool, key);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), blocked.lock())
+            .await
+            .is_err(),
+        "the lock is held"
+    );
+    recorder
+        .wait_for("advisory lock acquisition abandoned", &key_text)
+        .await;
+    AdvisoryLockGuard::commit(guard).await.unwrap();
+    let commits = recorder.find("advisory lock released", &key_text);
+    assert_eq!(commits.last().unwrap().field("how"), "commit");
+
+    drop(pool);
+    db.assert_no_locks().await;
+}
