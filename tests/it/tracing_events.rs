@@ -31,11 +31,14 @@ impl Recorded {
     }
 }
 
+/// A span's name and fields.
+type SpanRecord = (String, BTreeMap<String, String>);
+
 /// Records every event and the names of the spans created.
 #[derive(Clone, Default)]
 struct Recorder {
     events: Arc<Mutex<Vec<Recorded>>>,
-    spans: Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>,
+    spans: Arc<Mutex<Vec<SpanRecord>>>,
 }
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
