@@ -9,7 +9,6 @@ use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CancelToken, Row, Statement};
-use tracing::Instrument;
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
@@ -252,10 +251,7 @@ impl AdvisoryLock {
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let timer = trace::Timer::start();
-        let result = self
-            .acquire_untraced(mode, deadline)
-            .instrument(trace::acquire_span(self.key, mode, self.scope))
-            .await;
+        let result = self.acquire_untraced(mode, deadline).await;
         trace::acquired(self.key, mode, self.scope, &result, &timer);
         result
     }

@@ -6,7 +6,6 @@
 //!
 //! | event | level | fields |
 //! |---|---|---|
-//! | span `pglock.acquire` around an acquisition | DEBUG | `key`, `mode`, `scope` |
 //! | `advisory lock busy, polling again` | TRACE | `key`, `backend_pid`, `pause_ms` |
 //! | `advisory lock granted` | DEBUG | `key`, `mode`, `scope`, `backend_pid`, `wait_ms` |
 //! | `advisory lock busy` (try/timeout gave up) | DEBUG | `key`, `mode`, `scope`, `wait_ms` |
@@ -41,11 +40,6 @@ impl Timer {
             .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
     }
-}
-
-#[inline]
-pub(crate) fn acquire_span(key: AdvisoryKey, mode: LockMode, scope: LockScope) -> tracing::Span {
-    tracing::debug_span!(target: TARGET, "pglock.acquire", key = %key, mode = ?mode, scope = ?scope)
 }
 
 /// How an acquisition ended.

@@ -128,12 +128,10 @@ async fn acquisitions_and_releases_are_traced() {
     assert_eq!(granted.field("mode"), "Exclusive");
     assert_eq!(granted.field("scope"), "Session");
     granted.field("wait_ms").parse::<u64>().unwrap();
-    assert!(recorder
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(name, fields)| name == "pglock.acquire" && fields.get("key") == Some(&key_text)));
+    assert!(
+        recorder.spans.lock().unwrap().is_empty(),
+        "no spans: events only, to keep the lock path lean"
+    );
 
     // Busy: a try that gives up.
     assert!(lock.try_lock().await.unwrap().is_none());
