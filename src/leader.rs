@@ -14,6 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
+use crate::trace;
 use crate::{
     AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, ConnectionSource, HealthCheck, LossReason,
     LossSignal, WaitStrategy,
@@ -515,17 +516,28 @@ impl LeaderElection {
         // election is still reported within the detection bound.
         let loss = AdvisoryLockGuard::loss_signal(&guard);
         self.state.send_replace(LeaderState::Leader { term });
+        let key = self.key;
+        trace::leadership_acquired(
+            &self.name,
+            key,
+            term,
+            AdvisoryLockGuard::backend_pid(&guard),
+        );
         // Observers see the leadership end as soon as its loss is detected.
         let mut on_loss = loss.clone();
         let state = self.state.clone();
+        let name = self.name.clone();
         let watcher = tokio::spawn(async move {
-            on_loss.lost().await;
-            demote(&state, term);
+            let reason = on_loss.lost().await;
+            if demote(&state, term) && !matches!(reason, LossReason::Released) {
+                trace::leadership_lost(&name, key, term, &reason);
+            }
         });
         Ok(Leadership {
             guard: Some(guard),
             watcher,
             term,
+            key,
             name: self.name.clone(),
             loss,
             state: self.state.clone(),
@@ -625,7 +637,8 @@ impl LeaderElection {
 }
 
 /// Turns `Leader { term }` into `Follower`, unless the state has moved on to another term.
-fn demote(state: &watch::Sender<LeaderState>, term: i64) {
+/// Turns `term`'s leadership into a follower state; whether it was still the leader.
+fn demote(state: &watch::Sender<LeaderState>, term: i64) -> bool {
     state.send_if_modified(|current| {
         if *current == (LeaderState::Leader { term }) {
             *current = LeaderState::Follower;
@@ -633,7 +646,7 @@ fn demote(state: &watch::Sender<LeaderState>, term: i64) {
         } else {
             false
         }
-    });
+    })
 }
 
 /// This instance's leadership: the leadership lock, held, and the term it started.
@@ -662,6 +675,8 @@ pub struct Leadership {
     watcher: JoinHandle<()>,
     term: i64,
     name: Arc<str>,
+    /// The leadership lock's key (for events).
+    key: AdvisoryKey,
     loss: LossSignal,
     state: Arc<watch::Sender<LeaderState>>,
     step_down_timeout: Duration,
@@ -747,7 +762,9 @@ impl Leadership {
     ///
     /// If the future is dropped, the release still happens in the background.
     pub async fn step_down(mut self) -> Result<()> {
-        demote(&self.state, self.term);
+        if demote(&self.state, self.term) {
+            trace::leadership_released(&self.name, self.key, self.term, "step_down");
+        }
         let guard = self
             .guard
             .take()
@@ -765,7 +782,9 @@ impl Leadership {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
-        demote(&self.state, self.term);
+        if demote(&self.state, self.term) {
+            trace::leadership_released(&self.name, self.key, self.term, "drop");
+        }
         self.watcher.abort();
     }
 }

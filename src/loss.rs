@@ -432,6 +432,7 @@ impl Monitor {
     fn lose(&self, id: u64, reason: LossReason) {
         let watched = self.state.lock().unwrap().watched.remove(&id);
         if let Some(watched) = watched {
+            crate::trace::lock_lost(watched.key, watched.backend_pid, &reason);
             set_once(&watched.reason, reason);
         }
     }
@@ -440,6 +441,7 @@ impl Monitor {
     fn lose_all(&self, reason: LossReason) {
         let mut state = self.state.lock().unwrap();
         for (_, watched) in state.watched.drain() {
+            crate::trace::lock_lost(watched.key, watched.backend_pid, &reason);
             set_once(&watched.reason, reason.clone());
         }
         state.running = false;

@@ -15,12 +15,17 @@
 //! | `advisory lock acquisition abandoned` | DEBUG | `key`, `scope` |
 //! | `advisory lock leaked on purpose` | DEBUG | `key`, `backend_pid` |
 //! | `backend changed under advisory lock` | WARN | `key`, `error` |
+//! | `advisory lock lost` | WARN | `key`, `backend_pid`, `reason` |
+//! | `leadership acquired` | INFO | `name`, `key`, `term`, `backend_pid` |
+//! | `leadership lost` | WARN | `name`, `key`, `term`, `reason` |
+//! | `leadership released` | INFO | `name`, `key`, `term`, `how` (`step_down`, `drop`) |
 
 use std::time::Instant;
 
 use tracing::Level;
 
 use crate::error::Error;
+use crate::loss::LossReason;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
 
 /// The target of every pglock event, for filters (`RUST_LOG=pglock=debug`).
@@ -140,4 +145,21 @@ pub(crate) fn abandoned(key: AdvisoryKey, scope: LockScope) {
 
 pub(crate) fn leaked(key: AdvisoryKey, backend_pid: i32) {
     tracing::debug!(target: TARGET, key = %key, backend_pid, "advisory lock leaked on purpose");
+}
+
+/// The loss monitor found a watched lock gone.
+pub(crate) fn lock_lost(key: AdvisoryKey, backend_pid: i32, reason: &LossReason) {
+    tracing::warn!(target: TARGET, key = %key, backend_pid, reason = %reason, "advisory lock lost");
+}
+
+pub(crate) fn leadership_acquired(name: &str, key: AdvisoryKey, term: i64, backend_pid: i32) {
+    tracing::info!(target: TARGET, name, key = %key, term, backend_pid, "leadership acquired");
+}
+
+pub(crate) fn leadership_lost(name: &str, key: AdvisoryKey, term: i64, reason: &LossReason) {
+    tracing::warn!(target: TARGET, name, key = %key, term, reason = %reason, "leadership lost");
+}
+
+pub(crate) fn leadership_released(name: &str, key: AdvisoryKey, term: i64, how: &'static str) {
+    tracing::info!(target: TARGET, name, key = %key, term, how, "leadership released");
 }

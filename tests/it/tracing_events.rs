@@ -197,3 +197,68 @@ async fn acquisitions_and_releases_are_traced() {
     drop(pool);
     db.assert_no_locks().await;
 }
+
+#[tokio::test]
+async fn loss_and_leadership_are_traced() {
+    let recorder = Recorder::default();
+    let _default = tracing::subscriber::set_default(recorder.clone());
+    let db = TestDb::new("tracing_loss").await;
+    let pool = db.pool(3);
+    let health = pglock::HealthCheck::new(Duration::from_millis(100), Duration::from_millis(250));
+
+    // A lock lost to an administrator's pg_terminate_backend.
+    let key = db.key();
+    let key_text = key.to_string();
+    let guard = AdvisoryLock::new(&pool, key)
+        .health_check(health)
+        .lock()
+        .await
+        .unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    let mut loss = AdvisoryLockGuard::loss_signal(&guard);
+    db.terminate(pid).await;
+    tokio::time::timeout(Duration::from_secs(10), loss.lost())
+        .await
+        .expect("the loss is detected");
+    let lost = recorder.wait_for("advisory lock lost", &key_text).await;
+    assert_eq!(lost.level, tracing::Level::WARN);
+    assert_eq!(lost.field("backend_pid"), pid.to_string());
+    assert!(!lost.field("reason").is_empty());
+    drop(guard);
+
+    // A leadership: acquired, then lost the same way, then a new one stepped down.
+    let name = format!("tracing-{}", db.key());
+    let election = pglock::LeaderElection::new(&pool, name.as_str()).health_check(health);
+    let election_key = election.lock_key().to_string();
+    let leadership = election.campaign().await.unwrap();
+    let acquired = recorder
+        .wait_for("leadership acquired", &election_key)
+        .await;
+    assert_eq!(acquired.level, tracing::Level::INFO);
+    assert_eq!(acquired.field("name"), name);
+    assert_eq!(acquired.field("term"), leadership.term().to_string());
+    let leader_pid: i32 = acquired.field("backend_pid").parse().unwrap();
+    db.terminate(leader_pid).await;
+    let lost = recorder.wait_for("leadership lost", &election_key).await;
+    assert_eq!(lost.level, tracing::Level::WARN);
+    assert_eq!(lost.field("term"), leadership.term().to_string());
+    drop(leadership);
+    assert!(
+        recorder
+            .find("leadership released", &election_key)
+            .is_empty(),
+        "a lost leadership is not also reported as released"
+    );
+
+    let leadership = election.campaign().await.unwrap();
+    let term = leadership.term();
+    leadership.step_down().await.unwrap();
+    let released = recorder
+        .wait_for("leadership released", &election_key)
+        .await;
+    assert_eq!(released.field("how"), "step_down");
+    assert_eq!(released.field("term"), term.to_string());
+
+    drop(pool);
+    db.assert_no_locks().await;
+}
