@@ -297,10 +297,18 @@ impl From<deadpool_postgres::PoolError> for Error {
         use deadpool_postgres::{PoolError, TimeoutType};
         match error {
             PoolError::Timeout(TimeoutType::Wait) => Error::PoolExhausted,
-            PoolError::Backend(source) if source.code().is_none() => Error::Connect {
-                target: "the pool's server".to_owned(),
-                source,
-            },
+            PoolError::Backend(source) if source.code().is_none() => {
+                let target = "the pool's server";
+                #[cfg(feature = "rustls")]
+                let source = match crate::tls::pool_tls_error(target, source) {
+                    Ok(tls) => return tls,
+                    Err(source) => source,
+                };
+                Error::Connect {
+                    target: target.to_owned(),
+                    source,
+                }
+            }
             other => Error::Pool(other),
         }
     }

@@ -142,6 +142,8 @@ pub struct TlsConfig {
     mode: SslMode,
     roots: Option<RootCerts>,
     target: String,
+    /// Whether the connection string named an `application_name`.
+    named: bool,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -193,6 +195,7 @@ impl TlsConfig {
             "system" => RootCerts::System,
             path => RootCerts::PemFile(PathBuf::from(path)),
         });
+        let named = parsed.names_application;
         let mut config = parse_config(&parsed.rest)?;
         config.ssl_mode(mode.for_driver());
         Ok(TlsConfig {
@@ -200,7 +203,37 @@ impl TlsConfig {
             mode,
             roots,
             target,
+            named,
         })
+    }
+
+    /// Sets `application_name`, replacing the connection string's.
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.config.application_name(name);
+        self
+    }
+
+    /// Sets `application_name` unless the connection string names one (the default default
+    /// is `pglock`).
+    pub fn with_default_application_name(mut self, name: &str) -> Self {
+        if !self.named {
+            self.config.application_name(name);
+        }
+        self
+    }
+
+    /// The driver configuration, to change other settings (timeouts, keepalives). Its
+    /// `sslmode` is pglock's to keep in step: change it with
+    /// [`with_ssl_mode`](Self::with_ssl_mode).
+    pub fn config_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+
+    /// Turns an error from connecting with this configuration's [`connector`](Self::connector)
+    /// into [`Error::Tls`] when TLS failed, or [`Error::Connect`] otherwise, for connections
+    /// made by hand.
+    pub fn connect_error(&self, error: tokio_postgres::Error) -> Error {
+        classify(&self.target, error)
     }
 
     /// Sets the trusted root certificates, replacing `sslrootcert`. With `require` or lower
@@ -546,6 +579,22 @@ impl ServerCertVerifier for CaOnly {
     }
 }
 
+/// [`Error::Tls`] for a pool's connection error when TLS is what failed, else the error back.
+pub(crate) fn pool_tls_error(
+    target: &str,
+    error: tokio_postgres::Error,
+) -> std::result::Result<Error, tokio_postgres::Error> {
+    match tls_failure(&error) {
+        Some((failure, detail)) => Ok(Error::Tls {
+            target: target.to_owned(),
+            failure,
+            detail,
+            source: error,
+        }),
+        None => Err(error),
+    }
+}
+
 /// Turns a connection error into [`Error::Tls`] when TLS is what failed.
 fn classify(target: &str, error: tokio_postgres::Error) -> Error {
     match tls_failure(&error) {
@@ -619,6 +668,8 @@ struct SplitParams {
     rest: String,
     sslmode: Option<String>,
     sslrootcert: Option<String>,
+    /// Whether the string sets `application_name`.
+    names_application: bool,
 }
 
 /// The libpq settings pglock handles itself (tokio-postgres does not know them), and those it
@@ -630,6 +681,10 @@ fn split_tls_params(url: &str) -> std::result::Result<SplitParams, String> {
     let mut out = SplitParams::default();
     let mut take = |key: &str, value: String| -> std::result::Result<bool, String> {
         match key {
+            "application_name" => {
+                out.names_application = true;
+                return Ok(false);
+            }
             "sslmode" => out.sslmode = Some(value),
             "sslrootcert" => out.sslrootcert = Some(value),
             key if UNSUPPORTED_KEYS.contains(&key) => {
@@ -817,6 +872,25 @@ mod tests {
         let tls = TlsConfig::from_url("postgres://h/db").unwrap();
         assert_eq!(tls.ssl_mode(), SslMode::Prefer);
         assert_eq!(tls.config().get_application_name(), Some("pglock"));
+    }
+
+    #[test]
+    fn default_application_name_yields_to_the_url() {
+        let tls = TlsConfig::from_url("postgres://h/db?sslmode=require")
+            .unwrap()
+            .with_default_application_name("pglock run x");
+        assert_eq!(tls.config().get_application_name(), Some("pglock run x"));
+        for url in [
+            "postgres://h/db?application_name=mine",
+            "host=h application_name=mine",
+        ] {
+            let tls = TlsConfig::from_url(url)
+                .unwrap()
+                .with_default_application_name("pglock run x");
+            assert_eq!(tls.config().get_application_name(), Some("mine"), "{url}");
+            let tls = tls.with_application_name("forced");
+            assert_eq!(tls.config().get_application_name(), Some("forced"), "{url}");
+        }
     }
 
     #[test]

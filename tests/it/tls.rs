@@ -353,6 +353,13 @@ async fn verification_failures_are_typed() {
         }) => {}
         other => panic!("expected UntrustedCertificate from the pool, got {other:?}"),
     }
+    match AdvisoryLock::new(&pool, db.key()).lock().await {
+        Err(Error::Tls {
+            failure: TlsFailure::UntrustedCertificate,
+            ..
+        }) => {}
+        other => panic!("expected UntrustedCertificate from an acquisition, got {other:?}"),
+    }
 
     drop(session);
     assert_no_locks_on(&cluster, &db.app).await;
@@ -515,6 +522,59 @@ async fn abandoned_wait_is_cancelled_over_tls() {
     AdvisoryLockGuard::unlock(guard).await.unwrap();
 
     drop((session, pool, observer));
+    assert_no_locks_on(&cluster, &db.app).await;
+    db.assert_no_locks().await;
+}
+
+/// The `pglock` command connects with TLS as the URL says, and reports a failed verification
+/// as "cannot connect" (exit 69) with the reason.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn the_command_uses_tls() {
+    let db = TestDb::new("tls_cli").await;
+    let certs = Certificates::make();
+    let cluster = tls_cluster(&certs).await;
+    let run = |url: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pglock"))
+            .args(["run", "--database-url", &url, "tls-cli-test", "--", "true"])
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run pglock")
+    };
+    let ca = certs.path("ca.crt").display().to_string();
+    let other_ca = certs.path("other-ca.crt").display().to_string();
+
+    let ok = run(url(
+        &cluster,
+        "localhost",
+        &db.app,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    assert!(
+        ok.status.success(),
+        "{:?}: {}",
+        ok.status,
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let refused = run(url(
+        &cluster,
+        "localhost",
+        &db.app,
+        &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+    ))
+    .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("not signed by a trusted certificate authority"),
+        "{stderr}"
+    );
+
     assert_no_locks_on(&cluster, &db.app).await;
     db.assert_no_locks().await;
 }

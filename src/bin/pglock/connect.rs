@@ -1,22 +1,22 @@
 //! Making the connection from a URL: the one place that chooses the transport (plain TCP, Unix
 //! socket or TLS) and the connection settings.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{
     ClientWrapper, Hook, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
 };
-use pglock::{redact_url, Error, HealthCheck, Session};
+use pglock::tls::{MakeRustlsConnect, TlsConfig};
+use pglock::{Error, HealthCheck, Session};
 use tokio::sync::watch;
-use tokio_postgres::config::SslMode;
-use tokio_postgres::{Config, NoTls};
 
 /// A connection pglock holds a lock on, and a way to learn that it ended.
 pub struct Connection {
     pub session: Arc<Session>,
     closed: watch::Receiver<bool>,
+    /// Cancel requests go over TLS too, as the connection does.
+    connector: MakeRustlsConnect,
 }
 
 impl Connection {
@@ -26,7 +26,8 @@ impl Connection {
     /// before the process exits.
     pub async fn abandon_wait(&self) {
         let token = self.session.cancel_token();
-        let _ = tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls)).await;
+        let cancel = token.cancel_query(self.connector.clone());
+        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
     }
 
     /// Resolves once the connection has ended (the server closed it, e.g. the backend was
@@ -53,42 +54,25 @@ pub enum AppName<'a> {
 const SESSION_SETUP: &str = "SELECT set_config('client_connection_check_interval', '1s', false) \
      WHERE current_setting('server_version_num')::int >= 140000";
 
-/// The connection settings for `url`: the application name, a connect timeout, pglock's TCP
-/// keepalives and user timeout (unless the URL sets keepalives).
-fn config(url: &str, application_name: AppName<'_>) -> Result<Config, Error> {
-    let mut config = Config::from_str(url).map_err(|error| {
-        Error::Config(format!(
-            "cannot parse the connection string {}: {error}",
-            redact_url(url)
-        ))
-    })?;
-    match application_name {
-        AppName::Forced(name) => {
-            config.application_name(name);
-        }
-        AppName::Default(name) if config.get_application_name().is_none() => {
-            config.application_name(name);
-        }
-        AppName::Default(_) => {}
-    }
+/// The connection settings for `url`: TLS as its `sslmode` and `sslrootcert` say
+/// ([`pglock::tls`]), the application name, a connect timeout, pglock's TCP keepalives and user
+/// timeout (unless the URL sets keepalives).
+fn config(url: &str, application_name: AppName<'_>) -> Result<TlsConfig, Error> {
+    let tls = TlsConfig::from_url(url)?;
+    let mut tls = match application_name {
+        AppName::Forced(name) => tls.with_application_name(name),
+        AppName::Default(name) => tls.with_default_application_name(name),
+    };
+    let config = tls.config_mut();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(30));
     }
     if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
         // As pglock's own sessions: a dead network path ends the connection within
         // HealthCheck::keepalive_timeout, not after the operating system's two hours.
-        HealthCheck::default().configure_keepalives(&mut config);
+        HealthCheck::default().configure_keepalives(config);
     }
-    if config.get_ssl_mode() == SslMode::Require {
-        // A TLS connector plugs in here and in `connect` (feature `tls`, `deploy` branch).
-        return Err(Error::Config(format!(
-            "{} asks for TLS (sslmode=require), but this pglock was built without TLS \
-             support: install a build with TLS, or use sslmode=prefer/disable on a trusted \
-             network",
-            redact_url(url)
-        )));
-    }
-    Ok(config)
+    Ok(tls)
 }
 
 /// A small pool for `url` (for `pglock leader`, whose election replaces a lost connection with
@@ -98,10 +82,10 @@ fn config(url: &str, application_name: AppName<'_>) -> Result<Config, Error> {
 ///
 /// [`Error::Config`] as for [`connect`].
 pub fn pool(url: &str, application_name: AppName<'_>) -> Result<Pool, Error> {
-    let config = config(url, application_name)?;
+    let tls = config(url, application_name)?;
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        tls.config().clone(),
+        tls.connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -128,27 +112,28 @@ pub fn pool(url: &str, application_name: AppName<'_>) -> Result<Pool, Error> {
 ///
 /// # Errors
 ///
-/// [`Error::Config`] for a malformed URL or a TLS mode this build cannot do,
+/// [`Error::Config`] for a malformed URL or unreadable root certificates, [`Error::Tls`] when
+/// TLS cannot be set up (an untrusted certificate, a wrong host name, a server without TLS),
 /// [`Error::Connect`] when the server cannot be reached or refuses the login. No message
 /// contains the password.
 pub async fn connect(url: &str, application_name: AppName<'_>) -> Result<Connection, Error> {
-    let config = config(url, application_name)?;
-    let connect_error = |source| Error::Connect {
-        target: redact_url(url),
-        source,
-    };
+    let tls = config(url, application_name)?;
+    let connector = tls.connector()?;
     let (closed_tx, closed) = watch::channel(false);
-    // sslmode=prefer falls back to plain TCP with NoTls, as libpq does without TLS support;
-    // `config` refused sslmode=require.
-    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    let (client, connection) = tls
+        .config()
+        .connect(connector.clone())
+        .await
+        .map_err(|error| tls.connect_error(error))?;
     tokio::spawn(async move {
         let _ = connection.await;
         let _ = closed_tx.send(true);
     });
-    let session = Session::from_client(client).with_cancel_tls(NoTls);
+    let session = Session::from_client(client).with_cancel_tls(connector.clone());
     let _ = session.batch_execute(SESSION_SETUP).await;
     Ok(Connection {
         session: Arc::new(session),
         closed,
+        connector,
     })
 }

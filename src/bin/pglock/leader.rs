@@ -209,7 +209,7 @@ async fn pause_or_signal(signals: &mut Signals, pause: Duration) -> Option<i32> 
 fn permanent(error: &Error) -> bool {
     matches!(
         error,
-        Error::Config(_) | Error::TermTable { .. } | Error::ReadOnlyStandby
+        Error::Config(_) | Error::TermTable { .. } | Error::ReadOnlyStandby | Error::Tls { .. }
     )
 }
 

@@ -216,7 +216,7 @@ pub fn child_env(target: &Resolved, mode: LockMode) -> Vec<(&'static str, String
 pub fn report_error(out: &Output, error: &Error) -> i32 {
     out.error(format_args!("{}", with_causes(error)));
     match error {
-        Error::Connect { .. } => exit::CANNOT_CONNECT,
+        Error::Connect { .. } | Error::Tls { .. } => exit::CANNOT_CONNECT,
         Error::Config(_) => exit::USAGE,
         _ => exit::SOFTWARE,
     }
