@@ -56,3 +56,21 @@ pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTab
 pub use lock::AdvisoryLock;
 pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
+
+/// The Rust examples in the guides of `docs/`, compiled (and run, where they need no server)
+/// by `cargo test --doc`, so that the guides stay true to the API.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/pgbouncer.md")]
+    struct PgBouncer;
+    #[doc = include_str!("../docs/tls.md")]
+    struct Tls;
+    #[doc = include_str!("../docs/schedulers.md")]
+    struct Schedulers;
+    #[doc = include_str!("../docs/choosing-keys.md")]
+    struct ChoosingKeys;
+    #[doc = include_str!("../docs/migrations.md")]
+    struct Migrations;
+    #[doc = include_str!("../docs/observability.md")]
+    struct Observability;
+}
