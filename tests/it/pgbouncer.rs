@@ -337,3 +337,49 @@ async fn pool_mode_is_not_visible_on_a_client_connection() {
     bouncer.stop();
     db.assert_no_locks().await;
 }
+
+/// Undeclared, a watched session lock behind a transaction pooler is reported lost as soon as
+/// a loss probe reaches another backend, before pglock's own release would notice.
+#[tokio::test]
+async fn loss_probe_reports_backend_change() {
+    let db = TestDb::new("pgb_loss_probe").await;
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let pool = pool_through(&bouncer, &db, 1);
+    let key = db.key();
+    let guard = AdvisoryLock::new(&pool, key)
+        .health_check(pglock::HealthCheck::new(
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        ))
+        .lock()
+        .await
+        .unwrap();
+    let granted_on = AdvisoryLockGuard::backend_pid(&guard);
+    let mut loss = AdvisoryLockGuard::loss_signal(&guard);
+
+    // Another client's transaction pins the server connection that holds the lock, so the
+    // next probe is routed to another one.
+    let other = connect(&bouncer.url(&db.app)).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(backend_pid(&other).await, granted_on);
+
+    let reason = tokio::time::timeout(Duration::from_secs(10), loss.lost())
+        .await
+        .expect("the probe notices the backend change");
+    match reason {
+        pglock::LossReason::BackendChanged { expected, actual } => {
+            assert_eq!(expected, granted_on);
+            assert_ne!(actual, granted_on);
+        }
+        other => panic!("expected BackendChanged, got {other:?}"),
+    }
+
+    drop(guard);
+    other.batch_execute("ROLLBACK").await.unwrap();
+    drop(other);
+    drop(pool);
+    bouncer.stop();
+    db.assert_no_locks().await;
+}
