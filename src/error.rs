@@ -24,7 +24,7 @@ pub enum Error {
     Config(String),
 
     /// A connection to PostgreSQL could not be established.
-    #[error("could not connect to PostgreSQL at {target}: {source}; check that the server is running and that the URL, user and database are right")]
+    #[error("could not connect to PostgreSQL at {target}: {}; check that the server is running and that the URL, user and database are right", describe(.source))]
     Connect {
         /// Where pglock tried to connect, with any password removed.
         target: String,
@@ -60,7 +60,7 @@ pub enum Error {
     Pool(#[source] deadpool_postgres::PoolError),
 
     /// The connection closed or failed; any lock it held has been released by the server.
-    #[error("the connection to PostgreSQL was lost{}: {source}; every advisory lock of that session is gone", key_suffix(.key))]
+    #[error("the connection to PostgreSQL was lost{}: {}; every advisory lock of that session is gone", key_suffix(.key), describe(.source))]
     ConnectionLost {
         /// The key of the lock concerned, when there is one.
         key: Option<AdvisoryKey>,
@@ -79,7 +79,7 @@ pub enum Error {
     },
 
     /// PostgreSQL's deadlock detector chose this wait as the victim (SQLSTATE 40P01).
-    #[error("deadlock detected while waiting for advisory lock {key}: {source}; retry, or use WaitStrategy::Poll when the holder may wait on this session (e.g. CREATE INDEX CONCURRENTLY)")]
+    #[error("deadlock detected while waiting for advisory lock {key}: {}; retry, or use WaitStrategy::Poll when the holder may wait on this session (e.g. CREATE INDEX CONCURRENTLY)", describe(.source))]
     Deadlock {
         /// The key that was being waited for.
         key: AdvisoryKey,
@@ -90,7 +90,7 @@ pub enum Error {
 
     /// The wait was cancelled on the server (SQLSTATE 57014: `pg_cancel_backend`,
     /// `statement_timeout`).
-    #[error("the wait for advisory lock {key} was cancelled by the server: {source}")]
+    #[error("the wait for advisory lock {key} was cancelled by the server: {}", describe(.source))]
     Cancelled {
         /// The key that was being waited for.
         key: AdvisoryKey,
@@ -157,7 +157,7 @@ pub enum Error {
     ReadOnlyStandby,
 
     /// The server ran out of lock table space (SQLSTATE 53200).
-    #[error("PostgreSQL is out of lock table space ({source}); raise max_locks_per_transaction on the server (restart required) or hold fewer locks at once; locks already held are unaffected")]
+    #[error("PostgreSQL is out of lock table space ({}); raise max_locks_per_transaction on the server (restart required) or hold fewer locks at once; locks already held are unaffected", describe(.source))]
     OutOfLockMemory {
         /// The server's error.
         #[source]
@@ -166,7 +166,7 @@ pub enum Error {
 
     /// The leader election's term table could not be created or updated: it is missing and
     /// this role may not create it, or this role may not write it.
-    #[error("cannot use the leader term table {table}: {source}; have it created beforehand (TermTable::create_sql gives the statement), grant this role SELECT, INSERT and UPDATE on it and connect read-write, or choose another table with LeaderElection::term_table")]
+    #[error("cannot use the leader term table {table}: {}; have it created beforehand (TermTable::create_sql gives the statement), grant this role SELECT, INSERT and UPDATE on it and connect read-write, or choose another table with LeaderElection::term_table", describe(.source))]
     TermTable {
         /// The table, as SQL.
         table: String,
@@ -176,7 +176,7 @@ pub enum Error {
     },
 
     /// Any other error reported by PostgreSQL.
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Postgres(#[source] tokio_postgres::Error),
 }
 
@@ -208,6 +208,41 @@ fn backend_suffix(granted_on: Option<i32>, now_on: Option<i32>) -> String {
         (Some(granted), None) => format!(" (granted on backend {granted})"),
         (None, None) => {
             " (a statement pglock prepared on this connection is missing on the server)".to_owned()
+        }
+    }
+}
+
+/// A driver error with the server's own words: tokio-postgres displays a server error as just
+/// "db error" and keeps the message in its source.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!(
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => {
+            let mut text = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                let inner_text = inner.to_string();
+                if !text.contains(&inner_text) {
+                    text.push_str(": ");
+                    text.push_str(&inner_text);
+                }
+                cause = inner.source();
+            }
+            text
         }
     }
 }

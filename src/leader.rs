@@ -430,7 +430,9 @@ impl LeaderElection {
     /// # Errors
     ///
     /// Only errors that retrying cannot fix: [`Error::Config`], [`Error::TermTable`],
-    /// [`Error::ConnectionLost`] when the source is a [`Session`](crate::Session) that closed.
+    /// [`Error::SessionLockBehindPooler`], [`Error::Tls`] for a certificate that does not
+    /// verify (not for a failed handshake), and [`Error::ConnectionLost`] when the source is a
+    /// [`Session`](crate::Session) that closed.
     ///
     /// # Cancel safety
     ///
@@ -488,7 +490,10 @@ impl LeaderElection {
             Error::Config(_)
             | Error::TermTable { .. }
             | Error::AlreadyHeld { .. }
+            | Error::SessionLockBehindPooler { .. }
             | Error::TransactionInProgress => true,
+            // A certificate that does not verify will not verify on the next attempt either.
+            Error::Tls { failure, .. } => *failure != crate::TlsFailure::Handshake,
             Error::ConnectionLost { .. } => self.source.is_closed_session(),
             _ => false,
         }

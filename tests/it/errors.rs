@@ -16,6 +16,10 @@ async fn bad_urls_and_unreachable_servers_never_show_the_password() {
     let message = error.to_string();
     assert!(!message.contains("hunter2"), "{message}");
     assert!(message.contains("app:***@127.0.0.1:1"), "{message}");
+    assert!(
+        message.to_lowercase().contains("refused"),
+        "the cause is shown: {message}"
+    );
 
     let error = Session::connect("postgres://app:hunter2@127.0.0.1:5432/db?sslmode=bogus")
         .await
