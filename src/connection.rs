@@ -264,6 +264,12 @@ impl Session {
         self.held.lock().unwrap().contains_key(&key.into())
     }
 
+    /// How many keys pglock holds on this session (counting acquisitions in flight and
+    /// abandoned acquisitions still being cleaned up).
+    pub fn held_count(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(statement) = self.cached(sql) {
             return Ok(statement);

@@ -27,6 +27,9 @@
 //! - [`LeaderElection`]: one leader at a time among any number of instances, a task that stops
 //!   when the leadership is lost, and fencing terms that strictly increase with every leader
 //!   (guide: `docs/leader-election.md`).
+//! - Scale: [`CohortLock`] queues the tasks of one process in memory and hands the lock
+//!   between them without a round trip; [`LockSet`] holds thousands of locks on a few pipelined
+//!   connections (figures and sizing: `docs/performance.md`).
 //!
 //! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
 #![doc = include_str!("lib.md")]
@@ -34,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
+mod cohort;
 mod connection;
 mod error;
 mod guard;
@@ -41,6 +45,7 @@ pub mod introspect;
 mod key;
 mod leader;
 mod lock;
+mod lock_set;
 mod loss;
 mod scope;
 mod sql;
@@ -48,12 +53,14 @@ mod sql;
 pub mod tls;
 mod trace;
 
+pub use cohort::{CohortGuard, CohortLock};
 pub use connection::{ConnectionSource, Session};
 pub use error::{redact_url, Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
+pub use lock_set::LockSet;
 pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
 

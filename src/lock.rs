@@ -119,6 +119,10 @@ impl AdvisoryLock {
         self.key
     }
 
+    pub(crate) fn lock_scope(&self) -> LockScope {
+        self.scope
+    }
+
     /// Acquires the lock exclusively, waiting as long as it takes.
     ///
     /// # Errors

@@ -132,7 +132,8 @@ impl<'a> ParamList<'a> {
 ///
 /// Every acquiring statement returns `(granted, backend_pid)`, where `granted` is NULL when the
 /// server is a standby: checking `pg_is_in_recovery()` in the same statement costs no round trip.
-/// `Unlock` takes the backend pid that granted the lock as its last parameter and returns
+/// (A blocking lock function returns `void`, which is never NULL: `IS NOT NULL` turns it into
+/// `true` without converting it to text.) `Unlock` takes the backend pid that granted the lock as its last parameter and returns
 /// `(released, backend_pid)`: it releases only on that backend, so a connection whose backend
 /// changed (a transaction-pooling proxy) can never release a lock another client holds there.
 pub(crate) fn statement(op: Op, mode: LockMode, scope: LockScope, form: Form) -> &'static str {
@@ -184,7 +185,7 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
     let standby_guard = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
     match op {
         Op::Lock => format!(
-            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args})::text = '' END, pg_backend_pid()"
+            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args}) IS NOT NULL END, pg_backend_pid()"
         ),
         Op::TryLock => format!(
             "SELECT {standby_guard} pg_try_advisory{xact}_lock{shared}({args}) END, pg_backend_pid()"
@@ -193,7 +194,7 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
         // the last column puts the previous value back, so the session's own setting survives
         // even inside the explicit transaction of a transaction-scoped lock.
         Op::LockWithTimeout => format!(
-            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args})::text = '' END, pg_backend_pid(), \
+            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args}) IS NOT NULL END, pg_backend_pid(), \
              set_config('lock_timeout', s.previous, true) \
              FROM (SELECT current_setting('lock_timeout') AS previous, \
              set_config('lock_timeout', ${next}::text, true) AS applied OFFSET 0) AS s"

@@ -1,0 +1,193 @@
+//! [`LockSet`]: many held locks sharing a few connections.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Session, WaitStrategy};
+
+/// Many session locks held at once by one process, on a small, fixed set of connections.
+///
+/// A pool keeps one connection per held lock, which caps the held locks at the pool's size. A
+/// `LockSet` spreads keys over a few [`Session`]s instead (a key always maps to the same
+/// session, so a key held through the set is never taken twice), and every request is
+/// *pipelined*: concurrent `try_lock`s and releases on one session travel together on its
+/// connection, without waiting for each other's round trips.
+///
+/// Waiting never occupies a shared connection: [`lock`](Self::lock) polls with
+/// `pg_try_advisory_lock` (backing off between [`WaitStrategy::poll`]'s bounds by default), so
+/// a busy key never blocks the other holders of its session. Polling waiters are not served in
+/// order; use an [`AdvisoryLock`] on a pool when a key is contended and order matters.
+///
+/// # Limits
+///
+/// Every held lock takes a slot in the server's shared lock table, which has room for about
+/// `max_locks_per_transaction × (max_connections + max_prepared_transactions)` locks for all
+/// sessions together (PostgreSQL lets one session use more while the table has room). Past
+/// that, acquisitions fail with [`Error::OutOfLockMemory`], which names the setting; the locks
+/// already held stay held.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> pglock::Result<()> {
+/// use pglock::LockSet;
+///
+/// let set = LockSet::connect("postgres://postgres@localhost/test", 4).await?;
+/// let mut held = Vec::new();
+/// for shard in 0..1_000i64 {
+///     if let Some(guard) = set.try_lock(shard).await? {
+///         held.push(guard);
+///     }
+/// }
+/// println!("holding {} shards on 4 connections", set.held());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LockSet {
+    sessions: Arc<[Arc<Session>]>,
+    wait: WaitStrategy,
+}
+
+impl LockSet {
+    /// Opens `connections` sessions to `url` (see [`Session::connect`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if `connections` is 0 or the URL is malformed, [`Error::Connect`] if a
+    /// connection fails.
+    pub async fn connect(url: &str, connections: usize) -> Result<Self> {
+        if connections == 0 {
+            return Err(Error::Config(
+                "a LockSet needs at least one connection".to_owned(),
+            ));
+        }
+        let opening = (0..connections).map(|_| Session::connect(url));
+        let sessions = futures_util::future::join_all(opening).await;
+        let sessions = sessions
+            .into_iter()
+            .map(|session| session.map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        LockSet::from_sessions(sessions)
+    }
+
+    /// A set over sessions the caller opened (with TLS, say).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if `sessions` is empty.
+    pub fn from_sessions(sessions: impl IntoIterator<Item = Arc<Session>>) -> Result<Self> {
+        let sessions: Arc<[Arc<Session>]> = sessions.into_iter().collect();
+        if sessions.is_empty() {
+            return Err(Error::Config(
+                "a LockSet needs at least one session".to_owned(),
+            ));
+        }
+        Ok(LockSet {
+            sessions,
+            wait: WaitStrategy::poll(),
+        })
+    }
+
+    /// Sets the polling bounds of [`lock`](Self::lock) and of the locks from
+    /// [`advisory_lock`](Self::advisory_lock) (default [`WaitStrategy::poll`]).
+    /// [`WaitStrategy::Block`] is refused, as it would hold up every lock of a session.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`WaitStrategy::Block`].
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Result<Self> {
+        if wait == WaitStrategy::Block {
+            return Err(Error::Config(
+                "a LockSet shares its connections: a blocking wait would stall every lock on the session; use WaitStrategy::Poll".to_owned(),
+            ));
+        }
+        self.wait = wait;
+        Ok(self)
+    }
+
+    /// The sessions of the set.
+    pub fn sessions(&self) -> &[Arc<Session>] {
+        &self.sessions
+    }
+
+    /// The session that `key` always maps to.
+    pub fn session_for(&self, key: impl Into<AdvisoryKey>) -> &Arc<Session> {
+        let key = key.into();
+        let bits = match key {
+            AdvisoryKey::Single(k) => k as u64,
+            AdvisoryKey::Pair(a, b) => ((a as u32 as u64) << 32) | b as u32 as u64,
+        };
+        // Fibonacci hashing spreads consecutive keys evenly.
+        let spread = bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        &self.sessions[(spread % self.sessions.len() as u64) as usize]
+    }
+
+    /// The [`AdvisoryLock`] for `key` on its session, with the set's polling strategy: for the
+    /// other acquisition methods (`try_lock_for`, shared mode, ...).
+    pub fn advisory_lock(&self, key: impl Into<AdvisoryKey>) -> AdvisoryLock {
+        let key = key.into();
+        AdvisoryLock::new(self.session_for(key).clone(), key).wait_strategy(self.wait)
+    }
+
+    /// Tries once to take `key` exclusively; `Ok(None)` if another session holds it.
+    ///
+    /// # Errors
+    ///
+    /// As [`AdvisoryLock::try_lock`]: notably [`Error::AlreadyHeld`] if the set holds `key`,
+    /// and [`Error::OutOfLockMemory`] when the server's lock table is full.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`AdvisoryLock::try_lock`]: no lock is left held by a dropped future.
+    pub async fn try_lock(&self, key: impl Into<AdvisoryKey>) -> Result<Option<AdvisoryLockGuard>> {
+        self.advisory_lock(key).try_lock().await
+    }
+
+    /// Takes `key` exclusively, polling until it is free. Never blocks the session's other
+    /// locks.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_lock`](Self::try_lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`AdvisoryLock::lock`].
+    pub async fn lock(&self, key: impl Into<AdvisoryKey>) -> Result<AdvisoryLockGuard> {
+        self.advisory_lock(key).lock().await
+    }
+
+    /// Takes `key` exclusively, polling for at most `timeout`; `Ok(None)` if it stayed busy.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_lock`](Self::try_lock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`AdvisoryLock::lock`].
+    pub async fn try_lock_for(
+        &self,
+        key: impl Into<AdvisoryKey>,
+        timeout: Duration,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        self.advisory_lock(key).try_lock_for(timeout).await
+    }
+
+    /// How many locks pglock holds (or is taking or releasing) on the set's sessions.
+    pub fn held(&self) -> usize {
+        self.sessions.iter().map(|s| s.held_count()).sum()
+    }
+}
+
+impl fmt::Debug for LockSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockSet")
+            .field("sessions", &self.sessions.len())
+            .field("held", &self.held())
+            .field("wait", &self.wait)
+            .finish()
+    }
+}

@@ -1,0 +1,313 @@
+//! Many held locks on few connections: `LockSet`, pipelining, the server's lock table limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error, LockSet, WaitStrategy};
+use tokio::time::Instant;
+
+use crate::harness::{drop_after_polls, TestDb};
+use crate::support::ThrowawayCluster;
+
+async fn lock_set(db: &TestDb, sessions: usize) -> LockSet {
+    let mut all = Vec::new();
+    for _ in 0..sessions {
+        all.push(db.session().await);
+    }
+    LockSet::from_sessions(all)
+        .unwrap()
+        .wait_strategy(WaitStrategy::Poll {
+            initial: Duration::from_millis(2),
+            max: Duration::from_millis(20),
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn holds_thousands_of_keys_on_four_connections() {
+    let db = TestDb::new("lockset_many").await;
+    let set = lock_set(&db, 4).await;
+    let base: i64 = match db.key() {
+        AdvisoryKey::Single(k) => k & !0xffff,
+        AdvisoryKey::Pair(..) => unreachable!(),
+    };
+    let keys: Vec<i64> = (0..2_000).map(|i| base + i).collect();
+    let mut pending: FuturesUnordered<_> = keys.iter().map(|k| set.try_lock(*k)).collect();
+    let mut guards = Vec::new();
+    while let Some(result) = pending.next().await {
+        guards.push(result.unwrap().expect("a fresh key is free"));
+    }
+    drop(pending);
+    assert_eq!(set.held(), keys.len());
+    assert_eq!(db.sessions().await, 4);
+    assert_eq!(db.locks().await.len(), keys.len());
+    // Every session got a share.
+    for session in set.sessions() {
+        assert!(session.held_count() > 300, "{}", session.held_count());
+    }
+    // Another connection sees them held; the set refuses to stack one.
+    let outsider = db.pool(1);
+    assert!(AdvisoryLock::new(&outsider, keys[7])
+        .try_lock()
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        set.try_lock(keys[7]).await,
+        Err(Error::AlreadyHeld { .. })
+    ));
+    drop(guards);
+    db.assert_no_locks().await;
+    assert_eq!(set.held(), 0);
+}
+
+#[tokio::test]
+async fn a_wait_never_blocks_the_other_locks_of_its_session() {
+    let db = TestDb::new("lockset_wait").await;
+    let set = lock_set(&db, 1).await;
+    let outsider_pool = db.pool(1);
+    let busy = db.key();
+    let outside = AdvisoryLock::new(&outsider_pool, busy)
+        .lock()
+        .await
+        .unwrap();
+    let waiting = {
+        let set = set.clone();
+        tokio::spawn(async move { set.lock(busy).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The one session of the set still serves other keys at once.
+    let started = Instant::now();
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(set.try_lock(db.key()).await.unwrap().expect("free key"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        db.waiters(busy).await.is_empty(),
+        "polling never queues in the server"
+    );
+    AdvisoryLockGuard::unlock(outside).await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the poller gets the key once free")
+        .unwrap()
+        .unwrap();
+    drop(guard);
+    drop(others);
+    assert!(matches!(
+        set.clone().wait_strategy(WaitStrategy::Block),
+        Err(Error::Config(_))
+    ));
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn cancelled_acquisitions_leave_nothing() {
+    let db = TestDb::new("lockset_cancel").await;
+    let set = lock_set(&db, 2).await;
+    let outsider_pool = db.pool(1);
+    let busy = db.key();
+    let outside = AdvisoryLock::new(&outsider_pool, busy)
+        .lock()
+        .await
+        .unwrap();
+    for polls in 1..=8 {
+        assert!(drop_after_polls(set.lock(busy), polls).await.is_none());
+        assert!(
+            drop_after_polls(set.try_lock_for(busy, Duration::from_secs(5)), polls)
+                .await
+                .is_none()
+        );
+    }
+    AdvisoryLockGuard::unlock(outside).await.unwrap();
+    // Free keys: a try_lock dropped after any number of polls leaves no lock behind.
+    for polls in 1..=4 {
+        let key = db.key();
+        if let Some(result) = drop_after_polls(set.try_lock(key), polls).await {
+            drop(result.unwrap());
+        }
+    }
+    db.assert_no_locks().await;
+    // And the key itself can be taken again once the abandoned attempts are cleaned up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let guard = loop {
+        match set.try_lock(busy).await {
+            Ok(Some(guard)) => break guard,
+            Ok(None) | Err(Error::AlreadyHeld { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    drop(guard);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn relocking_right_after_a_drop_on_a_session_takes_no_extra_round_trip() {
+    let db = TestDb::new("session_relock").await;
+    let session = db.session().await;
+    let key = db.key();
+    let lock = AdvisoryLock::new(session.clone(), key);
+    for _ in 0..50 {
+        // The release is queued ahead of the next request on the same connection, so the key
+        // may be asked for again at once.
+        drop(lock.lock().await.unwrap());
+    }
+    let guard = lock.lock().await.unwrap();
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    // PostgreSQL's count for the key is back to zero: no stacked lock survived.
+    assert!(db.holders(key).await.is_empty());
+    db.assert_no_locks().await;
+}
+
+/// A throwaway server with a tiny lock table: fill it, get the typed error, lose nothing.
+#[tokio::test]
+async fn a_full_lock_table_is_a_typed_error_and_loses_nothing() {
+    let db = TestDb::new("lockset_oom").await;
+    // The lock table is shared by every session of a server: fill a throwaway one, never the
+    // shared server the other tests use.
+    let cluster = ThrowawayCluster::builder()
+        .setting("max_locks_per_transaction", 10)
+        .max_connections(10)
+        .start()
+        .await;
+    // Connected before the table fills (a new connection needs no lock table entry, but keep
+    // the test independent of that).
+    let admin = crate::harness::connect(&cluster.url()).await;
+    let set = Arc::new(LockSet::connect(&cluster.url(), 2).await.unwrap());
+    let mut held = Vec::new();
+    let mut failure = None;
+    let mut failed_keys = Vec::new();
+    'fill: for batch in 0..200i64 {
+        let mut pending: FuturesUnordered<_> = (0..100)
+            .map(|i| {
+                let attempt = set.try_lock(batch * 100 + i);
+                async move { (batch * 100 + i, attempt.await) }
+            })
+            .collect();
+        while let Some((key, result)) = pending.next().await {
+            match result {
+                Ok(Some(guard)) => held.push(guard),
+                Ok(None) => panic!("nobody else uses this server"),
+                Err(e) => {
+                    failed_keys.push(key);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if failure.is_some() {
+            break 'fill;
+        }
+    }
+    let failure = failure.expect("a tiny lock table fills up");
+    eprintln!(
+        "the throwaway server took {} locks before: {failure}",
+        held.len()
+    );
+    assert!(
+        matches!(failure, Error::OutOfLockMemory { .. }),
+        "{failure:?}"
+    );
+    assert!(
+        failure.to_string().contains("max_locks_per_transaction"),
+        "{failure}"
+    );
+    // Every lock granted before the failure is still held, on the server as in the set.
+    let count = |admin: tokio_postgres::Client| async move {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (admin, n as usize)
+    };
+    // Failed attempts are settled in the background (an unknown outcome is checked and
+    // undone); once they are, the server holds exactly the granted locks.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut admin = admin;
+    loop {
+        let (back, on_server) = count(admin).await;
+        admin = back;
+        if on_server == held.len() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let rows = admin
+                .query(
+                    "SELECT pid, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let mine: std::collections::HashSet<i64> = held
+                .iter()
+                .map(|g| match AdvisoryLockGuard::key(g) {
+                    AdvisoryKey::Single(k) => k,
+                    AdvisoryKey::Pair(..) => unreachable!(),
+                })
+                .collect();
+            let extra: Vec<(i32, i64, bool)> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .filter(|(_, k)| !mine.contains(k))
+                .map(|(pid, k)| (pid, k, failed_keys.contains(&k)))
+                .collect();
+            panic!(
+                "the server holds {on_server} locks, the set {}: extra (pid, key, failed) {extra:?}",
+                held.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The set counts failed attempts until their cleanup is over.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.held() != held.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the set counts {} keys, {} are held",
+            set.held(),
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held.len() >= 100, "held {}", held.len());
+    // Freeing some room makes the set usable again.
+    held.truncate(held.len() - 50);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let extra = loop {
+        match set.try_lock(1_000_000i64).await {
+            Ok(Some(guard)) => break guard,
+            Err(Error::OutOfLockMemory { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    drop(extra);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut admin = admin;
+    loop {
+        let (back, n) = count(admin).await;
+        admin = back;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} locks left on the throwaway server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.assert_no_locks().await;
+}
