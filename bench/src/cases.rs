@@ -399,7 +399,8 @@ async fn raw_lock_unlock(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, start.elapsed())
 }
 
-/// Diagnostic: the raw loop, sending pglock's own statements (standby check, backend pid).
+/// Diagnostic: the raw loop, sending pglock's own statements (the standby check and backend
+/// pid on the lock, the release guarded by the backend pid that was granted the lock).
 /// Separates what the server spends on pglock's SQL from what the library spends.
 async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     let raw = env.raw().await;
@@ -412,15 +413,19 @@ async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
         .await
         .unwrap();
     let unlock = client
-        .prepare("SELECT pg_advisory_unlock($1::int8)")
+        .prepare(
+            "SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END, \
+             pg_backend_pid()",
+        )
         .await
         .unwrap();
     let key = env.key();
     let start = Instant::now();
     let mut ops = 0;
     while start.elapsed() < d {
-        client.query_one(&lock, &[&key]).await.unwrap();
-        client.query_one(&unlock, &[&key]).await.unwrap();
+        let row = client.query_one(&lock, &[&key]).await.unwrap();
+        let pid: i32 = row.get(1);
+        client.query_one(&unlock, &[&key, &pid]).await.unwrap();
         ops += 1;
     }
     Sample::new(ops, start.elapsed())
