@@ -255,8 +255,18 @@ impl AdvisoryLock {
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let timer = trace::Timer::start();
-        let result = self.acquire_untraced(mode, deadline).await;
-        trace::acquired(self.key, mode, self.scope, &result, &timer);
+        // The span wraps the acquisition only when a subscriber wants it, so that the common
+        // case does not pay for moving the future into an instrumented wrapper.
+        let span = trace::acquire_span(self.key, mode, self.scope);
+        let result = if span.is_disabled() {
+            self.acquire_untraced(mode, deadline).await
+        } else {
+            use tracing::Instrument;
+            self.acquire_untraced(mode, deadline)
+                .instrument(span.clone())
+                .await
+        };
+        span.in_scope(|| trace::acquired(self.key, mode, self.scope, &result, &timer));
         result
     }
 

@@ -4,6 +4,9 @@
 //! `pglock` filtered out, each event costs a check of a cached flag: field values are neither
 //! computed nor formatted, nothing is allocated, and the wait-time clock is not even read.
 //!
+//! Each acquisition runs in a DEBUG span `acquire` (fields `key`, `mode`, `scope`), and its
+//! events below are recorded inside it.
+//!
 //! | event | level | fields |
 //! |---|---|---|
 //! | `advisory lock busy, polling again` | TRACE | `key`, `backend_pid`, `pause_ms` |
@@ -45,6 +48,13 @@ impl Timer {
             .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
     }
+}
+
+/// The span of one acquisition (DEBUG, `acquire`, with `key`, `mode`, `scope`): the events of
+/// its wait, grant or failure happen inside it. Disabled, it costs a check of a cached flag.
+#[inline]
+pub(crate) fn acquire_span(key: AdvisoryKey, mode: LockMode, scope: LockScope) -> tracing::Span {
+    tracing::debug_span!(target: TARGET, "acquire", key = %key, mode = ?mode, scope = ?scope)
 }
 
 /// How an acquisition ended.

@@ -847,3 +847,20 @@ async fn stops_the_command_when_the_network_goes_silent() {
     assert_key_free(&db, key).await;
     db.assert_no_locks().await;
 }
+
+#[tokio::test]
+async fn verbose_prints_the_library_events() {
+    let name = unique("verbose");
+    let done = run(&["-v", "run", &name, "--", "true"]).await;
+    assert_eq!(done.code(), 0, "{done:?}");
+    assert!(done.stderr.contains("advisory lock granted"), "{done:?}");
+    assert!(done.stderr.contains("advisory lock released"), "{done:?}");
+    assert!(
+        done.stderr.contains("acquire{key="),
+        "the acquisition span: {done:?}"
+    );
+    // Without -v the events stay silent.
+    let quiet = run(&["run", &name, "--", "true"]).await;
+    assert_eq!(quiet.code(), 0, "{quiet:?}");
+    assert!(!quiet.stderr.contains("advisory lock granted"), "{quiet:?}");
+}

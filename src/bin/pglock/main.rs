@@ -71,7 +71,8 @@ pub struct Global {
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
 
-    /// Print more: connection, acquisition, child pid, signals forwarded
+    /// Print more: connection, acquisition, child pid, signals forwarded, and the library's
+    /// tracing events (acquire, wait, grant, release, loss, leadership); -vv adds trace events
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 }
@@ -312,6 +313,20 @@ impl Output {
     }
 }
 
+/// Prints pglock's `tracing` events on stderr: DEBUG with `-v`, TRACE with `-vv`.
+fn print_library_events(verbosity: u8) {
+    let level = if verbosity > 1 {
+        tracing::Level::TRACE
+    } else {
+        tracing::Level::DEBUG
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -329,6 +344,9 @@ fn main() {
         quiet: cli.global.quiet,
         verbose: cli.global.verbose > 0,
     };
+    if cli.global.verbose > 0 {
+        print_library_events(cli.global.verbose);
+    }
     // One thread: the command is spawned from it (its parent-death signal follows this thread),
     // and pglock has little to do while it waits.
     let runtime = match tokio::runtime::Builder::new_current_thread()
