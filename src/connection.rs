@@ -418,6 +418,11 @@ impl ConnectionSource {
         }
     }
 
+    /// Whether connections come from a pool (one per held lock).
+    pub(crate) fn is_pool(&self) -> bool {
+        matches!(self.kind, SourceKind::Pool(_))
+    }
+
     /// Whether this source is a [`Session`] whose connection has closed: nothing taken from it
     /// can succeed any more.
     pub(crate) fn is_closed_session(&self) -> bool {
@@ -537,6 +542,40 @@ impl Conn {
         }))
     }
 
+    /// Another handle on the same connection (a pooled connection returns to the pool when
+    /// the last handle is dropped).
+    pub(crate) fn share(&self) -> Conn {
+        match self {
+            Conn::Pooled(pooled) => Conn::Pooled(pooled.clone()),
+            Conn::Session(session) => Conn::Session(session.clone()),
+        }
+    }
+
+    /// Whether both handles are on the same connection.
+    pub(crate) fn same_as(&self, other: &Conn) -> bool {
+        match (self, other) {
+            (Conn::Pooled(a), Conn::Pooled(b)) => Arc::ptr_eq(a, b),
+            (Conn::Session(a), Conn::Session(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Whether this is a pooled connection (owned by one lock at a time).
+    pub(crate) fn is_pooled(&self) -> bool {
+        matches!(self, Conn::Pooled(_))
+    }
+
+    /// Marks a pooled connection to be closed when its last handle is dropped, whoever holds
+    /// the others. A shared session stays open.
+    pub(crate) fn mark_discard(&self) {
+        if let Conn::Pooled(pooled) = self {
+            pooled
+                .fate
+                .compare_exchange(RETURN, DISCARD, Ordering::AcqRel, Ordering::Acquire)
+                .ok();
+        }
+    }
+
     pub(crate) fn client(&self) -> &Client {
         match self {
             Conn::Pooled(pooled) => pooled.object(),
@@ -596,13 +635,8 @@ impl Conn {
     /// Closes a pooled connection instead of returning it, so the server ends its session and
     /// frees whatever it held. A shared session stays open: it is not ours to close.
     pub(crate) fn discard(self) {
-        if let Conn::Pooled(pooled) = self {
-            // Whoever drops the connection last (this guard, or a probe in flight) closes it.
-            pooled
-                .fate
-                .compare_exchange(RETURN, DISCARD, Ordering::AcqRel, Ordering::Acquire)
-                .ok();
-        }
+        // Whoever drops the connection last (this guard, or a probe in flight) closes it.
+        self.mark_discard();
     }
 
     /// Marks `key` held on a shared session (and its transaction open, for transaction scope)

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::Handle;
@@ -12,6 +12,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
+use crate::handoff::Parking;
 use crate::loss::{HealthCheck, LossSignal, Registration};
 use crate::sql::KeyParams;
 use crate::trace;
@@ -63,6 +64,9 @@ pub struct AdvisoryLockGuard {
     health: Option<HealthCheck>,
     /// This guard's place in its connection's loss monitor, from the first `loss_signal()`.
     loss: OnceLock<Registration>,
+    /// Where a drop parks the pooled connection while its unlock is in flight, for the next
+    /// acquisition of the same lock (see `handoff`).
+    parking: Option<Arc<Parking>>,
 }
 
 impl AdvisoryLockGuard {
@@ -84,11 +88,22 @@ impl AdvisoryLockGuard {
             reservation: Some(reservation),
             health: None,
             loss: OnceLock::new(),
+            parking: None,
         }
     }
 
     pub(crate) fn with_health_check(mut self, health: Option<HealthCheck>) -> Self {
         self.health = health;
+        self
+    }
+
+    /// Lets a drop hand the connection to the next acquisition of the lock (pooled session
+    /// locks only: a shared session pipelines by itself, and a transaction ends differently).
+    pub(crate) fn with_parking(mut self, parking: Option<&Arc<Parking>>) -> Self {
+        let eligible = self.scope == LockScope::Session
+            && self.unlock.is_some()
+            && self.conn.as_ref().is_some_and(Conn::is_pooled);
+        self.parking = parking.filter(|_| eligible).cloned();
         self
     }
 
@@ -298,7 +313,8 @@ impl Drop for AdvisoryLockGuard {
         self.stop_watching();
         if let Some(conn) = self.conn.take() {
             let release = self.release_kind(Release::Rollback);
-            release_in_background_traced(conn, release, self.key, Some(self.backend_pid));
+            let parking = self.parking.take();
+            release_in_background_traced(conn, release, self.key, Some(self.backend_pid), parking);
         }
     }
 }
@@ -427,30 +443,50 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
 /// connection's queue on the first poll, so the release is ordered before anything the caller
 /// sends afterwards. Without a runtime to finish on, the connection is closed instead.
 pub(crate) fn release_in_background(conn: Conn, release_how: Release, key: AdvisoryKey) {
-    release_in_background_traced(conn, release_how, key, None);
+    release_in_background_traced(conn, release_how, key, None, None);
 }
 
 /// [`release_in_background`], reporting the outcome as a release of the lock granted by
-/// `backend_pid` (a guard's drop) or, without one, only a failure (a cleanup).
+/// `backend_pid` (a guard's drop) or, without one, only a failure (a cleanup). With `parking`,
+/// the connection is parked there until the release answers, for the next acquisition of the
+/// lock to claim.
 fn release_in_background_traced(
     conn: Conn,
     release_how: Release,
     key: AdvisoryKey,
     backend_pid: Option<i32>,
+    parking: Option<Arc<Parking>>,
 ) {
+    // Parked before the first poll: the release task must find it there to take it back.
+    let report = parking.as_ref().map(|parking| parking.park(conn.share()));
+    let parked_at = parking.clone();
     let slot = ConnSlot::new(conn);
     let mut task = Box::pin(async move {
         let result = release(slot.conn(), &release_how, key).await;
         if backend_pid.is_some() || result.is_err() {
             trace::released(key, backend_pid.unwrap_or(0), "drop", &result, true);
         }
-        slot.finish(result.is_ok());
+        let released = result.is_ok();
+        if let (Some(parking), Some(report)) = (parking, report) {
+            if !released {
+                // A claimer may hold the connection already: close it when the last lets go.
+                slot.conn().mark_discard();
+            }
+            parking.unpark(slot.conn());
+            let _ = report.send(released);
+        }
+        slot.finish(released);
     });
     if poll_once(task.as_mut()).is_ready() {
         return;
     }
     if let Ok(runtime) = Handle::try_current() {
         runtime.spawn(task);
+    } else if let Some(parking) = parked_at {
+        // No runtime to confirm the release on: the connection is closed (dropping the task
+        // discards it), and must not stay parked, nor be claimed.
+        drop(task);
+        drop(parking.claim());
     }
 }
 

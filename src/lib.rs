@@ -41,6 +41,7 @@ mod cohort;
 mod connection;
 mod error;
 mod guard;
+mod handoff;
 pub mod introspect;
 mod key;
 mod leader;

@@ -2,6 +2,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -13,6 +14,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{queue_now, release, release_in_background, ConnSlot, Release};
+use crate::handoff::{Parking, PriorRelease};
 use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
 use crate::trace;
@@ -62,6 +64,9 @@ pub struct AdvisoryLock {
     scope: LockScope,
     wait: WaitStrategy,
     health: Option<HealthCheck>,
+    /// The pooled connection of the last dropped guard, while its unlock is in flight (pool
+    /// sources only; shared by clones).
+    parking: Option<Arc<Parking>>,
 }
 
 /// When an acquisition gives up.
@@ -79,12 +84,15 @@ impl AdvisoryLock {
     /// `key` is anything that converts into an [`AdvisoryKey`]: a name (`&str`, hashed with
     /// [`AdvisoryKey::from_name`]), an `i64`, or an `(i32, i32)` pair.
     pub fn new(source: impl Into<ConnectionSource>, key: impl Into<AdvisoryKey>) -> Self {
+        let source = source.into();
+        let parking = source.is_pool().then(Arc::default);
         AdvisoryLock {
-            source: source.into(),
+            source,
             key: key.into(),
             scope: LockScope::Session,
             wait: WaitStrategy::Block,
             health: None,
+            parking,
         }
     }
 
@@ -275,12 +283,45 @@ impl AdvisoryLock {
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
-        let key = self.key;
         let behind_pooler = self.source.behind_pooler();
         if behind_pooler && self.scope == LockScope::Session {
-            return Err(Error::SessionLockBehindPooler { key });
+            return Err(Error::SessionLockBehindPooler { key: self.key });
+        }
+        let parked = match (&self.parking, self.scope) {
+            (Some(parking), LockScope::Session) => parking.claim(),
+            _ => None,
+        };
+        if let Some(parked) = parked {
+            match self
+                .acquire_on(parked.conn, Some(parked.released), mode, deadline)
+                .await?
+            {
+                Attempted::Done(guard) => return Ok(guard),
+                // The unlock before ours failed, and that connection is being closed: start
+                // again on a fresh one.
+                Attempted::Retry => trace::prior_release_failed(self.key),
+            }
         }
         let conn = self.source.checkout().await?;
+        match self.acquire_on(conn, None, mode, deadline).await? {
+            Attempted::Done(guard) => Ok(guard),
+            Attempted::Retry => {
+                unreachable!("a connection from the source has no release in flight")
+            }
+        }
+    }
+
+    /// Acquires on `conn`; `prior_release` is the outcome of the release still in flight on a
+    /// claimed parked connection.
+    async fn acquire_on(
+        &self,
+        conn: Conn,
+        prior_release: Option<PriorRelease>,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Attempted> {
+        let key = self.key;
+        let behind_pooler = self.source.behind_pooler();
         let reservation = conn.reserve(key, self.scope).await?;
         let slot = ConnSlot::new(conn);
         let form = Form::of(key);
@@ -295,31 +336,21 @@ impl AdvisoryLock {
             blocking_op
         };
         let acquire_sql = statement(op, mode, self.scope, form);
-        // Prepare the release with the acquisition (one round trip the first time on a
-        // connection, none after) so that a guard can always release without preparing.
-        let (acquire_statement, unlock) = match self.scope {
-            // Behind a transaction pooler a prepared statement may not exist on the server
-            // connection the next transaction gets: send the statement unprepared (session
-            // scope was refused above, so there is no unlock statement to prepare).
-            LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
-            LockScope::Session => {
-                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
-                let conn = slot.conn();
-                let (a, u) =
-                    futures_util::future::join(conn.prepare(acquire_sql), conn.prepare(unlock_sql))
-                        .await;
-                let map = |e| Error::from_postgres(Some(key), e);
-                (Acquire::Prepared(a.map_err(map)?), Some(u.map_err(map)?))
+        let prepared = self
+            .prepare(&slot, acquire_sql, form, mode, behind_pooler)
+            .await;
+        let (acquire_statement, unlock) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // On a claimed connection, the statement may have failed for what the unlock
+                // before it left behind (an aborted transaction): start again elsewhere then.
+                if let Some(prior) = prior_release {
+                    if !prior.await.unwrap_or(false) {
+                        return Ok(Attempted::Retry);
+                    }
+                }
+                return Err(error);
             }
-            LockScope::Transaction => (
-                Acquire::Prepared(
-                    slot.conn()
-                        .prepare(acquire_sql)
-                        .await
-                        .map_err(|e| Error::from_postgres(Some(key), e))?,
-                ),
-                None,
-            ),
         };
         let mut attempt = Attempt {
             slot: Some(slot),
@@ -332,6 +363,8 @@ impl AdvisoryLock {
             canceller: None,
             reservation: Some(reservation),
             mode,
+            prior_release,
+            prior_release_failed: false,
         };
         let mut pause = match self.wait {
             WaitStrategy::Poll { initial, .. } => initial,
@@ -355,15 +388,23 @@ impl AdvisoryLock {
                     .conn();
                 attempt.canceller = Some(self.source.canceller(conn));
             }
-            match attempt
+            let answer = attempt
                 .run(&acquire_statement, lock_timeout, may_wait)
-                .await
-            {
+                .await;
+            if attempt.prior_release_failed {
+                // Whatever the answer, the connection is marked to be closed, which ends
+                // anything it holds; dropping the attempt lets it go.
+                return Ok(Attempted::Retry);
+            }
+            match answer {
                 Ok(row) => match row.get::<_, Option<bool>>(0) {
                     Some(true) => {
                         let pid: i32 = row.get(1);
                         let guard = attempt.into_guard(mode, pid, unlock);
-                        return Ok(Some(guard.with_health_check(self.health)));
+                        let guard = guard
+                            .with_health_check(self.health)
+                            .with_parking(self.parking.as_ref());
+                        return Ok(Attempted::Done(Some(guard)));
                     }
                     Some(false) => {
                         if polling && !matches!(deadline, Deadline::Now) {
@@ -390,7 +431,7 @@ impl AdvisoryLock {
                         }
                     }
                     attempt.end_transaction().await;
-                    return Ok(None);
+                    return Ok(Attempted::Done(None));
                 }
                 Err(e) => {
                     if Outcome::of_error(&e, self.scope) == Outcome::Unknown {
@@ -406,7 +447,7 @@ impl AdvisoryLock {
                 Deadline::Never => now + pause,
                 Deadline::Now | Deadline::At(_) => {
                     attempt.end_transaction().await;
-                    return Ok(None);
+                    return Ok(Attempted::Done(None));
                 }
             };
             tokio::time::sleep_until(until.min(now + pause)).await;
@@ -415,6 +456,48 @@ impl AdvisoryLock {
             }
         }
     }
+
+    /// Prepares the acquiring statement and, for session scope, the unlock (cached per
+    /// connection: a round trip the first time only), so that a guard can always release
+    /// without preparing.
+    async fn prepare(
+        &self,
+        slot: &ConnSlot,
+        acquire_sql: &'static str,
+        form: Form,
+        mode: LockMode,
+        behind_pooler: bool,
+    ) -> Result<(Acquire, Option<Statement>)> {
+        let key = self.key;
+        let conn = slot.conn();
+        let map = |e| Error::from_postgres(Some(key), e);
+        Ok(match self.scope {
+            // Behind a transaction pooler a prepared statement may not exist on the server
+            // connection the next transaction gets: send the statement unprepared (session
+            // scope was refused above, so there is no unlock statement to prepare).
+            LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
+            LockScope::Session => {
+                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+                let (a, u) =
+                    futures_util::future::join(conn.prepare(acquire_sql), conn.prepare(unlock_sql))
+                        .await;
+                (Acquire::Prepared(a.map_err(map)?), Some(u.map_err(map)?))
+            }
+            LockScope::Transaction => (
+                Acquire::Prepared(conn.prepare(acquire_sql).await.map_err(map)?),
+                None,
+            ),
+        })
+    }
+}
+
+/// How an acquisition on one connection ended, short of an error.
+enum Attempted {
+    /// Granted, or busy (`None`).
+    Done(Option<AdvisoryLockGuard>),
+    /// The connection was claimed from the parking and the unlock before ours failed: the
+    /// connection is being closed, and the acquisition must start again on another.
+    Retry,
 }
 
 /// The acquiring statement: prepared on the connection, or sent unprepared (behind a
@@ -425,8 +508,10 @@ enum Acquire {
     Unnamed(&'static str),
 }
 
+/// A statement in flight: it answers with the connection, its result, and whether the release
+/// that preceded it on a claimed parked connection succeeded (always `true` otherwise).
 type InFlight =
-    Pin<Box<dyn Future<Output = (ConnSlot, Result<Row, tokio_postgres::Error>)> + Send>>;
+    Pin<Box<dyn Future<Output = (ConnSlot, Result<Row, tokio_postgres::Error>, bool)> + Send>>;
 
 /// An acquisition in progress. Whatever point it is dropped at, its `Drop` leaves the server
 /// as it found it: no lock held, no waiter queued, no transaction open.
@@ -446,6 +531,10 @@ struct Attempt {
     /// Dropped after any undo is queued (fields drop after `Drop::drop`).
     reservation: Option<Reservation>,
     mode: LockMode,
+    /// On a claimed parked connection, the outcome of the unlock queued before ours.
+    prior_release: Option<PriorRelease>,
+    /// That unlock failed: the connection is marked to be closed.
+    prior_release_failed: bool,
 }
 
 /// What an acquiring statement did to the lock, as far as its answer tells.
@@ -501,6 +590,7 @@ impl Attempt {
         self.cancel = may_wait.then(|| slot.conn().client().cancel_token());
         let statement = statement.clone();
         let key = self.key;
+        let prior_release = self.prior_release.take();
         self.in_flight = Some(Box::pin(async move {
             let params = KeyParams::new(key);
             let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
@@ -529,9 +619,20 @@ impl Attempt {
             } else {
                 query.await
             };
-            (slot, result)
+            let prior_ok = match prior_release {
+                // The unlock was queued before our statement, so it has answered by now; its
+                // task may just not have reported yet.
+                Some(released) => released.await.unwrap_or(false),
+                None => true,
+            };
+            if !prior_ok {
+                // The session may hold the key twice, or hold it for nobody: only closing the
+                // connection ends both for sure.
+                slot.conn().mark_discard();
+            }
+            (slot, result, prior_ok)
         }));
-        let (slot, result) = poll_fn(|cx| {
+        let (slot, result, prior_ok) = poll_fn(|cx| {
             self.in_flight
                 .as_mut()
                 .expect("polled after completion")
@@ -542,6 +643,7 @@ impl Attempt {
         self.in_flight = None;
         self.cancel = None;
         self.slot = Some(slot);
+        self.prior_release_failed = !prior_ok;
         result
     }
 
@@ -670,8 +772,13 @@ impl Drop for Attempt {
             let cancel = self.cancel.take().zip(self.canceller.take());
             let scope = self.scope;
             let settled: Settled = Box::pin(async move {
-                let (slot, result) = in_flight.await;
-                (slot, Outcome::of(&result, scope))
+                let (slot, result, prior_ok) = in_flight.await;
+                let outcome = if prior_ok {
+                    Outcome::of(&result, scope)
+                } else {
+                    Outcome::Unknown
+                };
+                (slot, outcome)
             });
             self.clean_up_in_background(settled, cancel);
         } else if let Some(slot) = self.slot.take() {

@@ -173,3 +173,11 @@ pub(crate) fn leadership_lost(name: &str, key: AdvisoryKey, term: i64, reason: &
 pub(crate) fn leadership_released(name: &str, key: AdvisoryKey, term: i64, how: &'static str) {
     tracing::info!(target: TARGET, name, key = %key, term, how, "leadership released");
 }
+
+pub(crate) fn prior_release_failed(key: AdvisoryKey) {
+    tracing::debug!(
+        target: TARGET,
+        key = %key,
+        "the unlock queued before this acquisition failed; closing that connection and acquiring on another"
+    );
+}

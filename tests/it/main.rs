@@ -11,6 +11,7 @@ mod cancel;
 mod cohort;
 mod errors;
 mod exclusion;
+mod handoff;
 mod leader;
 mod lock_set;
 mod loss;

@@ -1,0 +1,181 @@
+//! The connection handoff on a pool: a dropped guard's connection, with its unlock in flight,
+//! taken by the next acquisition of the same lock (see `src/handoff.rs`).
+
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard};
+
+use crate::harness::{drop_after_polls, TestDb};
+
+#[tokio::test]
+async fn lock_after_drop_reuses_the_connection_without_stacking_the_lock() {
+    let db = TestDb::new("handoff_reuse").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let first = lock.lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&first);
+    drop(first);
+    for _ in 0..100 {
+        // Sent right behind the unlock of the guard just dropped, on the same backend.
+        let guard = lock.lock().await.unwrap();
+        assert_eq!(AdvisoryLockGuard::backend_pid(&guard), pid);
+        assert_eq!(db.holders(key).await, vec![pid]);
+        drop(guard);
+    }
+    // Had a grant stacked on a pending one, the session would still hold the key now.
+    db.assert_no_locks().await;
+    // And the connection went back to the pool once nothing claimed it.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.status().available == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the parked connection returns to the pool");
+    assert!(pool.status().size <= 2);
+}
+
+#[tokio::test]
+async fn clones_share_the_handoff_and_explicit_unlock_returns_to_the_pool() {
+    let db = TestDb::new("handoff_clones").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let other = lock.clone();
+    drop(lock.lock().await.unwrap());
+    // With a pool of one, this can only succeed on the handed-off connection, at once.
+    let guard = tokio::time::timeout(Duration::from_secs(5), other.lock())
+        .await
+        .expect("the clone claims the parked connection")
+        .unwrap();
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    assert_eq!(pool.status().available, 1);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_waiter_in_the_server_queue_gets_the_lock_before_the_handoff() {
+    let db = TestDb::new("handoff_fair").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let guard = lock.lock().await.unwrap();
+    let other_session = db.session().await;
+    let waiter = tokio::spawn({
+        let lock = AdvisoryLock::new(other_session, key);
+        async move { lock.lock().await }
+    });
+    db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+    drop(guard);
+    // The unlock hands the lock to the queued waiter before the pipelined attempt runs.
+    assert!(lock.try_lock().await.unwrap().is_none());
+    let held = waiter.await.unwrap().unwrap();
+    drop(held);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_failed_unlock_closes_the_handed_off_connection_and_the_lock_is_taken_afresh() {
+    let db = TestDb::new("handoff_failed_unlock").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let guard = lock.lock().await.unwrap();
+    let old_pid = AdvisoryLockGuard::backend_pid(&guard);
+    // The protected work leaves its transaction aborted: the unlock queued on drop fails
+    // (25P02), and so does the lock sent right behind it on the same connection.
+    let failed = guard.batch_execute("BEGIN; SELECT 1/0").await;
+    assert!(failed.is_err());
+    drop(guard);
+    let guard = tokio::time::timeout(Duration::from_secs(10), lock.lock())
+        .await
+        .expect("the acquisition starts again on a fresh connection")
+        .unwrap();
+    let new_pid = AdvisoryLockGuard::backend_pid(&guard);
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(db.holders(key).await, vec![new_pid]);
+    // The connection that could not unlock was closed, which freed its lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: i64 = db
+            .admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&old_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if alive == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old backend lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_failed_unlock_is_seen_by_try_lock_too() {
+    let db = TestDb::new("handoff_failed_try").await;
+    let pool = db.pool(2);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let guard = lock.lock().await.unwrap();
+    let old_pid = AdvisoryLockGuard::backend_pid(&guard);
+    assert!(guard.batch_execute("BEGIN; SELECT 1/0").await.is_err());
+    drop(guard);
+    // Not the aborted transaction's error: a fresh connection answers. The old session's lock
+    // lives until the server has ended that session, as after any failed release on drop.
+    let guard = lock
+        .try_lock_for(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("free once the old session is closed");
+    assert_ne!(AdvisoryLockGuard::backend_pid(&guard), old_pid);
+    drop(guard);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn abandoned_acquisitions_on_a_handed_off_connection_leave_nothing() {
+    let db = TestDb::new("handoff_cancel").await;
+    let pool = db.pool(3);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    // Free key: the claimed acquisition is dropped after 1..6 polls, granted or not.
+    for polls in 1..=6 {
+        for _ in 0..20 {
+            drop(lock.lock().await.unwrap());
+            let _ = drop_after_polls(lock.lock(), polls).await;
+        }
+    }
+    db.assert_no_locks().await;
+    // Busy key: the claimed acquisition waits in the server's queue behind another session
+    // (which took the lock from our unlock) and is abandoned there.
+    let other = AdvisoryLock::new(db.session().await, key);
+    for polls in 1..=4u64 {
+        let guard = lock.lock().await.unwrap();
+        let waiter = tokio::spawn({
+            let other = other.clone();
+            async move { other.lock().await }
+        });
+        db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+        drop(guard);
+        // Abandoned while it waits (a blocked wait is not polled again until it answers).
+        let wait = Duration::from_millis(20 * polls);
+        let abandoned = tokio::time::timeout(wait, lock.lock()).await;
+        assert!(abandoned.is_err(), "the other session holds the key");
+        let held = waiter.await.unwrap().unwrap();
+        drop(held);
+    }
+    db.assert_no_locks().await;
+    let guard = other.try_lock().await.unwrap().expect("nothing leaked");
+    drop(guard);
+    db.assert_no_locks().await;
+}
