@@ -520,8 +520,10 @@ struct Attempt {
     slot: Option<ConnSlot>,
     /// The statement in flight, which owns the connection until it answers.
     in_flight: Option<InFlight>,
-    /// Set while the statement in flight may sit in the server's lock queue.
-    cancel: Option<CancelToken>,
+    /// Set while the statement in flight may sit in the server's lock queue: another handle on
+    /// the connection, to build a cancel request from if the attempt is abandoned (building the
+    /// token eagerly would cost an allocation per acquisition).
+    cancel: Option<Conn>,
     /// `BEGIN` has been sent (transaction scope).
     in_transaction: bool,
     key: AdvisoryKey,
@@ -587,7 +589,7 @@ impl Attempt {
         let slot = self.slot.take().expect("one statement in flight at a time");
         let begin = self.scope == LockScope::Transaction && !self.in_transaction;
         self.in_transaction |= begin;
-        self.cancel = may_wait.then(|| slot.conn().client().cancel_token());
+        self.cancel = may_wait.then(|| slot.conn().share());
         let statement = statement.clone();
         let key = self.key;
         let prior_release = self.prior_release.take();
@@ -769,7 +771,11 @@ impl Drop for Attempt {
         if let Some(in_flight) = self.in_flight.take() {
             // Abandoned with a statement in flight: its answer decides the cleanup.
             trace::abandoned(self.key, self.scope);
-            let cancel = self.cancel.take().zip(self.canceller.take());
+            let cancel = self
+                .cancel
+                .take()
+                .map(|conn| conn.client().cancel_token())
+                .zip(self.canceller.take());
             let scope = self.scope;
             let settled: Settled = Box::pin(async move {
                 let (slot, result, prior_ok) = in_flight.await;
