@@ -36,6 +36,11 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 ///   closed instead, and the server frees the lock as the session ends. Release on drop is
 ///   therefore not synchronous: for about one round trip after the drop, another session may
 ///   still see the key as held.
+/// - On a pool, while that release is in flight, the next acquisition of the same
+///   [`AdvisoryLock`](crate::AdvisoryLock) (or of a clone) takes the connection over and sends
+///   its lock right behind the unlock: a `lock` + drop loop costs one round trip per cycle.
+///   Keep one `AdvisoryLock` (cheap to clone) rather than building one per acquisition to get
+///   this.
 /// - If the connection dies while the guard is held, the server has already released the lock;
 ///   `unlock` then reports [`Error::ConnectionLost`] or [`Error::NotHeld`].
 ///
