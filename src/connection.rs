@@ -1,9 +1,9 @@
 //! Where a lock's connection comes from: a deadpool pool, or a [`Session`] the caller owns.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::pin::Pin;
 use std::str::FromStr;

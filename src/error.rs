@@ -175,6 +175,19 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// `commit` found the transaction of a transaction-scoped lock already failed: PostgreSQL
+    /// answers `COMMIT` of a failed transaction with a rollback, so none of its work was
+    /// committed. The lock is released all the same.
+    #[error("the transaction of advisory lock {key} had failed before the commit, so PostgreSQL rolled it back: none of its work was committed (the lock is released); {}", describe(.source))]
+    RolledBack {
+        /// The lock's key.
+        key: AdvisoryKey,
+        /// The error of the statement that found the transaction failed (usually SQLSTATE
+        /// 25P02, "current transaction is aborted").
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// Any other error reported by PostgreSQL.
     #[error("PostgreSQL error: {}", describe(.0))]
     Postgres(#[source] tokio_postgres::Error),

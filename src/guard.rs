@@ -220,6 +220,8 @@ impl AdvisoryLockGuard {
     ///
     /// - [`Error::NotHeld`] if the session no longer held the lock (it was lost before);
     /// - [`Error::ConnectionLost`] if the connection is gone (so is the lock);
+    /// - [`Error::RolledBack`] for a transaction-scoped lock whose transaction had failed:
+    ///   PostgreSQL rolled it back instead of committing it;
     /// - [`Error::Postgres`] for any other failure.
     ///
     /// On any error a pooled connection is closed rather than returned to the pool, so nothing
@@ -431,10 +433,23 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 .map(drop)
                 .map_err(|e| Error::from_postgres(Some(key), e))
         }
-        Release::Commit => client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| Error::from_postgres(Some(key), e)),
+        Release::Commit => {
+            // PostgreSQL answers COMMIT of a failed transaction with a rollback, not an error.
+            // A statement sent just before it, in the same round trip, fails in a failed
+            // transaction (25P02): that tells a rollback from a commit. Both are simple
+            // queries, so this works behind transaction poolers too.
+            let (probe, commit) = futures_util::future::join(
+                client.simple_query("SELECT 1"),
+                client.batch_execute("COMMIT"),
+            )
+            .await;
+            commit.map_err(|e| Error::from_postgres(Some(key), e))?;
+            // Whatever made the probe fail inside the transaction block (usually an earlier
+            // failure, 25P02) made the COMMIT a rollback.
+            probe
+                .map(drop)
+                .map_err(|source| Error::RolledBack { key, source })
+        }
         Release::Rollback => client
             .batch_execute("ROLLBACK")
             .await

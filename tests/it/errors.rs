@@ -226,3 +226,53 @@ async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_
         .unwrap();
     db.assert_no_locks().await;
 }
+
+/// PostgreSQL answers COMMIT of a failed transaction with a rollback and no error: `commit`
+/// must not report that as committed.
+#[tokio::test]
+async fn commit_of_a_failed_transaction_is_reported_as_rolled_back() {
+    let db = TestDb::new("commit_rolled_back").await;
+    let pool = db.pool(2);
+    let table = format!("pglock_rollback_{:08x}", rand::random::<u32>());
+    db.admin()
+        .batch_execute(&format!("CREATE TABLE {table} (v int)"))
+        .await
+        .unwrap();
+    let lock = AdvisoryLock::new(&pool, db.key()).scope(pglock::LockScope::Transaction);
+    let insert = format!("INSERT INTO {table} VALUES (1)");
+
+    // A healthy transaction commits, and says so.
+    let guard = lock.lock().await.unwrap();
+    guard.batch_execute(&insert).await.unwrap();
+    AdvisoryLockGuard::commit(guard).await.unwrap();
+
+    // A failed one is rolled back by the COMMIT, and says so too (through unlock as well).
+    for via_unlock in [false, true] {
+        let guard = lock.lock().await.unwrap();
+        guard.batch_execute(&insert).await.unwrap();
+        assert!(guard.batch_execute("SELECT 1/0").await.is_err());
+        let error = if via_unlock {
+            AdvisoryLockGuard::unlock(guard).await.unwrap_err()
+        } else {
+            AdvisoryLockGuard::commit(guard).await.unwrap_err()
+        };
+        assert!(matches!(error, Error::RolledBack { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("rolled it back"), "{message}");
+        assert!(message.contains("25P02"), "{message}");
+    }
+    let rows: i64 = db
+        .admin()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "only the healthy transaction's row was committed");
+    db.assert_no_locks().await;
+    // The lock is free for the next holder.
+    assert!(lock.try_lock().await.unwrap().is_some());
+    db.admin()
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
