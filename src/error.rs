@@ -304,7 +304,12 @@ impl Error {
 
     /// Classifies a driver error raised while working on `key`.
     pub(crate) fn from_postgres(key: Option<AdvisoryKey>, error: tokio_postgres::Error) -> Self {
-        if error.is_closed() || (error.code().is_none() && error.as_db_error().is_none()) {
+        // The connection is gone when the driver says so, or when reading or writing its socket
+        // failed; the driver's other code-less errors (an unexpected row count, a type that
+        // does not convert, ...) concern one statement of a live connection.
+        let io_failed =
+            std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
+        if error.is_closed() || io_failed {
             return Error::ConnectionLost { key, source: error };
         }
         let code = error.code().cloned();

@@ -276,3 +276,22 @@ async fn commit_of_a_failed_transaction_is_reported_as_rolled_back() {
         .await
         .unwrap();
 }
+
+/// The protected work's own mistakes on a live connection are not reported as a lost
+/// connection (which would tell the caller that its lock is gone).
+#[tokio::test]
+async fn a_statement_error_of_protected_work_is_not_a_lost_connection() {
+    let db = TestDb::new("statement_error_kind").await;
+    let pool = db.pool(1);
+    let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+    async fn no_row(client: &tokio_postgres::Client) -> pglock::Result<i32> {
+        Ok(client.query_one("SELECT 1 WHERE false", &[]).await?.get(0))
+    }
+    let error = no_row(&guard).await.unwrap_err();
+    assert!(!error.is_connection_lost(), "{error:?}");
+    assert!(matches!(error, Error::Postgres(_)), "{error:?}");
+    // The lock is still held and the guard still works.
+    assert!(!AdvisoryLockGuard::is_lost(&guard));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    db.assert_no_locks().await;
+}
