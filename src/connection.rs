@@ -563,16 +563,18 @@ impl Pooled {
             .expect("a pooled connection holds its object until dropped")
     }
 
+    fn cached(&self, sql: &'static str) -> Option<Statement> {
+        let statements = self.statements.lock().unwrap();
+        statements
+            .iter()
+            .flatten()
+            .find(|(text, _)| std::ptr::eq(*text, sql))
+            .map(|(_, statement)| statement.clone())
+    }
+
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        {
-            let statements = self.statements.lock().unwrap();
-            let hit = statements
-                .iter()
-                .flatten()
-                .find(|(text, _)| std::ptr::eq(*text, sql));
-            if let Some((_, statement)) = hit {
-                return Ok(statement.clone());
-            }
+        if let Some(statement) = self.cached(sql) {
+            return Ok(statement);
         }
         let statement = self.object().prepare_cached(sql).await?;
         let mut statements = self.statements.lock().unwrap();
@@ -697,6 +699,15 @@ impl Conn {
     pub(crate) fn leak(self) {
         if let Conn::Pooled(pooled) = self {
             pooled.fate.store(LEAK, Ordering::Release);
+        }
+    }
+
+    /// The statement for `sql` if pglock has prepared it on this connection (this checkout, for
+    /// a pooled one): no future, no lock but a short mutex.
+    pub(crate) fn cached(&self, sql: &'static str) -> Option<Statement> {
+        match self {
+            Conn::Pooled(pooled) => pooled.cached(sql),
+            Conn::Session(session) => session.cached(sql),
         }
     }
 

@@ -336,9 +336,24 @@ impl AdvisoryLock {
             blocking_op
         };
         let acquire_sql = statement(op, mode, self.scope, form);
-        let prepared = self
-            .prepare(&slot, acquire_sql, form, mode, behind_pooler)
-            .await;
+        // Prepared on this connection before, the common case: no future to create and poll.
+        let cached = match self.scope {
+            LockScope::Session => {
+                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+                let conn = slot.conn();
+                conn.cached(acquire_sql)
+                    .zip(conn.cached(unlock_sql))
+                    .map(|(a, u)| (Acquire::Prepared(a), Some(u)))
+            }
+            LockScope::Transaction => None,
+        };
+        let prepared = match cached {
+            Some(prepared) => Ok(prepared),
+            None => {
+                self.prepare(&slot, acquire_sql, form, mode, behind_pooler)
+                    .await
+            }
+        };
         let (acquire_statement, unlock) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
