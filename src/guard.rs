@@ -477,8 +477,13 @@ fn release_in_background_traced(
     backend_pid: Option<i32>,
     parking: Option<Arc<Parking>>,
 ) {
-    // Parked before the first poll: the release task must find it there to take it back.
-    let report = parking.as_ref().map(|parking| parking.park(conn.share()));
+    let (report, released) = match parking {
+        Some(_) => {
+            let (report, released) = Parking::report_channel();
+            (Some(report), Some((released, conn.share())))
+        }
+        None => (None, None),
+    };
     let parked_at = parking.clone();
     let slot = ConnSlot::new(conn);
     let mut task = Box::pin(async move {
@@ -500,14 +505,18 @@ fn release_in_background_traced(
     if poll_once(task.as_mut()).is_ready() {
         return;
     }
-    if let Ok(runtime) = Handle::try_current() {
-        runtime.spawn(task);
-    } else if let Some(parking) = parked_at {
-        // No runtime to confirm the release on: the connection is closed (dropping the task
-        // discards it), and must not stay parked, nor be claimed.
-        drop(task);
-        drop(parking.claim());
+    let Ok(runtime) = Handle::try_current() else {
+        // No runtime to confirm the release on: dropping the task closes the connection, which
+        // is therefore not parked.
+        return;
+    };
+    // Parked only now that the release is queued, and before its task can run: a claimer's
+    // statement always travels behind the release, and the task always finds the connection
+    // parked (or claimed) when it comes to take it back.
+    if let (Some(parking), Some((released, conn))) = (parked_at, released) {
+        parking.park(conn, released);
     }
+    runtime.spawn(task);
 }
 
 /// Sends a tokio-postgres request now and forgets its answer: the first poll writes the request

@@ -43,12 +43,17 @@ pub(crate) type PriorRelease = oneshot::Receiver<bool>;
 pub(crate) type ReleaseReport = oneshot::Sender<bool>;
 
 impl Parking {
-    /// Parks `conn`, whose release has been queued; returns the sender that must report the
-    /// release's outcome. A connection parked before is left to its own release task.
-    pub(crate) fn park(&self, conn: Conn) -> ReleaseReport {
-        let (report, released) = oneshot::channel();
+    /// A channel for the outcome of a release: the task that confirms the release keeps the
+    /// sender, [`park`](Self::park) takes the receiver.
+    pub(crate) fn report_channel() -> (ReleaseReport, PriorRelease) {
+        oneshot::channel()
+    }
+
+    /// Parks `conn`, whose release is already queued on it (so that whatever a claimer sends
+    /// travels behind the release), until its release task takes it back. A connection parked
+    /// before is left to its own release task.
+    pub(crate) fn park(&self, conn: Conn, released: PriorRelease) {
         *self.parked.lock().unwrap() = Some(Parked { conn, released });
-        report
     }
 
     /// Takes the parked connection, if one is parked and still open.
