@@ -179,3 +179,37 @@ async fn abandoned_acquisitions_on_a_handed_off_connection_leave_nothing() {
     drop(guard);
     db.assert_no_locks().await;
 }
+
+/// Clones of one lock on several worker threads, each dropping its guard and locking again at
+/// once: parks and claims race across threads, and mutual exclusion must hold throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_drops_and_claims_keep_mutual_exclusion() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let db = TestDb::new("handoff_threads").await;
+    let pool = db.pool(4);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let lock = lock.clone();
+            let inside = inside.clone();
+            tokio::spawn(async move {
+                for _ in 0..150 {
+                    let guard = lock.lock().await.unwrap();
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    tokio::task::yield_now().await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(guard);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    db.assert_no_locks().await;
+    assert!(pool.status().size <= 4);
+}
