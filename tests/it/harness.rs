@@ -168,6 +168,32 @@ impl TestDb {
         }
     }
 
+    /// Ends the backend `pid` and waits (up to 5 s) until it has exited, and so freed its locks:
+    /// `pg_terminate_backend` only sends the signal.
+    pub async fn terminate_and_wait(&self, pid: i32) {
+        self.terminate(pid).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive: i64 = self
+                .admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if alive == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backend {pid} still alive 5 s after pg_terminate_backend"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Ends the backend `pid` as an administrator would.
     pub async fn terminate(&self, pid: i32) {
         let done: bool = self

@@ -79,7 +79,7 @@ async fn explicit_unlock_reports_a_terminated_backend_and_the_pool_drops_it() {
     let lock = AdvisoryLock::new(&pool, key);
     let guard = lock.lock().await.unwrap();
     let pid = AdvisoryLockGuard::backend_pid(&guard);
-    db.terminate(pid).await;
+    db.terminate_and_wait(pid).await;
     // The server freed the lock with the session.
     let other = db.client().await;
     let free: bool = other
@@ -117,7 +117,7 @@ async fn drop_after_termination_discards_the_connection() {
     for _ in 0..5 {
         let guard = lock.lock().await.unwrap();
         let pid = AdvisoryLockGuard::backend_pid(&guard);
-        db.terminate(pid).await;
+        db.terminate_and_wait(pid).await;
         drop(guard);
         let next = lock.lock().await.unwrap();
         assert_ne!(AdvisoryLockGuard::backend_pid(&next), pid);
