@@ -213,3 +213,61 @@ async fn concurrent_drops_and_claims_keep_mutual_exclusion() {
     db.assert_no_locks().await;
     assert!(pool.status().size <= 4);
 }
+
+/// Everything at once on two worker threads: guards dropped with a healthy or an aborted
+/// transaction (so the unlock before a claim succeeds or fails), claims abandoned after a few
+/// polls, and try_lock, lock and try_lock_for claiming. Mutual exclusion holds throughout and
+/// nothing is left in pg_locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_failures_and_abandoned_claims_leave_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let db = TestDb::new("handoff_mixed").await;
+    let pool = db.pool(6);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|task| {
+            let lock = lock.clone();
+            let inside = inside.clone();
+            tokio::spawn(async move {
+                for turn in 0..60usize {
+                    let guard = match (task + turn) % 3 {
+                        0 => lock.lock().await.unwrap(),
+                        1 => match lock.try_lock_for(Duration::from_secs(10)).await.unwrap() {
+                            Some(guard) => guard,
+                            None => continue,
+                        },
+                        _ => match lock.try_lock().await.unwrap() {
+                            Some(guard) => guard,
+                            None => continue,
+                        },
+                    };
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    if turn % 4 == 0 {
+                        // Leaves the transaction aborted: the unlock on drop fails.
+                        let _ = guard.batch_execute("BEGIN; SELECT 1/0").await;
+                    }
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(guard);
+                    if turn % 5 == 0 {
+                        // A claim abandoned mid-way.
+                        let polls = 1 + turn % 3;
+                        if let Some(Ok(guard)) = drop_after_polls(lock.lock(), polls).await {
+                            drop(guard);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    db.assert_no_locks().await;
+    let guard = lock.try_lock().await.unwrap().expect("free at the end");
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    db.assert_no_locks().await;
+}
