@@ -284,12 +284,19 @@ impl Session {
     }
 
     fn cached(&self, sql: &'static str) -> Option<Statement> {
-        let statements = self.statements.lock().unwrap();
-        statements
-            .iter()
-            .find(|(text, _)| std::ptr::eq(*text, sql))
-            .map(|(_, statement)| statement.clone())
+        find_prepared(self.statements.lock().unwrap().iter(), sql)
     }
+}
+
+/// The statement prepared for `sql` among pglock's own, which are `&'static` texts from
+/// `sql::statement`: the address identifies the text.
+fn find_prepared<'a>(
+    mut prepared: impl Iterator<Item = &'a (&'static str, Statement)>,
+    sql: &'static str,
+) -> Option<Statement> {
+    prepared
+        .find(|(text, _)| std::ptr::eq(*text, sql))
+        .map(|(_, statement)| statement.clone())
 }
 
 impl Deref for Session {
@@ -342,10 +349,8 @@ impl Hasher for KeyHasher {
         }
     }
 
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-
+    // The signed and narrower writes default to these (an enum's discriminant, then its i32 or
+    // i64 fields).
     fn write_u32(&mut self, n: u32) {
         self.add(u64::from(n));
     }
@@ -355,18 +360,6 @@ impl Hasher for KeyHasher {
     }
 
     fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn write_isize(&mut self, n: isize) {
-        self.add(n as u64);
-    }
-
-    fn write_i32(&mut self, n: i32) {
-        self.add(n as u32 as u64);
-    }
-
-    fn write_i64(&mut self, n: i64) {
         self.add(n as u64);
     }
 
@@ -564,12 +557,7 @@ impl Pooled {
     }
 
     fn cached(&self, sql: &'static str) -> Option<Statement> {
-        let statements = self.statements.lock().unwrap();
-        statements
-            .iter()
-            .flatten()
-            .find(|(text, _)| std::ptr::eq(*text, sql))
-            .map(|(_, statement)| statement.clone())
+        find_prepared(self.statements.lock().unwrap().iter().flatten(), sql)
     }
 
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {

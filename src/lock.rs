@@ -336,18 +336,7 @@ impl AdvisoryLock {
             blocking_op
         };
         let acquire_sql = statement(op, mode, self.scope, form);
-        // Prepared on this connection before, the common case: no future to create and poll.
-        let cached = match self.scope {
-            LockScope::Session => {
-                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
-                let conn = slot.conn();
-                conn.cached(acquire_sql)
-                    .zip(conn.cached(unlock_sql))
-                    .map(|(a, u)| (Acquire::Prepared(a), Some(u)))
-            }
-            LockScope::Transaction => None,
-        };
-        let prepared = match cached {
+        let prepared = match self.cached(&slot, acquire_sql, form, mode) {
             Some(prepared) => Ok(prepared),
             None => {
                 self.prepare(&slot, acquire_sql, form, mode, behind_pooler)
@@ -470,6 +459,24 @@ impl AdvisoryLock {
                 pause = (pause * 2).min(max);
             }
         }
+    }
+
+    /// The session-scope statements [`prepare`](Self::prepare) would return, when they are
+    /// prepared on this connection already (the common case): no future to create and poll.
+    fn cached(
+        &self,
+        slot: &ConnSlot,
+        acquire_sql: &'static str,
+        form: Form,
+        mode: LockMode,
+    ) -> Option<(Acquire, Option<Statement>)> {
+        if self.scope != LockScope::Session {
+            return None;
+        }
+        let conn = slot.conn();
+        let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+        let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
+        Some((Acquire::Prepared(acquire), Some(unlock)))
     }
 
     /// Prepares the acquiring statement and, for session scope, the unlock (cached per

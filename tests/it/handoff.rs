@@ -96,26 +96,7 @@ async fn a_failed_unlock_closes_the_handed_off_connection_and_the_lock_is_taken_
     assert_ne!(new_pid, old_pid);
     assert_eq!(db.holders(key).await, vec![new_pid]);
     // The connection that could not unlock was closed, which freed its lock.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let alive: i64 = db
-            .admin()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&old_pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if alive == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "old backend lives on"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    db.wait_backend_gone(old_pid).await;
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     db.assert_no_locks().await;
 }

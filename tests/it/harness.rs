@@ -172,6 +172,11 @@ impl TestDb {
     /// `pg_terminate_backend` only sends the signal.
     pub async fn terminate_and_wait(&self, pid: i32) {
         self.terminate(pid).await;
+        self.wait_backend_gone(pid).await;
+    }
+
+    /// Waits (up to 5 s) until the backend `pid` has exited.
+    pub async fn wait_backend_gone(&self, pid: i32) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let alive: i64 = self
@@ -188,7 +193,7 @@ impl TestDb {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "backend {pid} still alive 5 s after pg_terminate_backend"
+                "backend {pid} still alive after 5 s"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
