@@ -541,10 +541,12 @@ impl LeaderElection {
         Ok(Leadership {
             guard: Some(guard),
             watcher,
-            term,
+            context: LeaderContext {
+                name: self.name.clone(),
+                term,
+                loss,
+            },
             key,
-            name: self.name.clone(),
-            loss,
             state: self.state.clone(),
             step_down_timeout: self.health.probe_timeout.max(Duration::from_secs(1)),
             _slot: slot,
@@ -678,11 +680,10 @@ fn demote(state: &watch::Sender<LeaderState>, term: i64) -> bool {
 pub struct Leadership {
     guard: Option<AdvisoryLockGuard>,
     watcher: JoinHandle<()>,
-    term: i64,
-    name: Arc<str>,
+    /// The name, the term and the loss signal, as handed to leader tasks.
+    context: LeaderContext,
     /// The leadership lock's key (for events).
     key: AdvisoryKey,
-    loss: LossSignal,
     state: Arc<watch::Sender<LeaderState>>,
     step_down_timeout: Duration,
     _slot: OwnedMutexGuard<()>,
@@ -691,17 +692,17 @@ pub struct Leadership {
 impl Leadership {
     /// The fencing term: greater than the term of every earlier leader of this name.
     pub fn term(&self) -> i64 {
-        self.term
+        self.context.term()
     }
 
     /// The leadership's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.context.name()
     }
 
     /// Whether the leadership is known to be lost (cheap; no round trip).
     pub fn is_lost(&self) -> bool {
-        self.loss.is_lost()
+        self.context.is_lost()
     }
 
     /// Completes when the leadership is lost, with the reason.
@@ -712,21 +713,23 @@ impl Leadership {
     ///
     /// Cancel-safe: use it in `tokio::select!`; a later call completes on the same loss.
     pub async fn lost(&mut self) -> LossReason {
-        self.loss.lost().await
+        self.context.lost().await
     }
 
     /// A cloneable signal of this leadership's loss, for other tasks.
     pub fn loss_signal(&self) -> LossSignal {
-        self.loss.clone()
+        self.context.loss_signal()
     }
 
     /// What a leader task needs: the name, the term and the loss signal.
     pub fn context(&self) -> LeaderContext {
-        LeaderContext {
-            name: self.name.clone(),
-            term: self.term,
-            loss: self.loss.clone(),
-        }
+        self.context.clone()
+    }
+
+    fn guard(&self) -> &AdvisoryLockGuard {
+        self.guard
+            .as_ref()
+            .expect("a leadership holds its lock until it ends")
     }
 
     /// The connection that holds the leadership lock.
@@ -734,18 +737,12 @@ impl Leadership {
     /// Statements on it run only while this session holds the lock: if the session has
     /// ended, they fail. Keep them short: the health probe queues behind them.
     pub fn client(&self) -> &Client {
-        self.guard
-            .as_ref()
-            .expect("a leadership holds its lock until it ends")
+        self.guard()
     }
 
     /// The PostgreSQL backend process that holds the leadership lock.
     pub fn backend_pid(&self) -> i32 {
-        AdvisoryLockGuard::backend_pid(
-            self.guard
-                .as_ref()
-                .expect("a leadership holds its lock until it ends"),
-        )
+        AdvisoryLockGuard::backend_pid(self.guard())
     }
 
     /// Steps down now: releases the leadership lock, so that a waiting standby takes over
@@ -767,8 +764,8 @@ impl Leadership {
     ///
     /// If the future is dropped, the release still happens in the background.
     pub async fn step_down(mut self) -> Result<()> {
-        if demote(&self.state, self.term) {
-            trace::leadership_released(&self.name, self.key, self.term, "step_down");
+        if demote(&self.state, self.term()) {
+            trace::leadership_released(self.name(), self.key, self.term(), "step_down");
         }
         let guard = self
             .guard
@@ -787,8 +784,8 @@ impl Leadership {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
-        if demote(&self.state, self.term) {
-            trace::leadership_released(&self.name, self.key, self.term, "drop");
+        if demote(&self.state, self.term()) {
+            trace::leadership_released(self.name(), self.key, self.term(), "drop");
         }
         self.watcher.abort();
     }
@@ -797,8 +794,8 @@ impl Drop for Leadership {
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Leadership")
-            .field("name", &self.name)
-            .field("term", &self.term)
+            .field("name", &self.name())
+            .field("term", &self.term())
             .field("lost", &self.is_lost())
             .finish_non_exhaustive()
     }
