@@ -786,11 +786,6 @@ impl Reservation {
             session.held.lock().unwrap().insert(self.key, true);
         }
     }
-
-    /// The shared session, when the connection is one.
-    pub(crate) fn session(&self) -> Option<&Arc<Session>> {
-        self.session.as_ref()
-    }
 }
 
 impl Drop for Reservation {

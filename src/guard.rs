@@ -526,7 +526,9 @@ pub(crate) fn queue_now<F: Future>(request: F) {
     let _ = poll_once(request);
 }
 
-fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+/// Polls `future` once, with a waker that does nothing: enough to make a tokio-postgres request
+/// send itself.
+pub(crate) fn poll_once<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
     future.poll(&mut Context::from_waker(Waker::noop()))
 }
 

@@ -1,6 +1,6 @@
 //! [`AdvisoryLock`]: a key, where its connection comes from, and the ways to acquire it.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{queue_now, release, release_in_background, ConnSlot, Release};
+use crate::guard::{poll_once, queue_now, release, release_in_background, ConnSlot, Release};
 use crate::handoff::{Parking, PriorRelease};
 use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
@@ -358,12 +358,11 @@ impl AdvisoryLock {
         };
         let mut attempt = Attempt {
             slot: Some(slot),
-            in_flight: None,
-            cancel: None,
+            in_flight: false,
+            may_wait: false,
             in_transaction: false,
             key,
             scope: self.scope,
-            unlock: unlock.clone(),
             canceller: None,
             reservation: Some(reservation),
             mode,
@@ -438,7 +437,7 @@ impl AdvisoryLock {
                     return Ok(Attempted::Done(None));
                 }
                 Err(e) => {
-                    if Outcome::of_error(&e, self.scope) == Outcome::Unknown {
+                    if may_hold_after(&e, self.scope) {
                         attempt.settle_unknown();
                     }
                     return Err(Error::from_postgres(Some(key), e));
@@ -530,27 +529,26 @@ enum Acquire {
     Unnamed(&'static str),
 }
 
-/// A statement in flight: it answers with the connection, its result, and whether the release
-/// that preceded it on a claimed parked connection succeeded (always `true` otherwise).
-type InFlight =
-    Pin<Box<dyn Future<Output = (ConnSlot, Result<Row, tokio_postgres::Error>, bool)> + Send>>;
-
 /// An acquisition in progress. Whatever point it is dropped at, its `Drop` leaves the server
 /// as it found it: no lock held, no waiter queued, no transaction open.
+///
+/// The statement in flight is awaited in place, not boxed: if the acquisition is abandoned
+/// before its answer, the cleanup does not need that answer. It treats the outcome as unknown
+/// and undoes whatever the statement may have done, by means that are correct either way
+/// (closing a pooled connection, or queueing an undo right behind the statement on a shared
+/// session).
 struct Attempt {
-    /// The connection while no statement is in flight.
+    /// The connection (taken when the attempt becomes a guard or hands it to a cleanup).
     slot: Option<ConnSlot>,
-    /// The statement in flight, which owns the connection until it answers.
-    in_flight: Option<InFlight>,
-    /// Set while the statement in flight may sit in the server's lock queue: another handle on
-    /// the connection, to build a cancel request from if the attempt is abandoned (building the
-    /// token eagerly would cost an allocation per acquisition).
-    cancel: Option<Conn>,
+    /// A statement was sent on the connection and its answer is not in yet.
+    in_flight: bool,
+    /// The statement in flight may sit in the server's lock queue: an abandoned attempt sends a
+    /// cancel request.
+    may_wait: bool,
     /// `BEGIN` has been sent (transaction scope).
     in_transaction: bool,
     key: AdvisoryKey,
     scope: LockScope,
-    unlock: Option<Statement>,
     canceller: Option<Canceller>,
     /// Dropped after any undo is queued (fields drop after `Drop::drop`).
     reservation: Option<Reservation>,
@@ -561,44 +559,15 @@ struct Attempt {
     prior_release_failed: bool,
 }
 
-/// What an acquiring statement did to the lock, as far as its answer tells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
-    Granted {
-        /// The backend that granted the lock, where the undo must run.
-        backend_pid: i32,
-    },
-    NotGranted,
-    /// The statement failed, or its answer never came: a session lock may have been taken
-    /// before the failure (session locks survive the error of the statement that took them).
-    Unknown,
+/// Whether a session lock may be held after the acquiring statement failed with `error`.
+///
+/// A deadlock ends the wait before any grant; a failed statement in a transaction aborts it, and
+/// the transaction-scoped lock goes with it. A lock timeout is not such a proof: it can be
+/// reported just after the grant, and session locks survive the error of the statement that
+/// took them.
+fn may_hold_after(error: &tokio_postgres::Error, scope: LockScope) -> bool {
+    error.code() != Some(&SqlState::T_R_DEADLOCK_DETECTED) && scope == LockScope::Session
 }
-
-impl Outcome {
-    fn of(result: &Result<Row, tokio_postgres::Error>, scope: LockScope) -> Self {
-        match result {
-            Ok(row) if row.get::<_, Option<bool>>(0) == Some(true) => Outcome::Granted {
-                backend_pid: row.get(1),
-            },
-            Ok(_) => Outcome::NotGranted,
-            Err(error) => Outcome::of_error(error, scope),
-        }
-    }
-
-    fn of_error(error: &tokio_postgres::Error, scope: LockScope) -> Self {
-        let code = error.code();
-        // A deadlock ends the wait before any grant; a failed statement in a transaction aborts
-        // it, and the transaction-scoped lock goes with it. A lock timeout is not such a proof:
-        // it can be reported just after the grant.
-        if code == Some(&SqlState::T_R_DEADLOCK_DETECTED) || scope == LockScope::Transaction {
-            Outcome::NotGranted
-        } else {
-            Outcome::Unknown
-        }
-    }
-}
-
-type Settled = Pin<Box<dyn Future<Output = (ConnSlot, Outcome)> + Send>>;
 
 impl Attempt {
     /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits it.
@@ -608,65 +577,59 @@ impl Attempt {
         lock_timeout: Option<String>,
         may_wait: bool,
     ) -> Result<Row, tokio_postgres::Error> {
-        let slot = self.slot.take().expect("one statement in flight at a time");
         let begin = self.scope == LockScope::Transaction && !self.in_transaction;
         self.in_transaction |= begin;
-        self.cancel = may_wait.then(|| slot.conn().share());
-        let statement = statement.clone();
         let key = self.key;
         let prior_release = self.prior_release.take();
-        self.in_flight = Some(Box::pin(async move {
-            let params = KeyParams::new(key);
-            let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
-            let params = params.with(extra);
-            let client = slot.conn().client();
-            let query = async {
-                match &statement {
-                    Acquire::Prepared(statement) => {
-                        client.query_one(statement, params.as_slice()).await
-                    }
-                    Acquire::Unnamed(sql) => {
-                        let typed = KeyParams::new(key);
-                        let typed = typed.typed(extra);
-                        let rows = client.query_typed(sql, typed.as_slice()).await?;
-                        Ok(rows
-                            .into_iter()
-                            .next()
-                            .expect("the statement returns one row"))
-                    }
+        let client = self
+            .slot
+            .as_ref()
+            .expect("one statement in flight at a time")
+            .conn()
+            .client();
+        let params = KeyParams::new(key);
+        let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
+        let params = params.with(extra);
+        let query = async {
+            match statement {
+                Acquire::Prepared(statement) => {
+                    client.query_one(statement, params.as_slice()).await
                 }
-            };
-            let result = if begin {
-                let (begun, row) =
-                    futures_util::future::join(client.batch_execute("BEGIN"), query).await;
-                begun.and(row)
-            } else {
-                query.await
-            };
-            let prior_ok = match prior_release {
-                // The unlock was queued before our statement, so it has answered by now; its
-                // task may just not have reported yet.
-                Some(released) => released.await.unwrap_or(false),
-                None => true,
-            };
-            if !prior_ok {
-                // The session may hold the key twice, or hold it for nobody: only closing the
-                // connection ends both for sure.
-                slot.conn().mark_discard();
+                Acquire::Unnamed(sql) => {
+                    let typed = KeyParams::new(key);
+                    let typed = typed.typed(extra);
+                    let rows = client.query_typed(sql, typed.as_slice()).await?;
+                    Ok(rows
+                        .into_iter()
+                        .next()
+                        .expect("the statement returns one row"))
+                }
             }
-            (slot, result, prior_ok)
-        }));
-        let (slot, result, prior_ok) = poll_fn(|cx| {
-            self.in_flight
-                .as_mut()
-                .expect("polled after completion")
-                .as_mut()
-                .poll(cx)
-        })
-        .await;
-        self.in_flight = None;
-        self.cancel = None;
-        self.slot = Some(slot);
+        };
+        // Set before the first poll, which is the one that sends the statement: from here until
+        // the answer, dropping the attempt must undo whatever the statement may do.
+        self.in_flight = true;
+        self.may_wait = may_wait;
+        let result = if begin {
+            let (begun, row) =
+                futures_util::future::join(client.batch_execute("BEGIN"), query).await;
+            begun.and(row)
+        } else {
+            query.await
+        };
+        let prior_ok = match prior_release {
+            // The unlock was queued before our statement, so it has answered by now; its task
+            // may just not have reported yet.
+            Some(released) => released.await.unwrap_or(false),
+            None => true,
+        };
+        if !prior_ok {
+            // The session may hold the key twice, or hold it for nobody: only closing the
+            // connection ends both for sure.
+            client_conn(&self.slot).mark_discard();
+        }
+        self.in_flight = false;
+        self.may_wait = false;
         self.prior_release_failed = !prior_ok;
         result
     }
@@ -688,9 +651,7 @@ impl Attempt {
             .expect("an attempt holds its reservation");
         AdvisoryLockGuard::new(conn, reservation, mode, backend_pid, unlock)
     }
-}
 
-impl Attempt {
     /// Rolls back the transaction of a transaction-scoped attempt that gives up, before it
     /// reports "busy": a lock granted just as the timeout fired lives until the rollback, and
     /// nothing may be held once the caller hears "busy".
@@ -698,12 +659,10 @@ impl Attempt {
         if !self.in_transaction {
             return;
         }
-        let conn = self
-            .slot
-            .as_ref()
-            .expect("idle attempt holds its connection")
-            .conn();
-        if release(conn, &Release::Rollback, self.key).await.is_ok() {
+        if release(client_conn(&self.slot), &Release::Rollback, self.key)
+            .await
+            .is_ok()
+        {
             self.in_transaction = false;
         } else {
             self.settle_unknown();
@@ -717,104 +676,90 @@ impl Attempt {
             .slot
             .take()
             .expect("a failed statement returned its connection");
-        self.clean_up_in_background(Box::pin(async move { (slot, Outcome::Unknown) }), None);
+        self.clean_up_in_background(slot, None);
     }
 
-    /// Undoes whatever the acquisition did, once `settled` tells what that was.
+    /// Undoes whatever the acquisition may have done on `slot`'s connection, without knowing
+    /// what that was (the answer of the statement may not be in yet).
     ///
-    /// On a shared session, a rollback is queued at once, right behind the acquiring statement,
-    /// so no other acquisition can begin a transaction there in between; a session-scoped key
-    /// stays reserved (new acquisitions of it wait) until the cleanup is over. A pooled
-    /// connection that was sent a cancel request is closed rather than reused, so a late cancel
-    /// cannot hit its next user.
-    fn clean_up_in_background(
-        &mut self,
-        settled: Settled,
-        cancel: Option<(CancelToken, Canceller)>,
-    ) {
-        let (key, mode, in_transaction) = (self.key, self.mode, self.in_transaction);
-        let unlock = self.unlock.take();
+    /// A pooled connection is closed: that ends its session, and with it any lock or
+    /// transaction the statement took or began (tokio-postgres closes it once the answers
+    /// already asked for are in, which the cancel request hastens). On a shared session, the
+    /// undo is queued at once, right behind the acquiring statement, so nothing else can run
+    /// there in between: a rollback in a transaction, otherwise an unlock of the key if, and
+    /// only if, the session holds it. A session-scoped key stays reserved (new acquisitions of
+    /// it wait) until that unlock has answered.
+    fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
+        let key = self.key;
         let mut reservation = self.reservation.take();
-        let shared = reservation.as_ref().and_then(|r| r.session().cloned());
-        let rollback_queued = match &shared {
-            Some(session) if in_transaction => {
-                queue_now(session.client().batch_execute("ROLLBACK"));
+        let undo = match slot.conn() {
+            Conn::Pooled(_) => None,
+            Conn::Session(_) if self.in_transaction => {
+                queue_now(slot.conn().client().batch_execute("ROLLBACK"));
                 // The rollback is on its way: the session is free for the next transaction.
                 reservation = None;
-                true
+                None
             }
-            _ => false,
+            Conn::Session(_) => {
+                if let Some(reservation) = &reservation {
+                    reservation.mark_cleaning();
+                }
+                let undo = Release::UnlockIfHeld(self.mode);
+                let mut undo: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                    let released = release(slot.conn(), &undo, key).await;
+                    slot.finish(released.is_ok());
+                });
+                if poll_once(undo.as_mut()).is_pending() {
+                    Some(undo)
+                } else {
+                    None
+                }
+            }
         };
-        if let Some(reservation) = &reservation {
-            reservation.mark_cleaning();
-        }
+        // Without a runtime, the undo already queued still runs on the server (only its answer
+        // is not read), and a pooled slot dropped here closes its connection.
         let Ok(runtime) = Handle::try_current() else {
-            // No runtime to clean up on: dropping `settled` closes a pooled connection, which
-            // ends the session; a cancel cannot be sent.
             return;
         };
+        if cancel.is_none() && undo.is_none() {
+            return;
+        }
         runtime.spawn(async move {
             let _reservation = reservation;
-            let cancelled = cancel.is_some();
             if let Some((token, canceller)) = cancel {
                 canceller.cancel(token).await;
             }
-            let (slot, outcome) = settled.await;
-            let pooled = matches!(slot.conn(), Conn::Pooled(_));
-            if cancelled && pooled {
-                slot.finish(false);
-                return;
-            }
-            let undo = match outcome {
-                _ if in_transaction => (!rollback_queued).then_some(Release::Rollback),
-                Outcome::Granted { backend_pid } => {
-                    unlock.map(|statement| Release::Unlock(statement, backend_pid))
-                }
-                Outcome::NotGranted => None,
-                Outcome::Unknown if pooled => {
-                    slot.finish(false);
-                    return;
-                }
-                Outcome::Unknown => Some(Release::UnlockIfHeld(mode)),
-            };
-            match undo {
-                Some(undo) => {
-                    let released = release(slot.conn(), &undo, key).await;
-                    slot.finish(released.is_ok());
-                }
-                None => slot.finish(true),
+            if let Some(undo) = undo {
+                undo.await;
             }
         });
     }
 }
 
+/// The connection of an attempt that is not handed over.
+fn client_conn(slot: &Option<ConnSlot>) -> &Conn {
+    slot.as_ref()
+        .expect("the attempt holds its connection")
+        .conn()
+}
+
 impl Drop for Attempt {
     fn drop(&mut self) {
-        if let Some(in_flight) = self.in_flight.take() {
-            // Abandoned with a statement in flight: its answer decides the cleanup.
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        if self.in_flight {
+            // Abandoned before the answer: undo whatever the statement may do.
             trace::abandoned(self.key, self.scope);
             let cancel = self
-                .cancel
-                .take()
-                .map(|conn| conn.client().cancel_token())
+                .may_wait
+                .then(|| slot.conn().client().cancel_token())
                 .zip(self.canceller.take());
-            let scope = self.scope;
-            let settled: Settled = Box::pin(async move {
-                let (slot, result, prior_ok) = in_flight.await;
-                let outcome = if prior_ok {
-                    Outcome::of(&result, scope)
-                } else {
-                    Outcome::Unknown
-                };
-                (slot, outcome)
-            });
-            self.clean_up_in_background(settled, cancel);
-        } else if let Some(slot) = self.slot.take() {
-            if self.in_transaction {
-                release_in_background(slot.into_conn(), Release::Rollback, self.key);
-            } else {
-                slot.finish(true);
-            }
+            self.clean_up_in_background(slot, cancel);
+        } else if self.in_transaction {
+            release_in_background(slot.into_conn(), Release::Rollback, self.key);
+        } else {
+            slot.finish(true);
         }
     }
 }
