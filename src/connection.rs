@@ -17,6 +17,7 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
 use crate::error::{redact_url, Error, Result};
+use crate::handoff::ReleaseInFlight;
 use crate::loss::{self, HealthCheck, Monitor};
 use crate::{AdvisoryKey, LockScope};
 
@@ -95,6 +96,8 @@ pub struct Session {
     held: Mutex<HashMap<AdvisoryKey, bool, KeyHash>>,
     cleaned: tokio::sync::Notify,
     in_transaction: Mutex<bool>,
+    /// The release a dropped guard queued last, for the next acquisition to read its answer.
+    offered_release: Mutex<Weak<ReleaseInFlight>>,
     canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
     /// The health check of this session's loss monitor, when set with
@@ -196,6 +199,7 @@ impl Session {
             held: Mutex::new(HashMap::default()),
             cleaned: tokio::sync::Notify::new(),
             in_transaction: Mutex::new(false),
+            offered_release: Mutex::new(Weak::new()),
             canceller: Canceller::default(),
             connection_task: None,
             health: None,
@@ -269,6 +273,16 @@ impl Session {
     /// abandoned acquisitions still being cleaned up).
     pub fn held_count(&self) -> usize {
         self.held.lock().unwrap().len()
+    }
+
+    /// Offers the answer of a release queued on this session to the next acquisition on it.
+    pub(crate) fn offer_release(&self, release: Weak<ReleaseInFlight>) {
+        *self.offered_release.lock().unwrap() = release;
+    }
+
+    /// Takes the release offered last, if any.
+    pub(crate) fn take_offered_release(&self) -> Weak<ReleaseInFlight> {
+        std::mem::take(&mut *self.offered_release.lock().unwrap())
     }
 
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {

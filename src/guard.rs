@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
-use crate::handoff::Parking;
+use crate::handoff::{Parking, ReleaseInFlight, ReleaseTask};
 use crate::loss::{HealthCheck, LossSignal, Registration};
 use crate::sql::KeyParams;
 use crate::trace;
@@ -30,8 +30,9 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// - [`unlock`](Self::unlock) (or [`commit`](Self::commit) / [`rollback`](Self::rollback) for
 ///   transaction scope) releases now and reports errors.
 /// - Dropping the guard releases in the background without blocking: the release is queued on
-///   the connection at once, ahead of anything sent after the drop, and a background task
-///   awaits its answer. A pooled connection goes back to the pool only once the release is
+///   the connection at once, ahead of anything sent after the drop, and its answer is read by
+///   the next acquisition on that connection, alongside its own statement, or else by a task
+///   spawned when the answer arrives. A pooled connection goes back to the pool only once the release is
 ///   confirmed; when it is not (an error, a lost connection, no runtime), the connection is
 ///   closed instead, and the server frees the lock as the session ends. Release on drop is
 ///   therefore not synchronous: for about one round trip after the drop, another session may
@@ -457,7 +458,8 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
     }
 }
 
-/// Queues `release` on the connection now and confirms it in a background task.
+/// Queues `release` on the connection now and confirms it in the background: in the next
+/// acquisition on the connection, or in a task of its own (see [`ReleaseInFlight`]).
 ///
 /// The first poll happens here, synchronously: tokio-postgres writes a request into the
 /// connection's queue on the first poll, so the release is ordered before anything the caller
@@ -485,8 +487,12 @@ fn release_in_background_traced(
         None => (None, None),
     };
     let parked_at = parking.clone();
+    let session = match &conn {
+        Conn::Session(session) => Some(session.clone()),
+        Conn::Pooled(_) => None,
+    };
     let slot = ConnSlot::new(conn);
-    let mut task = Box::pin(async move {
+    let mut task: ReleaseTask = Box::pin(async move {
         let result = release(slot.conn(), &release_how, key).await;
         if backend_pid.is_some() || result.is_err() {
             trace::released(key, backend_pid.unwrap_or(0), "drop", &result, true);
@@ -502,21 +508,22 @@ fn release_in_background_traced(
         }
         slot.finish(released);
     });
-    if poll_once(task.as_mut()).is_ready() {
-        return;
-    }
     let Ok(runtime) = Handle::try_current() else {
-        // No runtime to confirm the release on: dropping the task closes the connection, which
-        // is therefore not parked.
+        // No runtime to confirm the release on: the request is queued all the same, and
+        // dropping the task closes a pooled connection, which is therefore not parked.
+        let _ = poll_once(task.as_mut());
         return;
     };
-    // Parked only now that the release is queued, and before its task can run: a claimer's
-    // statement always travels behind the release, and the task always finds the connection
-    // parked (or claimed) when it comes to take it back.
-    if let (Some(parking), Some((released, conn))) = (parked_at, released) {
-        parking.park(conn, released);
-    }
-    runtime.spawn(task);
+    // Parked (or offered to the session) only once the release is queued, and before its task
+    // can run: a claimer's statement always travels behind the release, and the task always
+    // finds the connection parked (or claimed) when it comes to take it back.
+    ReleaseInFlight::start(task, runtime, |in_flight| {
+        if let (Some(parking), Some((released, conn))) = (parked_at, released) {
+            parking.park(conn, released, in_flight);
+        } else if let Some(session) = session {
+            session.offer_release(in_flight);
+        }
+    });
 }
 
 /// Sends a tokio-postgres request now and forgets its answer: the first poll writes the request

@@ -1,8 +1,9 @@
 //! [`AdvisoryLock`]: a key, where its connection comes from, and the ways to acquire it.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::task::{ready, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -14,7 +15,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{poll_once, queue_now, release, release_in_background, ConnSlot, Release};
-use crate::handoff::{Parking, PriorRelease};
+use crate::handoff::{Parking, PriorRelease, ReleaseInFlight, ReleaseTask};
 use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
 use crate::trace;
@@ -293,7 +294,13 @@ impl AdvisoryLock {
         };
         if let Some(parked) = parked {
             match self
-                .acquire_on(parked.conn, Some(parked.released), mode, deadline)
+                .acquire_on(
+                    parked.conn,
+                    Some(parked.released),
+                    parked.in_flight,
+                    mode,
+                    deadline,
+                )
                 .await?
             {
                 Attempted::Done(guard) => return Ok(guard),
@@ -303,7 +310,10 @@ impl AdvisoryLock {
             }
         }
         let conn = self.source.checkout().await?;
-        match self.acquire_on(conn, None, mode, deadline).await? {
+        match self
+            .acquire_on(conn, None, Weak::new(), mode, deadline)
+            .await?
+        {
             Attempted::Done(guard) => Ok(guard),
             Attempted::Retry => {
                 unreachable!("a connection from the source has no release in flight")
@@ -312,11 +322,12 @@ impl AdvisoryLock {
     }
 
     /// Acquires on `conn`; `prior_release` is the outcome of the release still in flight on a
-    /// claimed parked connection.
+    /// claimed parked connection, and `offered` that release, to read its answer.
     async fn acquire_on(
         &self,
         conn: Conn,
         prior_release: Option<PriorRelease>,
+        offered: Weak<ReleaseInFlight>,
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Attempted> {
@@ -356,8 +367,15 @@ impl AdvisoryLock {
                 return Err(error);
             }
         };
+        // A release queued on the connection before this statement: read its answer alongside.
+        let offered = match slot.conn() {
+            Conn::Session(session) => session.take_offered_release(),
+            Conn::Pooled(_) => offered,
+        };
         let mut attempt = Attempt {
             slot: Some(slot),
+            offered,
+            adopted: None,
             in_flight: false,
             may_wait: false,
             in_transaction: false,
@@ -540,6 +558,12 @@ enum Acquire {
 struct Attempt {
     /// The connection (taken when the attempt becomes a guard or hands it to a cleanup).
     slot: Option<ConnSlot>,
+    /// A release queued on the connection before this attempt's statement, whose answer
+    /// nobody reads yet: the statement adopts it.
+    offered: Weak<ReleaseInFlight>,
+    /// That release, adopted and not finished: polled with the statement, spawned if the
+    /// attempt is dropped first.
+    adopted: Option<ReleaseTask>,
     /// A statement was sent on the connection and its answer is not in yet.
     in_flight: bool,
     /// The statement in flight may sit in the server's lock queue: an abandoned attempt sends a
@@ -610,13 +634,39 @@ impl Attempt {
         // the answer, dropping the attempt must undo whatever the statement may do.
         self.in_flight = true;
         self.may_wait = may_wait;
-        let result = if begin {
-            let (begun, row) =
-                futures_util::future::join(client.batch_execute("BEGIN"), query).await;
-            begun.and(row)
-        } else {
-            query.await
+        let statement = async {
+            if begin {
+                let (begun, row) =
+                    futures_util::future::join(client.batch_execute("BEGIN"), query).await;
+                begun.and(row)
+            } else {
+                query.await
+            }
         };
+        let mut statement = std::pin::pin!(statement);
+        if self.adopted.is_none() {
+            self.adopted = ReleaseInFlight::adopt(&std::mem::take(&mut self.offered));
+        }
+        let adopted = &mut self.adopted;
+        let result = poll_fn(|cx| {
+            if let Some(release) = adopted {
+                if release.as_mut().poll(cx).is_ready() {
+                    *adopted = None;
+                }
+            }
+            statement.as_mut().poll(cx)
+        })
+        .await;
+        // The release was queued before the statement, so its answer is in: this returns at once.
+        poll_fn(|cx| match adopted {
+            Some(release) => {
+                ready!(release.as_mut().poll(cx));
+                *adopted = None;
+                Poll::Ready(())
+            }
+            None => Poll::Ready(()),
+        })
+        .await;
         let prior_ok = match prior_release {
             // The unlock was queued before our statement, so it has answered by now; its task
             // may just not have reported yet.
@@ -745,6 +795,12 @@ fn client_conn(slot: &Option<ConnSlot>) -> &Conn {
 
 impl Drop for Attempt {
     fn drop(&mut self) {
+        if let Some(release) = self.adopted.take() {
+            // Someone must still read the answer of the release this attempt took over.
+            if let Ok(runtime) = Handle::try_current() {
+                runtime.spawn(release);
+            }
+        }
         let Some(slot) = self.slot.take() else {
             return;
         };

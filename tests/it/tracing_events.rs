@@ -10,7 +10,7 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-use crate::harness::TestDb;
+use crate::harness::{drop_after_polls, TestDb};
 
 #[derive(Clone, Debug)]
 struct Recorded {
@@ -219,6 +219,56 @@ async fn acquisitions_and_releases_are_traced() {
 
     drop(pool);
     db.assert_no_locks().await;
+}
+
+/// The answer of a guard's release on drop is read by the next acquisition on the same session,
+/// alongside its own statement. An acquisition dropped before that answer hands the release
+/// back to the runtime: it is still read, and reported, once.
+#[tokio::test]
+async fn a_release_read_by_an_abandoned_acquisition_is_still_reported() {
+    let recorder = recorder();
+    let db = TestDb::new("tracing_adopted").await;
+    let session = db.session().await;
+    let (key, other) = (db.key(), db.key());
+    let key_text = key.to_string();
+    let drops = || {
+        recorder
+            .find("advisory lock released", &key_text)
+            .into_iter()
+            .filter(|e| e.field("how") == "drop")
+            .count()
+    };
+    // Both statements prepared on the session, so that an acquisition sends its statement (and
+    // takes over the release) on its first poll.
+    drop(AdvisoryLock::new(&session, key).lock().await.unwrap());
+    drop(AdvisoryLock::new(&session, other).try_lock().await.unwrap());
+    let before = drops();
+    for polls in 1..=4 {
+        let guard = AdvisoryLock::new(&session, key).lock().await.unwrap();
+        drop(guard);
+        // Its first poll takes over the release just queued; dropped after `polls` polls.
+        let outcome = drop_after_polls(AdvisoryLock::new(&session, other).try_lock(), polls).await;
+        drop(outcome);
+        for _ in 0..500 {
+            if drops() >= before + polls {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            drops(),
+            before + polls,
+            "one release reported per dropped guard"
+        );
+    }
+    db.assert_no_locks().await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while session.held_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the abandoned acquisitions were cleaned up");
 }
 
 #[tokio::test]
