@@ -350,8 +350,9 @@ impl AdvisoryLock {
         let prepared = match self.cached(&slot, acquire_sql, form, mode) {
             Some(prepared) => Ok(prepared),
             None => {
-                self.prepare(&slot, acquire_sql, form, mode, behind_pooler)
-                    .await
+                // Boxed: preparing is rare (once per connection), and its future would otherwise
+                // double the size of every acquisition's.
+                Box::pin(self.prepare(&slot, acquire_sql, form, mode, behind_pooler)).await
             }
         };
         let (acquire_statement, unlock) = match prepared {
@@ -444,7 +445,8 @@ impl AdvisoryLock {
                         // that error. Release it if so before reporting "busy", so that nothing
                         // is ever held once this returns.
                         let conn = attempt.slot.as_ref().expect("idle attempt").conn();
-                        if release(conn, &Release::UnlockIfHeld(mode), key)
+                        // Boxed, as a rare path.
+                        if Box::pin(release(conn, &Release::UnlockIfHeld(mode), key))
                             .await
                             .is_err()
                         {
@@ -614,7 +616,9 @@ impl Attempt {
         let params = KeyParams::new(key);
         let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
         let params = params.with(extra);
-        let query = async {
+        // A closure, so that each branch below creates the future it awaits: a future captured
+        // by the block below would be stored beside the one in flight, doubling its size.
+        let query = || async {
             match statement {
                 Acquire::Prepared(statement) => {
                     client.query_one(statement, params.as_slice()).await
@@ -637,10 +641,10 @@ impl Attempt {
         let statement = async {
             if begin {
                 let (begun, row) =
-                    futures_util::future::join(client.batch_execute("BEGIN"), query).await;
+                    futures_util::future::join(client.batch_execute("BEGIN"), query()).await;
                 begun.and(row)
             } else {
-                query.await
+                query().await
             }
         };
         let mut statement = std::pin::pin!(statement);
@@ -709,9 +713,14 @@ impl Attempt {
         if !self.in_transaction {
             return;
         }
-        if release(client_conn(&self.slot), &Release::Rollback, self.key)
-            .await
-            .is_ok()
+        // Boxed, as a rare path: see `AdvisoryLock::acquire_on`.
+        if Box::pin(release(
+            client_conn(&self.slot),
+            &Release::Rollback,
+            self.key,
+        ))
+        .await
+        .is_ok()
         {
             self.in_transaction = false;
         } else {
