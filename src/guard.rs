@@ -385,10 +385,10 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
         Release::Unlock(statement, granted_on) => {
             let params = KeyParams::new(key);
             let params = params.with(Some(granted_on));
-            let mut result = crate::sql::query_one(client, statement, params.as_slice()).await;
+            let mut result = client.query_one(statement, params.as_slice()).await;
             if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
             {
-                result = crate::sql::query_one(client, statement, params.as_slice()).await;
+                result = client.query_one(statement, params.as_slice()).await;
             }
             let row = result.map_err(|e| Error::from_postgres(Some(key), e))?;
             let now_on: i32 = row.get(1);

@@ -621,7 +621,7 @@ impl Attempt {
         let query = || async {
             match statement {
                 Acquire::Prepared(statement) => {
-                    crate::sql::query_one(client, statement, params.as_slice()).await
+                    client.query_one(statement, params.as_slice()).await
                 }
                 Acquire::Unnamed(sql) => {
                     let typed = KeyParams::new(key);

@@ -755,7 +755,7 @@ async fn probe(
 async fn probe_once(conn: &Conn, batch: &Batch) -> Result<Row, tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 3] = [&batch.keys, &batch.subids, &batch.shared];
     let prepared = match conn.prepare(PROBE_SQL).await {
-        Ok(statement) => crate::sql::query_one(conn.client(), &statement, &params).await,
+        Ok(statement) => conn.client().query_one(&statement, &params).await,
         Err(error) => Err(error),
     };
     match prepared {

@@ -1,12 +1,8 @@
 //! The SQL pglock sends. Every statement is parameterised and prepared once per connection.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row, Statement};
 
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -21,34 +17,6 @@ pub(crate) enum Op {
     LockWithTimeout,
     /// Release a session lock.
     Unlock,
-}
-
-/// Runs a prepared statement that returns one row: `client.query_one(statement, params)`.
-///
-/// Every statement of a lock's life (acquire, release, probe) goes through here, so that
-/// tokio-postgres's query code is compiled into one `poll` function that they all share,
-/// instead of being inlined into each caller's state machine. In a `lock` + drop loop the lock
-/// and the release then run the same machine code, as a hand-written pipeline of two
-/// `query_one` calls would: measurably fewer instruction-cache misses per cycle.
-pub(crate) fn query_one<'a>(
-    client: &'a Client,
-    statement: &'a Statement,
-    params: &'a [&'a (dyn ToSql + Sync)],
-) -> OneRow<impl Future<Output = Result<Row, tokio_postgres::Error>> + Send + 'a> {
-    OneRow(client.query_one(statement, params))
-}
-
-/// The future of [`query_one`].
-#[pin_project::pin_project]
-pub(crate) struct OneRow<F>(#[pin] F);
-
-impl<F: Future> Future for OneRow<F> {
-    type Output = F::Output;
-
-    #[inline(never)]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().0.poll(cx)
-    }
 }
 
 /// Which of PostgreSQL's two key spaces a statement takes its key from.
