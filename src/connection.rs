@@ -742,14 +742,16 @@ impl Conn {
             });
         };
         loop {
-            let cleaned = session.cleaned.notified();
-            tokio::pin!(cleaned);
-            {
+            let cleaned = {
                 let mut held = session.held.lock().unwrap();
                 match held.get(&key) {
                     Some(false) => return Err(Error::AlreadyHeld { key }),
                     Some(true) => {
+                        // Registered while the map is locked: the cleanup notifies only after
+                        // it has updated the map, so the notification cannot be missed.
+                        let mut cleaned = Box::pin(session.cleaned.notified());
                         cleaned.as_mut().enable();
+                        cleaned
                     }
                     None => {
                         if scope == LockScope::Transaction {
@@ -767,7 +769,7 @@ impl Conn {
                         });
                     }
                 }
-            }
+            };
             cleaned.await;
         }
     }
@@ -805,11 +807,14 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(session) = &self.session {
-            session.held.lock().unwrap().remove(&self.key);
+            let was_cleaning = session.held.lock().unwrap().remove(&self.key) == Some(true);
             if self.scope == LockScope::Transaction {
                 *session.in_transaction.lock().unwrap() = false;
             }
-            session.cleaned.notify_waiters();
+            // Only an acquisition of a key being cleaned up waits (see `Conn::reserve`).
+            if was_cleaning {
+                session.cleaned.notify_waiters();
+            }
         }
     }
 }
