@@ -264,17 +264,17 @@ impl AdvisoryLock {
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let timer = trace::Timer::start();
+        // The span wraps the acquisition only when a subscriber wants it, so that the common
+        // case does not pay for moving the future into an instrumented wrapper.
         let span = trace::acquire_span(self.key, mode, self.scope);
-        // The span is entered around each poll only when a subscriber wants it. Not
-        // `Instrument`: choosing between the plain and the instrumented future would compile the
-        // acquisition twice, and moving it into the wrapper would copy its bytes.
-        let mut untraced = std::pin::pin!(self.acquire_untraced(mode, deadline));
-        let traced = !span.is_disabled();
-        let result = poll_fn(|cx| {
-            let _entered = traced.then(|| span.enter());
-            untraced.as_mut().poll(cx)
-        })
-        .await;
+        let result = if span.is_disabled() {
+            self.acquire_untraced(mode, deadline).await
+        } else {
+            use tracing::Instrument;
+            self.acquire_untraced(mode, deadline)
+                .instrument(span.clone())
+                .await
+        };
         span.in_scope(|| trace::acquired(self.key, mode, self.scope, &result, &timer));
         result
     }
