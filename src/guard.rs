@@ -32,11 +32,11 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// - Dropping the guard releases in the background without blocking: the release is queued on
 ///   the connection at once, ahead of anything sent after the drop, and its answer is read by
 ///   the next acquisition on that connection, alongside its own statement, or else by a task
-///   spawned when the answer arrives. A pooled connection goes back to the pool only once the release is
-///   confirmed; when it is not (an error, a lost connection, no runtime), the connection is
-///   closed instead, and the server frees the lock as the session ends. Release on drop is
-///   therefore not synchronous: for about one round trip after the drop, another session may
-///   still see the key as held.
+///   spawned when the answer arrives. A pooled connection goes back to the pool only once the
+///   release is confirmed; when it is not (an error, a lost connection, no runtime), the
+///   connection is closed instead, and the server frees the lock as the session ends. Release
+///   on drop is therefore not synchronous: for about one round trip after the drop, another
+///   session may still see the key as held.
 /// - On a pool, while that release is in flight, the next acquisition of the same
 ///   [`AdvisoryLock`](crate::AdvisoryLock) (or of a clone) takes the connection over and sends
 ///   its lock right behind the unlock: a `lock` + drop loop costs one round trip per cycle.
