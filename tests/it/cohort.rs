@@ -36,10 +36,15 @@ async fn drive_until_waiting<F: Future + Unpin>(
         if let Ok(done) = tokio::time::timeout(Duration::from_millis(10), &mut *future).await {
             panic!("finished while the key is held elsewhere: {done:?}");
         }
-        if db.waiters(key).await.len() == 1 {
+        let waiters = db.waiters(key).await;
+        if waiters.len() == 1 {
             return;
         }
-        assert!(Instant::now() < deadline, "never queued in the server");
+        assert!(
+            Instant::now() < deadline,
+            "not the one waiter in the server: waiters {waiters:?}, locks {:?}",
+            db.locks().await
+        );
     }
 }
 

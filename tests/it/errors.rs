@@ -135,7 +135,8 @@ async fn a_hot_standby_is_refused() {
 
 /// The holder of a lock runs CREATE INDEX CONCURRENTLY, which waits for every transaction with
 /// an older snapshot, including a session blocked on the lock: PostgreSQL's deadlock detector
-/// then kills the blocked waiter. A polling waiter never blocks, so it gets the lock afterwards.
+/// then kills the blocked waiter (or, when the build's own check runs first, the build). A
+/// polling waiter never blocks, so it gets the lock afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_one() {
     // CREATE INDEX CONCURRENTLY waits for every older snapshot in its database, including those
@@ -160,7 +161,7 @@ async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_
         } else {
             WaitStrategy::Block
         };
-        let waiter = tokio::spawn({
+        let mut waiter = tokio::spawn({
             let lock = AdvisoryLock::new(&pool, key).wait_strategy(strategy);
             async move {
                 let guard = lock.lock().await?;
@@ -188,12 +189,14 @@ async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_
         }
         // A blocked waiter: depending on which backend's deadlock check sees the cycle, the
         // waiter is killed with SQLSTATE 40P01, or both wait on each other indefinitely (what
-        // PostgreSQL 15.20 does here). Either way only giving up on the wait resolves it.
+        // PostgreSQL 15.20 does here). Either way only giving up on the wait resolves it. Under
+        // heavy CPU load the index build's own check can run first and make the build the
+        // victim instead: the waiter then gets the lock once the holder lets go.
         let mut cic = Box::pin(holder.batch_execute(&statement));
+        let mut waiter_gets_the_lock = false;
         match tokio::time::timeout(Duration::from_secs(3), cic.as_mut()).await {
-            Ok(cic) => {
-                cic.unwrap();
-                let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+            Ok(Ok(())) => {
+                let result = tokio::time::timeout(Duration::from_secs(10), &mut waiter)
                     .await
                     .unwrap()
                     .unwrap();
@@ -203,6 +206,14 @@ async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_
                     error.code(),
                     Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
                 );
+            }
+            Ok(Err(cic_error)) => {
+                assert_eq!(
+                    cic_error.code(),
+                    Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED),
+                    "the index build fails only as the deadlock victim: {cic_error:?}"
+                );
+                waiter_gets_the_lock = true;
             }
             Err(_) => {
                 assert!(
@@ -219,6 +230,13 @@ async fn create_index_concurrently_deadlocks_a_blocked_waiter_but_not_a_polling_
         }
         drop(cic);
         AdvisoryLockGuard::unlock(holder).await.unwrap();
+        if waiter_gets_the_lock {
+            tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("the waiter gets the lock once the holder lets go");
+        }
     }
     db.admin()
         .batch_execute(&format!("DROP TABLE {table}"))
