@@ -1,7 +1,6 @@
 //! [`AdvisoryLock`]: a key, where its connection comes from, and the ways to acquire it.
 
 use std::future::{poll_fn, Future};
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Poll};
 use std::time::Duration;
@@ -751,7 +750,11 @@ impl Attempt {
         let key = self.key;
         let mut reservation = self.reservation.take();
         let undo = match slot.conn() {
-            Conn::Pooled(_) => None,
+            Conn::Pooled(_) => {
+                // Closed now: the connection ends once the answers already asked for are in.
+                drop(slot);
+                None
+            }
             Conn::Session(_) if self.in_transaction => {
                 queue_now(slot.conn().client().batch_execute("ROLLBACK"));
                 // The rollback is on its way: the session is free for the next transaction.
@@ -763,7 +766,7 @@ impl Attempt {
                     reservation.mark_cleaning();
                 }
                 let undo = Release::UnlockIfHeld(self.mode);
-                let mut undo: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                let mut undo: ReleaseTask = Box::pin(async move {
                     let released = release(slot.conn(), &undo, key).await;
                     slot.finish(released.is_ok());
                 });
