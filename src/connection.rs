@@ -647,6 +647,26 @@ impl Conn {
         matches!(self, Conn::Pooled(_))
     }
 
+    /// Takes a pooled connection out of its pool for good, when nothing else holds it: the pool
+    /// gets its place back at once, and the connection closes when the client is dropped.
+    /// Otherwise (a shared session, or a pooled connection a loss probe still holds) returns
+    /// the connection unchanged.
+    pub(crate) fn detach(self) -> std::result::Result<deadpool_postgres::ClientWrapper, Conn> {
+        match self {
+            Conn::Pooled(pooled) => match Arc::try_unwrap(pooled) {
+                Ok(mut pooled) => {
+                    let object = pooled
+                        .object
+                        .take()
+                        .expect("a pooled connection holds its object");
+                    Ok(Object::take(object))
+                }
+                Err(shared) => Err(Conn::Pooled(shared)),
+            },
+            session => Err(session),
+        }
+    }
+
     /// Marks a pooled connection to be closed when its last handle is dropped, whoever holds
     /// the others. A shared session stays open.
     pub(crate) fn mark_discard(&self) {

@@ -385,12 +385,9 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
         Release::Unlock(statement, granted_on) => {
             let params = KeyParams::new(key);
             let params = params.with(Some(granted_on));
-            let mut result = client.query_one(statement, params.as_slice()).await;
-            if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
-            {
-                result = client.query_one(statement, params.as_slice()).await;
-            }
-            let row = result.map_err(|e| Error::from_postgres(Some(key), e))?;
+            let row = again_if_cancelled(|| client.query_one(statement, params.as_slice()))
+                .await
+                .map_err(|e| Error::from_postgres(Some(key), e))?;
             let now_on: i32 = row.get(1);
             if now_on != *granted_on {
                 return Err(Error::BackendChanged {
@@ -425,12 +422,8 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 (&objid, Type::INT8),
                 (&objsubid, Type::INT2),
             ]);
-            let mut result = client.query_typed(&sql, &params).await;
-            if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
-            {
-                result = client.query_typed(&sql, &params).await;
-            }
-            result
+            again_if_cancelled(|| client.query_typed(&sql, &params))
+                .await
                 .map(drop)
                 .map_err(|e| Error::from_postgres(Some(key), e))
         }
@@ -451,10 +444,36 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 .map(drop)
                 .map_err(|source| Error::RolledBack { key, source })
         }
-        Release::Rollback => client
-            .batch_execute("ROLLBACK")
+        Release::Rollback => again_if_cancelled(|| client.batch_execute("ROLLBACK"))
             .await
             .map_err(|e| Error::from_postgres(Some(key), e)),
+    }
+}
+
+/// Runs a release statement, and runs it again if a cancel request ended it.
+///
+/// pglock sends cancel requests only for its own abandoned waits, but on a shared session such
+/// a request travels over another connection and may land on whatever runs there when it
+/// arrives, including a release (see `cancel_until_ended` in the lock module, which may send
+/// several). Every release statement can safely run twice.
+async fn again_if_cancelled<T, F, Fut>(mut run: F) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let result = run().await;
+        match &result {
+            Err(e)
+                if attempt < ATTEMPTS
+                    && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+            {
+                attempt += 1;
+            }
+            _ => return result,
+        }
     }
 }
 
@@ -524,13 +543,6 @@ fn release_in_background_traced(
             session.offer_release(in_flight);
         }
     });
-}
-
-/// Sends a tokio-postgres request now and forgets its answer: the first poll writes the request
-/// into the connection's queue, and the connection discards an answer nobody awaits.
-pub(crate) fn queue_now<F: Future>(request: F) {
-    let request = std::pin::pin!(request);
-    let _ = poll_once(request);
 }
 
 /// Polls `future` once, with a waker that does nothing: enough to make a tokio-postgres request

@@ -13,7 +13,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, queue_now, release, release_in_background, ConnSlot, Release};
+use crate::guard::{poll_once, release, release_in_background, ConnSlot, Release};
 use crate::handoff::{Parking, PriorRelease, ReleaseInFlight, ReleaseTask};
 use crate::loss::HealthCheck;
 use crate::sql::{statement, Form, KeyParams, Op};
@@ -749,51 +749,104 @@ impl Attempt {
     fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
-        let undo = match slot.conn() {
-            Conn::Pooled(_) => {
+        // `ended` answers once the abandoned statement has ended on the server: it is a request
+        // queued right behind it. Cancel requests are repeated until then.
+        let ended: Option<ReleaseTask> = match slot.conn() {
+            Conn::Pooled(_) if cancel.is_none() => {
                 // Closed now: the connection ends once the answers already asked for are in.
                 drop(slot);
                 None
             }
+            Conn::Pooled(_) => {
+                // Out of the pool at once, but kept open until the statement has ended, so that
+                // the cancel requests can be repeated until one lands; closed then.
+                match slot.into_conn().detach() {
+                    Ok(client) => Some(Box::pin(async move {
+                        let _ = client.batch_execute("").await;
+                    })),
+                    Err(shared) => {
+                        let slot = ConnSlot::new(shared);
+                        Some(Box::pin(async move {
+                            let _ = slot.conn().client().batch_execute("").await;
+                        }))
+                    }
+                }
+            }
             Conn::Session(_) if self.in_transaction => {
-                queue_now(slot.conn().client().batch_execute("ROLLBACK"));
                 // The rollback is on its way: the session is free for the next transaction.
                 reservation = None;
-                None
+                Some(Box::pin(async move {
+                    let _ = release(slot.conn(), &Release::Rollback, key).await;
+                }))
             }
             Conn::Session(_) => {
                 if let Some(reservation) = &reservation {
                     reservation.mark_cleaning();
                 }
                 let undo = Release::UnlockIfHeld(self.mode);
-                let mut undo: ReleaseTask = Box::pin(async move {
+                Some(Box::pin(async move {
                     let released = release(slot.conn(), &undo, key).await;
                     slot.finish(released.is_ok());
-                });
-                if poll_once(undo.as_mut()).is_pending() {
-                    Some(undo)
-                } else {
-                    None
-                }
+                }))
             }
         };
+        // Queued at once, right behind the statement, so nothing else runs there in between.
+        let ended =
+            ended.and_then(|mut ended| poll_once(ended.as_mut()).is_pending().then_some(ended));
         // Without a runtime, the undo already queued still runs on the server (only its answer
         // is not read), and a pooled slot dropped here closes its connection.
         let Ok(runtime) = Handle::try_current() else {
             return;
         };
-        if cancel.is_none() && undo.is_none() {
+        if cancel.is_none() && ended.is_none() {
             return;
         }
         runtime.spawn(async move {
             let _reservation = reservation;
-            if let Some((token, canceller)) = cancel {
-                canceller.cancel(token).await;
-            }
-            if let Some(undo) = undo {
-                undo.await;
+            match (cancel, ended) {
+                (Some((token, canceller)), Some(ended)) => {
+                    cancel_until_ended(key, token, canceller, ended).await
+                }
+                (Some((token, canceller)), None) => canceller.cancel(token).await,
+                (None, Some(ended)) => ended.await,
+                (None, None) => {}
             }
         });
+    }
+}
+
+/// The pause before a cancel request is sent again, doubling up to [`CANCEL_RETRY_MAX`].
+const CANCEL_RETRY_FIRST: Duration = Duration::from_millis(20);
+const CANCEL_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Sends cancel requests for an abandoned statement until `ended`, a request queued right behind
+/// it, has its answer.
+///
+/// One request is not always enough. PostgreSQL ignores a cancel request that reaches the backend
+/// before it has started the statement: the backend is still reading its next command, or (on a
+/// shared session) still running a query queued ahead, which the request cancels instead. A
+/// blocking wait that missed its cancel would stay in the server's lock queue until the key came
+/// free, then take it; on a shared session everything queued behind it would wait as long. So
+/// the request is repeated, 20 ms after the first and then at doubling intervals up to a second,
+/// until the statement has ended. A repeat that lands on the undo queued behind the statement
+/// makes the undo run again (see [`release`]).
+async fn cancel_until_ended(
+    key: AdvisoryKey,
+    token: CancelToken,
+    canceller: Canceller,
+    mut ended: ReleaseTask,
+) {
+    use futures_util::future::{select, Either};
+    let mut pause = CANCEL_RETRY_FIRST;
+    loop {
+        if let Either::Left(_) = select(ended.as_mut(), canceller.cancel(token.clone())).await {
+            return;
+        }
+        if tokio::time::timeout(pause, ended.as_mut()).await.is_ok() {
+            return;
+        }
+        trace::cancel_repeated(key, pause);
+        pause = (pause * 2).min(CANCEL_RETRY_MAX);
     }
 }
 

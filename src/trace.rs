@@ -153,6 +153,15 @@ pub(crate) fn abandoned(key: AdvisoryKey, scope: LockScope) {
     );
 }
 
+pub(crate) fn cancel_repeated(key: AdvisoryKey, pause: std::time::Duration) {
+    tracing::debug!(
+        target: TARGET,
+        key = %key,
+        after_ms = pause.as_millis() as u64,
+        "abandoned advisory lock statement still running; sending another cancel request"
+    );
+}
+
 pub(crate) fn leaked(key: AdvisoryKey, backend_pid: i32) {
     tracing::debug!(target: TARGET, key = %key, backend_pid, "advisory lock leaked on purpose");
 }

@@ -131,6 +131,105 @@ async fn dropped_waiter_leaves_the_server_queue() {
     assert_eq!(one, 1);
 }
 
+/// A cancel request that reaches a backend before it has started the statement is ignored by
+/// PostgreSQL. On a shared session that is the rule, not a race: a wait abandoned while a slow
+/// query runs ahead of it on the session has its first cancel land on that query. pglock keeps
+/// asking until the abandoned statement has ended, so no ghost waiter stays in the queue (where
+/// it would hold up the session, and every release queued behind it, until the key came free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_abandoned_behind_a_slow_query_still_leaves_the_queue() {
+    let db = TestDb::new("cancel_behind_slow").await;
+    let pool = db.pool(2);
+    let session = db.session().await;
+    let key = db.key();
+    let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    // Prepares the session's statements, so that the acquisition below sends its lock at once.
+    let warm_up = AdvisoryLock::new(&session, db.key()).lock().await.unwrap();
+    AdvisoryLockGuard::unlock(warm_up).await.unwrap();
+    let slow = {
+        let session = session.clone();
+        tokio::spawn(async move { session.batch_execute("SELECT pg_sleep(0.3)").await })
+    };
+    // The slow query is running before the acquisition is queued behind it.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let row = db
+                .admin()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.3)'                      AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the slow query started");
+    let lock = AdvisoryLock::new(&session, key);
+    // Abandoned while the slow query still runs: its statement is queued on the session.
+    assert!(tokio::time::timeout(Duration::from_millis(50), lock.lock())
+        .await
+        .is_err());
+    // The first cancel may have ended the slow query (the documented cost of a blocking wait on a
+    // shared session); either way it was the only statement the cancel could reach.
+    if let Err(error) = slow.await.unwrap() {
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{error}"
+        );
+    }
+    // The abandoned wait leaves the queue while the holder still holds the key...
+    db.wait_for_waiters(key, 0, Duration::from_secs(5)).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while session.holds(key) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the cleanup of the abandoned wait finished");
+    // ...and the session is free for everyone else at once.
+    let one: i32 = tokio::time::timeout(Duration::from_secs(5), session.query_one("SELECT 1", &[]))
+        .await
+        .expect("the session is not stuck behind a ghost waiter")
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 1);
+    let pid = AdvisoryLockGuard::backend_pid(&holder);
+    assert_eq!(db.holders(key).await, vec![pid]);
+    drop(holder);
+    db.assert_no_locks().await;
+}
+
+/// Acquisitions on a pool abandoned right after their statement was sent, many times over: some
+/// cancel requests reach the backend before the statement does, and are ignored there. None of
+/// the abandoned waits may stay queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_abandoned_at_once_leave_no_ghost_waiter() {
+    let db = TestDb::new("cancel_at_once").await;
+    let pool = db.pool(4);
+    let key = db.key();
+    let holder = AdvisoryLock::new(db.pool(1), key).lock().await.unwrap();
+    for round in 0..60 {
+        let scope = if round % 2 == 0 {
+            LockScope::Session
+        } else {
+            LockScope::Transaction
+        };
+        let lock = AdvisoryLock::new(&pool, key).scope(scope);
+        assert!(drop_after_polls(lock.lock(), 1 + round % 3).await.is_none());
+    }
+    db.wait_for_waiters(key, 0, Duration::from_secs(10)).await;
+    let pid = AdvisoryLockGuard::backend_pid(&holder);
+    assert_eq!(db.holders(key).await, vec![pid]);
+    drop(holder);
+    db.assert_no_locks().await;
+}
+
 /// Waiters dropped at random moments while the holder releases around the same moment: the
 /// grant and the cancellation cross, and nothing may stay held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
