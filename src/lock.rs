@@ -143,9 +143,11 @@ impl AdvisoryLock {
     /// # Cancel safety
     ///
     /// Cancel-safe: if the future is dropped at any point, no lock is left held and no waiter is
-    /// left in the server's queue. A wait in progress is cancelled on the server (a cancel
-    /// request, then the pooled connection is closed); if the grant crossed the cancellation,
-    /// the lock is released again.
+    /// left in the server's queue. A wait in progress is cancelled on the server by a cancel
+    /// request, repeated until the statement has ended (PostgreSQL ignores one that arrives
+    /// before the statement has started); the pooled connection is then closed. If the grant
+    /// crossed the cancellation, the lock is released again. All of this runs in a background
+    /// task, so dropping the future returns at once.
     pub async fn lock(&self) -> Result<AdvisoryLockGuard> {
         self.acquire(LockMode::Exclusive, Deadline::Never)
             .await
