@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::{Object, ObjectId, Pool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -418,7 +418,7 @@ pub struct ConnectionSource {
 
 #[derive(Clone, Debug)]
 enum SourceKind {
-    Pool(Pool),
+    Pool(Pool, Arc<PreparedByConnection>),
     Session(Arc<Session>),
 }
 
@@ -469,21 +469,25 @@ impl ConnectionSource {
     /// its session).
     pub(crate) fn behind_pooler(&self) -> bool {
         match &self.kind {
-            SourceKind::Pool(_) => self.behind_pooler,
+            SourceKind::Pool(..) => self.behind_pooler,
             SourceKind::Session(session) => self.behind_pooler || session.behind_pooler,
         }
     }
 
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         match &self.kind {
-            SourceKind::Pool(pool) => Ok(Conn::pooled(pool.get().await?)),
+            SourceKind::Pool(pool, prepared) => {
+                let object = pool.get().await?;
+                let statements = prepared.of(Object::id(&object));
+                Ok(Conn::pooled(object, statements, prepared.clone()))
+            }
             SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
         }
     }
 
     /// Whether connections come from a pool (one per held lock).
     pub(crate) fn is_pool(&self) -> bool {
-        matches!(self.kind, SourceKind::Pool(_))
+        matches!(self.kind, SourceKind::Pool(..))
     }
 
     /// Whether this source is a [`Session`] whose connection has closed: nothing taken from it
@@ -502,8 +506,9 @@ impl ConnectionSource {
 
 impl From<Pool> for ConnectionSource {
     fn from(pool: Pool) -> Self {
+        let max_size = pool.status().max_size;
         ConnectionSource {
-            kind: SourceKind::Pool(pool),
+            kind: SourceKind::Pool(pool, Arc::new(PreparedByConnection::new(max_size))),
             canceller: Canceller::default(),
             behind_pooler: false,
         }
@@ -554,9 +559,72 @@ pub(crate) struct Pooled {
     object: Option<Object>,
     fate: AtomicU8,
     monitor: OnceLock<Arc<Monitor>>,
-    /// pglock's last two statements on this checkout, so that acquisitions on a handed-off
-    /// connection skip deadpool's statement cache (which hashes the SQL text every time).
-    statements: Mutex<[Option<(&'static str, Statement)>; 2]>,
+    /// pglock's statements prepared on this connection, remembered across checkouts by the
+    /// source, so that acquisitions skip deadpool's statement cache (which hashes the SQL text
+    /// every time).
+    statements: Arc<Statements>,
+    /// Where `statements` is remembered, to forget it when the connection is closed.
+    prepared: Arc<PreparedByConnection>,
+}
+
+/// The last few statements pglock prepared on one connection, most recent first.
+pub(crate) type Statements = Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>;
+
+/// How many statements are remembered per pooled connection: an acquiring statement and its
+/// unlock, for two kinds of acquisition (say `lock` and `try_lock`).
+const PER_CONNECTION: usize = 4;
+
+/// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
+/// (unique within a pool, never reused).
+///
+/// Only a shortcut: a connection it does not know goes through deadpool's statement cache, as
+/// before. It keeps at most twice the pool's size; beyond that the oldest connection (lowest
+/// id, most likely closed since) is forgotten. A connection pglock closes is forgotten at
+/// once; one the pool closes lingers until evicted.
+pub(crate) struct PreparedByConnection {
+    capacity: usize,
+    entries: Mutex<Vec<(ObjectId, Arc<Statements>)>>,
+}
+
+impl PreparedByConnection {
+    fn new(pool_size: usize) -> Self {
+        PreparedByConnection {
+            capacity: (pool_size * 2).max(4),
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The statements of connection `id`, remembered from an earlier checkout or new.
+    fn of(&self, id: ObjectId) -> Arc<Statements> {
+        let mut entries = self.entries.lock().unwrap();
+        if let Some((_, statements)) = entries.iter().find(|(known, _)| *known == id) {
+            return statements.clone();
+        }
+        if entries.len() >= self.capacity {
+            let oldest = (0..entries.len())
+                .min_by_key(|&i| entries[i].0)
+                .expect("a full list is not empty");
+            entries.swap_remove(oldest);
+        }
+        let statements = Arc::new(Mutex::new(Default::default()));
+        entries.push((id, statements.clone()));
+        statements
+    }
+
+    fn forget(&self, id: ObjectId) {
+        self.entries
+            .lock()
+            .unwrap()
+            .retain(|(known, _)| *known != id);
+    }
+}
+
+impl fmt::Debug for PreparedByConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedByConnection")
+            .field("connections", &self.entries.lock().unwrap().len())
+            .finish_non_exhaustive()
+    }
 }
 
 const RETURN: u8 = 0;
@@ -593,8 +661,15 @@ impl Drop for Pooled {
         };
         match self.fate.load(Ordering::Acquire) {
             RETURN => drop(object),
-            DISCARD => drop(Object::take(object)),
-            _ => std::mem::forget(Object::take(object)),
+            fate => {
+                self.prepared.forget(Object::id(&object));
+                let client = Object::take(object);
+                if fate == DISCARD {
+                    drop(client);
+                } else {
+                    std::mem::forget(client);
+                }
+            }
         }
     }
 }
@@ -615,12 +690,17 @@ impl WeakConn {
 }
 
 impl Conn {
-    pub(crate) fn pooled(object: Object) -> Self {
+    pub(crate) fn pooled(
+        object: Object,
+        statements: Arc<Statements>,
+        prepared: Arc<PreparedByConnection>,
+    ) -> Self {
         Conn::Pooled(Arc::new(Pooled {
             object: Some(object),
             fate: AtomicU8::new(RETURN),
             monitor: OnceLock::new(),
-            statements: Mutex::new([None, None]),
+            statements,
+            prepared,
         }))
     }
 
@@ -659,11 +739,22 @@ impl Conn {
                         .object
                         .take()
                         .expect("a pooled connection holds its object");
+                    pooled.prepared.forget(Object::id(&object));
                     Ok(Object::take(object))
                 }
                 Err(shared) => Err(Conn::Pooled(shared)),
             },
             session => Err(session),
+        }
+    }
+
+    /// After the server reported a statement pglock had prepared here as gone (`DEALLOCATE`):
+    /// a pooled connection is marked to be closed, which forgets what pglock and deadpool
+    /// prepared on it; a session forgets its statements and prepares them again on next use.
+    pub(crate) fn forget_statements(&self) {
+        match self {
+            Conn::Pooled(_) => self.mark_discard(),
+            Conn::Session(session) => session.statements.lock().unwrap().clear(),
         }
     }
 

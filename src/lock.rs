@@ -308,16 +308,26 @@ impl AdvisoryLock {
                 // The unlock before ours failed, and that connection is being closed: start
                 // again on a fresh one.
                 Attempted::Retry => trace::prior_release_failed(self.key),
+                Attempted::StaleStatement(_) => {}
             }
         }
-        let conn = self.source.checkout().await?;
-        match self
-            .acquire_on(conn, None, Weak::new(), mode, deadline)
-            .await?
-        {
-            Attempted::Done(guard) => Ok(guard),
-            Attempted::Retry => {
-                unreachable!("a connection from the source has no release in flight")
+        let mut stale = 0;
+        loop {
+            let conn = self.source.checkout().await?;
+            match self
+                .acquire_on(conn, None, Weak::new(), mode, deadline)
+                .await?
+            {
+                Attempted::Done(guard) => return Ok(guard),
+                Attempted::Retry => {
+                    unreachable!("a connection from the source has no release in flight")
+                }
+                Attempted::StaleStatement(error) => {
+                    stale += 1;
+                    if stale > STALE_STATEMENT_RETRIES {
+                        return Err(error);
+                    }
+                }
             }
         }
     }
@@ -457,6 +467,14 @@ impl AdvisoryLock {
                     attempt.end_transaction().await;
                     return Ok(Attempted::Done(None));
                 }
+                Err(e) if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) => {
+                    // The server refused the statement before running it: nothing was taken.
+                    client_conn(&attempt.slot).forget_statements();
+                    return Ok(Attempted::StaleStatement(Error::from_postgres(
+                        Some(key),
+                        e,
+                    )));
+                }
                 Err(e) => {
                     if may_hold_after(&e, self.scope) {
                         attempt.settle_unknown();
@@ -540,7 +558,15 @@ enum Attempted {
     /// The connection was claimed from the parking and the unlock before ours failed: the
     /// connection is being closed, and the acquisition must start again on another.
     Retry,
+    /// A statement pglock had prepared on the connection is gone from the server (someone ran
+    /// `DEALLOCATE`): nothing was taken, the connection is being closed (which forgets what
+    /// was prepared on it), and the acquisition may start again on another.
+    StaleStatement(Error),
 }
+
+/// How many connections with deallocated statements one acquisition goes through before it
+/// reports the error.
+const STALE_STATEMENT_RETRIES: usize = 3;
 
 /// The acquiring statement: prepared on the connection, or sent unprepared (behind a
 /// transaction pooler).

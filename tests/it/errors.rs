@@ -313,3 +313,58 @@ async fn a_statement_error_of_protected_work_is_not_a_lost_connection() {
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     db.assert_no_locks().await;
 }
+
+/// pglock remembers the statements it prepared on each pooled connection across checkouts. If
+/// someone deallocates them (`DEALLOCATE ALL` on a pooled connection), the next acquisition
+/// on that connection is refused before anything runs: pglock closes the connection, which
+/// forgets them, and acquires on another.
+#[tokio::test]
+async fn deallocated_statements_on_a_pooled_connection_are_prepared_again() {
+    let db = TestDb::new("deallocated_pool").await;
+    let pool = db.pool(1);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    for try_first in [false, true] {
+        let guard = if try_first {
+            lock.try_lock().await.unwrap().expect("free")
+        } else {
+            lock.lock().await.unwrap()
+        };
+        let first_pid = AdvisoryLockGuard::backend_pid(&guard);
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        // The same (only) connection, behind pglock's back.
+        let object = pool.get().await.unwrap();
+        object.batch_execute("DEALLOCATE ALL").await.unwrap();
+        drop(object);
+        let guard = if try_first {
+            lock.try_lock().await.unwrap().expect("free")
+        } else {
+            lock.lock().await.unwrap()
+        };
+        assert_ne!(
+            AdvisoryLockGuard::backend_pid(&guard),
+            first_pid,
+            "acquired on a fresh connection"
+        );
+        assert_eq!(db.holders(key).await.len(), 1);
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        db.assert_no_locks().await;
+    }
+}
+
+/// The same on a shared session: it forgets its statements and prepares them again.
+#[tokio::test]
+async fn deallocated_statements_on_a_session_are_prepared_again() {
+    let db = TestDb::new("deallocated_session").await;
+    let session = db.session().await;
+    let key = db.key();
+    let lock = AdvisoryLock::new(&session, key);
+    AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+        .await
+        .unwrap();
+    session.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(db.holders(key).await.len(), 1);
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    db.assert_no_locks().await;
+}
