@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pglock::{AdvisoryLock, AdvisoryLockGuard, LockScope, WaitStrategy};
+use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, LockScope, Session, WaitStrategy};
 use rand::Rng;
 
 use crate::harness::{drop_after_polls, TestDb};
@@ -18,6 +18,28 @@ fn completed_guard(outcome: Option<pglock::Result<Option<AdvisoryLockGuard>>>) -
         }
         None => false,
     }
+}
+
+/// Waits (up to 5 s) until the background cleanup of an abandoned acquisition of `key` on the
+/// session has finished.
+async fn session_cleaned_up(session: &Session, key: AdvisoryKey) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while session.holds(key) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the session's abandoned attempt was cleaned up");
+}
+
+/// Checks that `holder` alone holds its key (every abandoned attempt left nothing), releases
+/// it, and checks that nothing is left.
+async fn release_sole_holder(db: &TestDb, holder: AdvisoryLockGuard) {
+    let key = AdvisoryLockGuard::key(&holder);
+    let pid = AdvisoryLockGuard::backend_pid(&holder);
+    assert_eq!(db.holders(key).await, vec![pid]);
+    drop(holder);
+    db.assert_no_locks().await;
 }
 
 /// Every acquisition kind, dropped after 1, 2, 3, ... polls on a free key.
@@ -58,13 +80,7 @@ async fn dropped_after_n_polls_on_a_free_key() {
             ];
             completed += outcomes.iter().filter(|done| **done).count();
             // Cleanup of an abandoned attempt on the session runs in the background.
-            tokio::time::timeout(Duration::from_secs(5), async {
-                while session.holds(key) {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            })
-            .await
-            .expect("the session's abandoned attempt was cleaned up");
+            session_cleaned_up(&session, key).await;
         }
     }
     assert!(
@@ -114,18 +130,9 @@ async fn dropped_waiter_leaves_the_server_queue() {
         assert!(waiting.await.unwrap_err().is_cancelled());
         // The server-side wait ends while the holder still holds the key.
         db.wait_for_waiters(key, 0, Duration::from_secs(5)).await;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while session.holds(key) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .unwrap();
+        session_cleaned_up(&session, key).await;
     }
-    let pid = AdvisoryLockGuard::backend_pid(&holder);
-    assert_eq!(db.holders(key).await, vec![pid]);
-    drop(holder);
-    db.assert_no_locks().await;
+    release_sole_holder(&db, holder).await;
     // The session is still usable after its waits were cancelled.
     let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
@@ -185,13 +192,7 @@ async fn a_wait_abandoned_behind_a_slow_query_still_leaves_the_queue() {
     }
     // The abandoned wait leaves the queue while the holder still holds the key...
     db.wait_for_waiters(key, 0, Duration::from_secs(5)).await;
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while session.holds(key) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the cleanup of the abandoned wait finished");
+    session_cleaned_up(&session, key).await;
     // ...and the session is free for everyone else at once.
     let one: i32 = tokio::time::timeout(Duration::from_secs(5), session.query_one("SELECT 1", &[]))
         .await
@@ -199,10 +200,7 @@ async fn a_wait_abandoned_behind_a_slow_query_still_leaves_the_queue() {
         .unwrap()
         .get(0);
     assert_eq!(one, 1);
-    let pid = AdvisoryLockGuard::backend_pid(&holder);
-    assert_eq!(db.holders(key).await, vec![pid]);
-    drop(holder);
-    db.assert_no_locks().await;
+    release_sole_holder(&db, holder).await;
 }
 
 /// Acquisitions on a pool abandoned right after their statement was sent, many times over: some
@@ -227,10 +225,7 @@ async fn waits_abandoned_at_once_leave_no_ghost_waiter() {
         assert!(tokio::time::timeout(patience, lock.lock()).await.is_err());
     }
     db.wait_for_waiters(key, 0, Duration::from_secs(10)).await;
-    let pid = AdvisoryLockGuard::backend_pid(&holder);
-    assert_eq!(db.holders(key).await, vec![pid]);
-    drop(holder);
-    db.assert_no_locks().await;
+    release_sole_holder(&db, holder).await;
 }
 
 /// Waiters dropped at random moments while the holder releases around the same moment: the
@@ -276,13 +271,7 @@ async fn dropped_at_random_moments_while_the_holder_releases() {
             drop(guard);
         }
         releaser.await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while session.holds(key) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .unwrap();
+        session_cleaned_up(&session, key).await;
     }
     eprintln!("granted before the random deadline: {granted} of 1000");
     db.assert_no_locks().await;
