@@ -559,8 +559,9 @@ enum Attempted {
     /// connection is being closed, and the acquisition must start again on another.
     Retry,
     /// A statement pglock had prepared on the connection is gone from the server (someone ran
-    /// `DEALLOCATE`): nothing was taken, the connection is being closed (which forgets what
-    /// was prepared on it), and the acquisition may start again on another.
+    /// `DEALLOCATE`): nothing was taken, and what was prepared there is forgotten (a pooled
+    /// connection is being closed; a session prepares again), so the acquisition may start
+    /// again.
     StaleStatement(Error),
 }
 
