@@ -308,26 +308,16 @@ impl AdvisoryLock {
                 // The unlock before ours failed, and that connection is being closed: start
                 // again on a fresh one.
                 Attempted::Retry => trace::prior_release_failed(self.key),
-                Attempted::StaleStatement(_) => {}
             }
         }
-        let mut stale = 0;
-        loop {
-            let conn = self.source.checkout().await?;
-            match self
-                .acquire_on(conn, None, Weak::new(), mode, deadline)
-                .await?
-            {
-                Attempted::Done(guard) => return Ok(guard),
-                Attempted::Retry => {
-                    unreachable!("a connection from the source has no release in flight")
-                }
-                Attempted::StaleStatement(error) => {
-                    stale += 1;
-                    if stale > STALE_STATEMENT_RETRIES {
-                        return Err(error);
-                    }
-                }
+        let conn = self.source.checkout().await?;
+        match self
+            .acquire_on(conn, None, Weak::new(), mode, deadline)
+            .await?
+        {
+            Attempted::Done(guard) => Ok(guard),
+            Attempted::Retry => {
+                unreachable!("a connection from the source has no release in flight")
             }
         }
     }
@@ -468,12 +458,13 @@ impl AdvisoryLock {
                     return Ok(Attempted::Done(None));
                 }
                 Err(e) if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) => {
-                    // The server refused the statement before running it: nothing was taken.
+                    // The server refused the statement before running it, so nothing was taken.
+                    // Either the backend changed under a transaction pooler (what the error
+                    // reports) or the statements were deallocated: in both cases what pglock
+                    // remembers as prepared there is wrong, and the next acquisition must not
+                    // fail the same way.
                     client_conn(&attempt.slot).forget_statements();
-                    return Ok(Attempted::StaleStatement(Error::from_postgres(
-                        Some(key),
-                        e,
-                    )));
+                    return Err(Error::from_postgres(Some(key), e));
                 }
                 Err(e) => {
                     if may_hold_after(&e, self.scope) {
@@ -558,16 +549,7 @@ enum Attempted {
     /// The connection was claimed from the parking and the unlock before ours failed: the
     /// connection is being closed, and the acquisition must start again on another.
     Retry,
-    /// A statement pglock had prepared on the connection is gone from the server (someone ran
-    /// `DEALLOCATE`): nothing was taken, and what was prepared there is forgotten (a pooled
-    /// connection is being closed; a session prepares again), so the acquisition may start
-    /// again.
-    StaleStatement(Error),
 }
-
-/// How many connections with deallocated statements one acquisition goes through before it
-/// reports the error.
-const STALE_STATEMENT_RETRIES: usize = 3;
 
 /// The acquiring statement: prepared on the connection, or sent unprepared (behind a
 /// transaction pooler).

@@ -315,32 +315,35 @@ async fn a_statement_error_of_protected_work_is_not_a_lost_connection() {
 }
 
 /// pglock remembers the statements it prepared on each pooled connection across checkouts. If
-/// someone deallocates them (`DEALLOCATE ALL` on a pooled connection), the next acquisition
-/// on that connection is refused before anything runs: pglock closes the connection, which
-/// forgets them, and acquires on another.
+/// someone deallocates them (`DEALLOCATE ALL` on a pooled connection), the next acquisition on
+/// that connection is refused before anything runs: it reports the typed error (the same as for
+/// a backend that changed under a transaction pooler, which looks the same to the client), and
+/// pglock closes that connection, so the acquisition after it works.
 #[tokio::test]
-async fn deallocated_statements_on_a_pooled_connection_are_prepared_again() {
+async fn deallocated_statements_on_a_pooled_connection_fail_once() {
     let db = TestDb::new("deallocated_pool").await;
     let pool = db.pool(1);
     let key = db.key();
     let lock = AdvisoryLock::new(&pool, key);
     for try_first in [false, true] {
-        let guard = if try_first {
-            lock.try_lock().await.unwrap().expect("free")
-        } else {
-            lock.lock().await.unwrap()
+        let acquire = || async {
+            if try_first {
+                lock.try_lock().await.map(|guard| guard.expect("free"))
+            } else {
+                lock.lock().await
+            }
         };
+        let guard = acquire().await.unwrap();
         let first_pid = AdvisoryLockGuard::backend_pid(&guard);
         AdvisoryLockGuard::unlock(guard).await.unwrap();
         // The same (only) connection, behind pglock's back.
         let object = pool.get().await.unwrap();
         object.batch_execute("DEALLOCATE ALL").await.unwrap();
         drop(object);
-        let guard = if try_first {
-            lock.try_lock().await.unwrap().expect("free")
-        } else {
-            lock.lock().await.unwrap()
-        };
+        let error = acquire().await.unwrap_err();
+        assert!(matches!(error, Error::BackendChanged { .. }), "{error:?}");
+        db.assert_no_locks().await;
+        let guard = acquire().await.unwrap();
         assert_ne!(
             AdvisoryLockGuard::backend_pid(&guard),
             first_pid,
@@ -354,7 +357,7 @@ async fn deallocated_statements_on_a_pooled_connection_are_prepared_again() {
 
 /// The same on a shared session: it forgets its statements and prepares them again.
 #[tokio::test]
-async fn deallocated_statements_on_a_session_are_prepared_again() {
+async fn deallocated_statements_on_a_session_fail_once() {
     let db = TestDb::new("deallocated_session").await;
     let session = db.session().await;
     let key = db.key();
@@ -363,6 +366,9 @@ async fn deallocated_statements_on_a_session_are_prepared_again() {
         .await
         .unwrap();
     session.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let error = lock.lock().await.unwrap_err();
+    assert!(matches!(error, Error::BackendChanged { .. }), "{error:?}");
+    db.assert_no_locks().await;
     let guard = lock.lock().await.unwrap();
     assert_eq!(db.holders(key).await.len(), 1);
     AdvisoryLockGuard::unlock(guard).await.unwrap();
