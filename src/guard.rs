@@ -14,7 +14,7 @@ use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::handoff::{Parking, ReleaseInFlight, ReleaseTask};
 use crate::loss::{HealthCheck, LossSignal, Registration};
-use crate::sql::KeyParams;
+use crate::sql::{Form, KeyParams, Op};
 use crate::trace;
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -294,7 +294,7 @@ impl AdvisoryLockGuard {
     fn release_kind(&self, end_transaction: Release) -> Release {
         match (&self.scope, &self.unlock) {
             (LockScope::Session, Some(statement)) => {
-                Release::Unlock(statement.clone(), self.backend_pid)
+                Release::Unlock(statement.clone(), self.backend_pid, self.mode)
             }
             _ => end_transaction,
         }
@@ -353,8 +353,8 @@ impl fmt::Debug for AdvisoryLockGuard {
 #[derive(Clone)]
 pub(crate) enum Release {
     /// `pg_advisory_unlock` with this prepared statement (session scope), on the backend with
-    /// this pid only.
-    Unlock(Statement, i32),
+    /// this pid only; the mode names the statement again if the server lost it.
+    Unlock(Statement, i32, LockMode),
     /// `COMMIT` (transaction scope).
     Commit,
     /// `ROLLBACK` (transaction scope).
@@ -382,7 +382,7 @@ impl Release {
 pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
     let client = conn.client();
     match release {
-        Release::Unlock(statement, granted_on) => {
+        Release::Unlock(statement, granted_on, mode) => {
             let params = KeyParams::new(key);
             let params = params.with(Some(granted_on));
             // The hot path: written out rather than through `again_if_cancelled`, which costs
@@ -393,7 +393,16 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
             {
                 result = client.query_one(statement, params.as_slice()).await;
             }
-            let row = result.map_err(|e| Error::from_postgres(Some(key), e))?;
+            let row = match result {
+                Err(e)
+                    if e.code()
+                        == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
+                {
+                    Box::pin(unlock_unprepared(conn, key, *mode, *granted_on)).await
+                }
+                result => result,
+            }
+            .map_err(|e| Error::from_postgres(Some(key), e))?;
             let now_on: i32 = row.get(1);
             if now_on != *granted_on {
                 return Err(Error::BackendChanged {
@@ -456,12 +465,31 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
     }
 }
 
+/// The guarded unlock sent without its prepared statement, which the server reported missing
+/// (SQLSTATE 26000): someone deallocated it, or a transaction pooler moved the connection to
+/// another backend. Either way what pglock remembers as prepared there is forgotten. The
+/// statement still releases only on the backend that granted the lock, so on another backend
+/// it releases nothing and the caller reports [`Error::BackendChanged`] with both pids.
+#[cold]
+async fn unlock_unprepared(
+    conn: &Conn,
+    key: AdvisoryKey,
+    mode: LockMode,
+    granted_on: i32,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    conn.forget_statements();
+    let sql = crate::sql::statement(Op::Unlock, mode, LockScope::Session, Form::of(key));
+    let params = KeyParams::new(key);
+    let params = params.typed(Some((&granted_on, tokio_postgres::types::Type::INT4)));
+    conn.client().query_typed_one(sql, params.as_slice()).await
+}
+
 /// Runs a release statement, and runs it again if a cancel request ended it.
 ///
 /// pglock sends cancel requests only for its own abandoned waits, but on a shared session such
 /// a request travels over another connection and may land on whatever runs there when it
 /// arrives, including a release (see `cancel_until_ended` in the lock module, which may send
-/// several). Every release statement can safely run twice.
+/// several). The statements it runs (the conditional unlock, `ROLLBACK`) can safely run twice.
 async fn again_if_cancelled<T, F, Fut>(mut run: F) -> Result<T, tokio_postgres::Error>
 where
     F: FnMut() -> Fut,

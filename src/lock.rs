@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
@@ -635,7 +635,7 @@ impl Attempt {
                 }
                 Acquire::Unnamed(sql) => {
                     let typed = KeyParams::new(key);
-                    let typed = typed.typed(extra);
+                    let typed = typed.typed(extra.map(|extra| (extra, Type::TEXT)));
                     let rows = client.query_typed(sql, typed.as_slice()).await?;
                     Ok(rows
                         .into_iter()

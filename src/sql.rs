@@ -83,8 +83,11 @@ impl<'a> TypedParamList<'a> {
 }
 
 impl KeyParams {
-    /// The parameters with their types, followed by `extra` (a `text` parameter) when given.
-    pub(crate) fn typed<'a>(&'a self, extra: Option<&'a (dyn ToSql + Sync)>) -> TypedParamList<'a> {
+    /// The parameters with their types, followed by `extra` and its type when given.
+    pub(crate) fn typed<'a>(
+        &'a self,
+        extra: Option<(&'a (dyn ToSql + Sync), Type)>,
+    ) -> TypedParamList<'a> {
         let mut list = TypedParamList {
             items: [
                 (&0i64, Type::INT8),
@@ -104,8 +107,8 @@ impl KeyParams {
                 push(b, Type::INT4);
             }
         }
-        if let Some(extra) = extra {
-            push(extra, Type::TEXT);
+        if let Some((extra, ty)) = extra {
+            push(extra, ty);
         }
         list
     }

@@ -374,3 +374,41 @@ async fn deallocated_statements_on_a_session_fail_once() {
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     db.assert_no_locks().await;
 }
+
+/// A held lock whose unlock statement was deallocated (through the guard's own connection) is
+/// still released: pglock sends the guarded unlock again without preparing it, on a session and
+/// on a pool, by `unlock` and by drop.
+#[tokio::test]
+async fn a_lock_whose_unlock_was_deallocated_is_still_released() {
+    let db = TestDb::new("deallocated_unlock").await;
+    let session = db.session().await;
+    let pool = db.pool(1);
+    let key = db.key();
+    for (on_pool, by_drop) in [(false, false), (false, true), (true, false), (true, true)] {
+        let lock = if on_pool {
+            AdvisoryLock::new(&pool, key)
+        } else {
+            AdvisoryLock::new(&session, key)
+        };
+        let guard = lock.lock().await.unwrap();
+        guard.batch_execute("DEALLOCATE ALL").await.unwrap();
+        if by_drop {
+            drop(guard);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !db.holders(key).await.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .expect("the dropped guard's lock was released");
+        } else {
+            AdvisoryLockGuard::unlock(guard).await.unwrap();
+        }
+        db.assert_no_locks().await;
+        // The next acquisition prepares again and works.
+        AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+            .await
+            .unwrap();
+        db.assert_no_locks().await;
+    }
+}
