@@ -409,6 +409,12 @@ pub(crate) fn parse_config(url: &str) -> Result<Config> {
 /// Built from a [`deadpool_postgres::Pool`] (each held lock keeps one pooled connection) or
 /// from an `Arc<`[`Session`]`>` (locks share the session). `From` conversions exist for both,
 /// so you rarely name this type.
+///
+/// A source built from a pool remembers the statements pglock prepared on each of the pool's
+/// connections, so that acquisitions skip deadpool's statement cache; its clones share that
+/// memory. Where acquisitions are frequent, keep an [`AdvisoryLock`](crate::AdvisoryLock) (or
+/// a clone), or build the source once and pass clones of it for every key, rather than
+/// converting the pool again for every call.
 #[derive(Clone, Debug)]
 pub struct ConnectionSource {
     kind: SourceKind,
