@@ -149,6 +149,13 @@ pub static CASES: &[Case] = &[
         raw_contended_8
     ),
     case!(
+        "raw_contended_8_with_pglock_sql",
+        "3 contended 8x8",
+        Some("raw_contended_8"),
+        None,
+        raw_contended_8_with_pglock_sql
+    ),
+    case!(
         "pglock_pool_contended_8",
         "3 contended 8x8",
         Some("raw_contended_8"),
@@ -399,26 +406,39 @@ async fn raw_lock_unlock(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, start.elapsed())
 }
 
+/// pglock's session-lock statements for an `int8` key, prepared by hand.
+struct PglockStatements {
+    lock: Statement,
+    unlock: Statement,
+}
+
+impl PglockStatements {
+    async fn prepare(client: &Client) -> Self {
+        let lock = client
+            .prepare(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
+                 pg_advisory_lock($1::int8) IS NOT NULL END, pg_backend_pid()",
+            )
+            .await
+            .unwrap();
+        let unlock = client
+            .prepare(
+                "SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END, \
+                 pg_backend_pid()",
+            )
+            .await
+            .unwrap();
+        PglockStatements { lock, unlock }
+    }
+}
+
 /// Diagnostic: the raw loop, sending pglock's own statements (the standby check and backend
 /// pid on the lock, the release guarded by the backend pid that was granted the lock).
 /// Separates what the server spends on pglock's SQL from what the library spends.
 async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     let raw = env.raw().await;
     let client = &raw.client;
-    let lock = client
-        .prepare(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
-             pg_advisory_lock($1::int8) IS NOT NULL END, pg_backend_pid()",
-        )
-        .await
-        .unwrap();
-    let unlock = client
-        .prepare(
-            "SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END, \
-             pg_backend_pid()",
-        )
-        .await
-        .unwrap();
+    let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
     let key = env.key();
     let start = Instant::now();
     let mut ops = 0;
@@ -554,6 +574,39 @@ async fn raw_contended_8(env: &Env, d: Duration) -> Sample {
                 raw.client.query_one(&raw.lock, &[&key]).await.unwrap();
                 max_wait = max_wait.max(asked.elapsed());
                 raw.client.query_one(&raw.unlock, &[&key]).await.unwrap();
+                ops += 1;
+            }
+            (ops, max_wait)
+        }
+    })
+    .await
+}
+
+/// Diagnostic: the raw contended loop, sending pglock's own statements (see
+/// `raw_with_pglock_sql`), to separate what the server spends on pglock's SQL under contention
+/// from what the library spends.
+async fn raw_contended_8_with_pglock_sql(env: &Env, d: Duration) -> Sample {
+    let key = env.key();
+    let mut raw8 = Vec::new();
+    for _ in 0..8 {
+        let raw = env.raw().await;
+        let statements = PglockStatements::prepare(&raw.client).await;
+        raw8.push(Arc::new((raw, statements)));
+    }
+    contended(8, d, |task, deadline| {
+        let raw = raw8[task].clone();
+        async move {
+            let (client, statements) = (&raw.0.client, &raw.1);
+            let (mut ops, mut max_wait) = (0, Duration::ZERO);
+            while Instant::now() < deadline {
+                let asked = Instant::now();
+                let row = client.query_one(&statements.lock, &[&key]).await.unwrap();
+                max_wait = max_wait.max(asked.elapsed());
+                let pid: i32 = row.get(1);
+                client
+                    .query_one(&statements.unlock, &[&key, &pid])
+                    .await
+                    .unwrap();
                 ops += 1;
             }
             (ops, max_wait)
