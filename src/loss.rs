@@ -259,6 +259,11 @@ pub enum LossReason {
     },
     /// The probe got no answer in time: the server or the network path is unresponsive (or a
     /// long statement of yours occupied the connection).
+    ///
+    /// A fault that closes the connection is reported this way instead of as
+    /// [`ConnectionClosed`](Self::ConnectionClosed) when the probe's timeout runs out before the
+    /// close reaches the client: for example when `pg_terminate_backend` hits a probe in flight
+    /// on a server too busy to end the session within the timeout. Handle both the same way.
     ProbeTimedOut {
         /// The probe timeout that ran out.
         after: Duration,
