@@ -1,5 +1,6 @@
 //! Bad input and hostile conditions give typed errors and lose nothing.
 
+use std::future::Future;
 use std::time::Duration;
 
 use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, Session, WaitStrategy};
@@ -340,10 +341,7 @@ async fn deallocated_statements_on_a_pooled_connection_fail_once() {
         let object = pool.get().await.unwrap();
         object.batch_execute("DEALLOCATE ALL").await.unwrap();
         drop(object);
-        let error = acquire().await.unwrap_err();
-        assert!(matches!(error, Error::BackendChanged { .. }), "{error:?}");
-        db.assert_no_locks().await;
-        let guard = acquire().await.unwrap();
+        let guard = fails_once_then_acquires(&db, acquire).await;
         assert_ne!(
             AdvisoryLockGuard::backend_pid(&guard),
             first_pid,
@@ -353,6 +351,19 @@ async fn deallocated_statements_on_a_pooled_connection_fail_once() {
         AdvisoryLockGuard::unlock(guard).await.unwrap();
         db.assert_no_locks().await;
     }
+}
+
+/// After its statements were deallocated behind pglock's back: the next acquisition is refused
+/// with the typed error and takes nothing, and the one after it is granted (its guard returned).
+async fn fails_once_then_acquires<F, Fut>(db: &TestDb, acquire: F) -> AdvisoryLockGuard
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = pglock::Result<AdvisoryLockGuard>>,
+{
+    let error = acquire().await.unwrap_err();
+    assert!(matches!(error, Error::BackendChanged { .. }), "{error:?}");
+    db.assert_no_locks().await;
+    acquire().await.unwrap()
 }
 
 /// The same on a shared session: it forgets its statements and prepares them again.
@@ -366,10 +377,7 @@ async fn deallocated_statements_on_a_session_fail_once() {
         .await
         .unwrap();
     session.batch_execute("DEALLOCATE ALL").await.unwrap();
-    let error = lock.lock().await.unwrap_err();
-    assert!(matches!(error, Error::BackendChanged { .. }), "{error:?}");
-    db.assert_no_locks().await;
-    let guard = lock.lock().await.unwrap();
+    let guard = fails_once_then_acquires(&db, || lock.lock()).await;
     assert_eq!(db.holders(key).await.len(), 1);
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     db.assert_no_locks().await;
