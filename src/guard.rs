@@ -382,6 +382,11 @@ impl Release {
 pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
     let client = conn.client();
     match release {
+        // Boxed: their futures are larger than the session unlock's, and every release future
+        // (one per dropped guard) would otherwise be as large.
+        Release::UnlockIfHeld(_) | Release::Commit | Release::Rollback => {
+            Box::pin(end_transaction_or_undo(conn, release, key)).await
+        }
         Release::Unlock(statement, granted_on, mode) => {
             let params = KeyParams::new(key);
             let params = params.with(Some(granted_on));
@@ -418,6 +423,14 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 Err(Error::NotHeld { key })
             }
         }
+    }
+}
+
+/// The releases other than a session unlock: see [`release`].
+async fn end_transaction_or_undo(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
+    let client = conn.client();
+    match release {
+        Release::Unlock(..) => unreachable!("a session unlock runs in `release`"),
         Release::UnlockIfHeld(mode) => {
             // One round trip, no prepared statement: this is a rare path.
             use tokio_postgres::types::{ToSql, Type};

@@ -5,6 +5,7 @@ use std::sync::{Arc, Weak};
 use std::task::{ready, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
@@ -562,11 +563,11 @@ enum Acquire {
 /// An acquisition in progress. Whatever point it is dropped at, its `Drop` leaves the server
 /// as it found it: no lock held, no waiter queued, no transaction open.
 ///
-/// The statement in flight is awaited in place, not boxed: if the acquisition is abandoned
-/// before its answer, the cleanup does not need that answer. It treats the outcome as unknown
-/// and undoes whatever the statement may have done, by means that are correct either way
-/// (closing a pooled connection, or queueing an undo right behind the statement on a shared
-/// session).
+/// The statement in flight is owned by the acquisition's future (in place, or boxed for the
+/// rarer forms), not by the attempt: if the acquisition is abandoned before its answer, the
+/// cleanup does not need that answer. It treats the outcome as unknown and undoes whatever the
+/// statement may have done, by means that are correct either way (closing a pooled connection,
+/// or queueing an undo right behind the statement on a shared session).
 struct Attempt {
     /// The connection (taken when the attempt becomes a guard or hands it to a cleanup).
     slot: Option<ConnSlot>,
@@ -626,36 +627,20 @@ impl Attempt {
         let params = KeyParams::new(key);
         let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
         let params = params.with(extra);
-        // A closure, so that each branch below creates the future it awaits: a future captured
-        // by the block below would be stored beside the one in flight, doubling its size.
-        let query = || async {
-            match statement {
-                Acquire::Prepared(statement) => {
-                    client.query_one(statement, params.as_slice()).await
-                }
-                Acquire::Unnamed(sql) => {
-                    let typed = KeyParams::new(key);
-                    let typed = typed.typed(extra.map(|extra| (extra, Type::TEXT)));
-                    let rows = client.query_typed(sql, typed.as_slice()).await?;
-                    Ok(rows
-                        .into_iter()
-                        .next()
-                        .expect("the statement returns one row"))
-                }
-            }
-        };
         // Set before the first poll, which is the one that sends the statement: from here until
         // the answer, dropping the attempt must undo whatever the statement may do.
         self.in_flight = true;
         self.may_wait = may_wait;
-        let statement = async {
-            if begin {
-                let (begun, row) =
-                    futures_util::future::join(client.batch_execute("BEGIN"), query()).await;
-                begun.and(row)
-            } else {
-                query().await
+        // The common case (a prepared statement, no `BEGIN` to send first) is awaited in place.
+        // The others are boxed: their futures are larger, and every acquisition future would
+        // otherwise carry the largest (2,528 bytes for `lock()` instead of 2,176).
+        let statement = match (statement, begin) {
+            (Acquire::Prepared(statement), false) => {
+                Either::Left(client.query_one(statement, params.as_slice()))
             }
+            (statement, begin) => Either::Right(Box::pin(begin_and_acquire(
+                client, statement, key, extra, begin,
+            ))),
         };
         let mut statement = std::pin::pin!(statement);
         // Taken over on the first statement only (a polling wait sends several).
@@ -823,6 +808,41 @@ impl Attempt {
                 (None, None) => {}
             }
         });
+    }
+}
+
+/// The acquiring statement of [`Attempt::run`] in its rarer forms: unprepared (behind a
+/// transaction pooler), or after `BEGIN` (sent in the same round trip) for transaction scope.
+async fn begin_and_acquire(
+    client: &tokio_postgres::Client,
+    statement: &Acquire,
+    key: AdvisoryKey,
+    extra: Option<&(dyn ToSql + Sync)>,
+    begin: bool,
+) -> Result<Row, tokio_postgres::Error> {
+    let params = KeyParams::new(key);
+    let params = params.with(extra);
+    // A closure, so that each branch below creates the future it awaits: a future captured by
+    // the block below would be stored beside the one in flight, doubling its size.
+    let query = || async {
+        match statement {
+            Acquire::Prepared(statement) => client.query_one(statement, params.as_slice()).await,
+            Acquire::Unnamed(sql) => {
+                let typed = KeyParams::new(key);
+                let typed = typed.typed(extra.map(|extra| (extra, Type::TEXT)));
+                let rows = client.query_typed(sql, typed.as_slice()).await?;
+                Ok(rows
+                    .into_iter()
+                    .next()
+                    .expect("the statement returns one row"))
+            }
+        }
+    };
+    if begin {
+        let (begun, row) = futures_util::future::join(client.batch_execute("BEGIN"), query()).await;
+        begun.and(row)
+    } else {
+        query().await
     }
 }
 
