@@ -639,7 +639,11 @@ impl Attempt {
                 Either::Left(client.query_one(statement, params.as_slice()))
             }
             (statement, begin) => Either::Right(Box::pin(begin_and_acquire(
-                client, statement, key, extra, begin,
+                client,
+                statement,
+                params.as_slice(),
+                (key, extra),
+                begin,
             ))),
         };
         let mut statement = std::pin::pin!(statement);
@@ -813,20 +817,21 @@ impl Attempt {
 
 /// The acquiring statement of [`Attempt::run`] in its rarer forms: unprepared (behind a
 /// transaction pooler), or after `BEGIN` (sent in the same round trip) for transaction scope.
+///
+/// `params` are the prepared statement's parameters; an unnamed statement gets the same values,
+/// `key` and `extra`, with their types.
 async fn begin_and_acquire(
     client: &tokio_postgres::Client,
     statement: &Acquire,
-    key: AdvisoryKey,
-    extra: Option<&(dyn ToSql + Sync)>,
+    params: &[&(dyn ToSql + Sync)],
+    (key, extra): (AdvisoryKey, Option<&(dyn ToSql + Sync)>),
     begin: bool,
 ) -> Result<Row, tokio_postgres::Error> {
-    let params = KeyParams::new(key);
-    let params = params.with(extra);
     // A closure, so that each branch below creates the future it awaits: a future captured by
     // the block below would be stored beside the one in flight, doubling its size.
     let query = || async {
         match statement {
-            Acquire::Prepared(statement) => client.query_one(statement, params.as_slice()).await,
+            Acquire::Prepared(statement) => client.query_one(statement, params).await,
             Acquire::Unnamed(sql) => {
                 let typed = KeyParams::new(key);
                 let typed = typed.typed(extra.map(|extra| (extra, Type::TEXT)));
