@@ -128,6 +128,20 @@ pub static CASES: &[Case] = &[
         raw_lock_pipelined_unlock
     ),
     case!(
+        "raw_pipelined_with_pglock_sql",
+        "2 lock+drop",
+        Some("raw_lock_unlock"),
+        None,
+        raw_pipelined_with_pglock_sql
+    ),
+    case!(
+        "raw_lock_combined_unlock",
+        "2 lock+drop",
+        Some("raw_lock_unlock"),
+        None,
+        raw_lock_combined_unlock
+    ),
+    case!(
         "pglock_session_lock_drop",
         "2 lock+drop",
         Some("raw_lock_unlock"),
@@ -511,6 +525,65 @@ async fn raw_lock_pipelined_unlock(env: &Env, d: Duration) -> Sample {
     }
     let elapsed = start.elapsed();
     raw.client.query_one(&raw.unlock, &params).await.unwrap();
+    Sample::new(ops, elapsed)
+}
+
+async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
+    let raw = &env.raw().await;
+    let client = &raw.client;
+    let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
+    let key = env.key();
+    let start = Instant::now();
+    let row = client.query_one(&lock, &[&key]).await.unwrap();
+    let mut pid: i32 = row.get(1);
+    let mut ops = 1;
+    while start.elapsed() < d {
+        let (unlock_params, lock_params): ([&(dyn tokio_postgres::types::ToSql + Sync); 2], _) = (
+            [&key, &pid],
+            [&key as &(dyn tokio_postgres::types::ToSql + Sync)],
+        );
+        let u = client.query_one(&unlock, &unlock_params);
+        let l = client.query_one(&lock, &lock_params);
+        let (u, l) = futures_util::future::join(u, l).await;
+        u.unwrap();
+        pid = l.unwrap().get(1);
+        ops += 1;
+    }
+    let elapsed = start.elapsed();
+    client.query_one(&unlock, &[&key, &pid]).await.unwrap();
+    Sample::new(ops, elapsed)
+}
+
+async fn raw_lock_combined_unlock(env: &Env, d: Duration) -> Sample {
+    let raw = &env.raw().await;
+    let client = &raw.client;
+    let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
+    let combined = client
+        .prepare(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
+             pg_advisory_lock($3::int8) IS NOT NULL END, pg_backend_pid(), u.released \
+             FROM (SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END \
+             AS released OFFSET 0) AS u",
+        )
+        .await
+        .unwrap();
+    let key = env.key();
+    let start = Instant::now();
+    let row = client.query_one(&lock, &[&key]).await.unwrap();
+    let mut pid: i32 = row.get(1);
+    let mut ops = 1;
+    while start.elapsed() < d {
+        let row = client
+            .query_one(&combined, &[&key, &pid, &key])
+            .await
+            .unwrap();
+        let released: Option<bool> = row.get(2);
+        assert_eq!(released, Some(true));
+        pid = row.get(1);
+        ops += 1;
+    }
+    let elapsed = start.elapsed();
+    client.query_one(&unlock, &[&key, &pid]).await.unwrap();
     Sample::new(ops, elapsed)
 }
 
