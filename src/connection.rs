@@ -17,7 +17,7 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
 use crate::error::{redact_url, Error, Result};
-use crate::handoff::ReleaseInFlight;
+use crate::handoff::{DeferredSlot, ReleaseInFlight};
 use crate::loss::{self, HealthCheck, Monitor};
 use crate::{AdvisoryKey, LockScope};
 
@@ -98,6 +98,8 @@ pub struct Session {
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
+    /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
+    pub(crate) deferred_unlock: DeferredSlot,
     canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
     /// The health check of this session's loss monitor, when set with
@@ -200,6 +202,7 @@ impl Session {
             cleaned: tokio::sync::Notify::new(),
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
+            deferred_unlock: DeferredSlot::default(),
             canceller: Canceller::default(),
             connection_task: None,
             health: None,
@@ -576,9 +579,9 @@ pub(crate) struct Pooled {
 /// The last few statements pglock prepared on one connection, most recent first.
 pub(crate) type Statements = Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>;
 
-/// How many statements are remembered per pooled connection: an acquiring statement and its
-/// unlock, for two kinds of acquisition (say `lock` and `try_lock`).
-const PER_CONNECTION: usize = 4;
+/// How many statements are remembered per pooled connection: an acquiring statement, its
+/// unlock and the two combined, for two kinds of acquisition (say `lock` and `try_lock`).
+const PER_CONNECTION: usize = 6;
 
 /// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
 /// (unique within a pool, never reused).
@@ -894,9 +897,11 @@ impl Conn {
 
 /// A key marked as held on a shared [`Session`] while a guard or an acquisition owns it.
 ///
-/// Dropping it clears the mark. Guards drop it right after queueing their release: the
-/// release is ordered before anything sent later on the session, and PostgreSQL counts grants
-/// and releases, so a new acquisition that follows can never be left holding a stacked count.
+/// Dropping it clears the mark. Guards drop it right after queueing their release (a deferred
+/// unlock keeps it, marked as being cleaned up, until it is sent, or passes it to the
+/// acquisition that sends it): the release is ordered before anything pglock sends later on
+/// the session, and PostgreSQL counts grants and releases, so a new acquisition that follows
+/// can never be left holding a stacked count.
 pub(crate) struct Reservation {
     session: Option<Arc<Session>>,
     key: AdvisoryKey,
@@ -910,6 +915,16 @@ impl Reservation {
 
     pub(crate) fn scope(&self) -> LockScope {
         self.scope
+    }
+
+    /// Undoes [`mark_cleaning`](Self::mark_cleaning): an acquisition takes the key over.
+    pub(crate) fn mark_held(&self) {
+        if let Some(session) = &self.session {
+            session.held.lock().unwrap().insert(self.key, false);
+            // Whoever waited for the cleanup finds the key held again (`AlreadyHeld`), as if
+            // this acquisition had reserved it first.
+            session.cleaned.notify_waiters();
+        }
     }
 
     /// Keeps the key reserved, but lets new acquisitions of it wait instead of failing with

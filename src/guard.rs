@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
-use crate::handoff::{Parking, ReleaseInFlight, ReleaseTask};
+use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
 use crate::loss::{HealthCheck, LossSignal, Registration};
 use crate::sql::{Form, KeyParams, Op};
 use crate::trace;
@@ -29,19 +29,25 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 ///
 /// - [`unlock`](Self::unlock) (or [`commit`](Self::commit) / [`rollback`](Self::rollback) for
 ///   transaction scope) releases now and reports errors.
-/// - Dropping the guard releases in the background without blocking: the release is queued on
-///   the connection at once, ahead of anything sent after the drop, and its answer is read by
-///   the next acquisition on that connection, alongside its own statement, or else by a task
-///   spawned when the answer arrives. A pooled connection goes back to the pool only once the
-///   release is confirmed; when it is not (an error, a lost connection, no runtime), the
+/// - Dropping the guard releases in the background without blocking. A session lock's unlock
+///   is sent as soon as the dropping task yields to the runtime, unless the next acquisition of
+///   the same key in the same mode on that connection comes first: that acquisition then sends
+///   one statement that releases and then acquires. Either way the release reaches the server
+///   with the next message sent from the connection, and the unlock comes first, so a session
+///   waiting for the key in the server's queue is granted it before this one asks again. (Your
+///   own queries on a shared [`Session`](crate::Session), sent between the drop and that
+///   moment, may run before the unlock.) A transaction-scoped lock's rollback is queued at
+///   once. The release's answer is read by the next acquisition on the connection, alongside
+///   its own statement, or else by a task. A pooled connection goes back to the pool only once
+///   the release is confirmed; when it is not (an error, a lost connection, no runtime), the
 ///   connection is closed instead, and the server frees the lock as the session ends. Release
 ///   on drop is therefore not synchronous: for about one round trip after the drop, another
 ///   session may still see the key as held.
-/// - On a pool, while that release is in flight, the next acquisition of the same
-///   [`AdvisoryLock`](crate::AdvisoryLock) (or of a clone) takes the connection over and sends
-///   its lock right behind the unlock: a `lock` + drop loop costs one round trip per cycle.
-///   Keep one `AdvisoryLock` (cheap to clone) rather than building one per acquisition to get
-///   this.
+/// - On a pool, the dropped guard's connection is kept aside for the next acquisition of the
+///   same [`AdvisoryLock`](crate::AdvisoryLock) (or of a clone), which sends its lock with the
+///   unlock, on the same backend: a `lock` + drop loop costs one round trip and one statement
+///   per cycle, on a pool as on a `Session`. Keep one `AdvisoryLock` (cheap to clone) rather
+///   than building one per acquisition to get this.
 /// - If the connection dies while the guard is held, the server has already released the lock;
 ///   `unlock` then reports [`Error::ConnectionLost`] or [`Error::NotHeld`].
 ///
@@ -64,7 +70,8 @@ pub struct AdvisoryLockGuard {
     scope: LockScope,
     backend_pid: i32,
     unlock: Option<Statement>,
-    /// Dropped after the release is queued (fields drop after `Drop::drop`).
+    /// Dropped after the release is queued (fields drop after `Drop::drop`), or handed to the
+    /// deferred unlock, which drops it once sent.
     reservation: Option<Reservation>,
     /// The health check asked for on the lock, if any.
     health: Option<HealthCheck>,
@@ -319,10 +326,35 @@ impl AdvisoryLockGuard {
 impl Drop for AdvisoryLockGuard {
     fn drop(&mut self) {
         self.stop_watching();
-        if let Some(conn) = self.conn.take() {
-            let release = self.release_kind(Release::Rollback);
-            let parking = self.parking.take();
-            release_in_background_traced(conn, release, self.key, Some(self.backend_pid), parking);
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let release = self.release_kind(Release::Rollback);
+        let parking = self.parking.take();
+        // A session unlock on a shared session, or on a pooled connection the next acquisition
+        // of the lock may claim, waits for that acquisition (see `handoff::DeferredUnlock`).
+        let deferrable = parking.is_some() || matches!(conn, Conn::Session(_));
+        match (release, Handle::try_current()) {
+            (Release::Unlock(statement, granted_on, mode), Ok(runtime)) if deferrable => {
+                let reservation = self.reservation.take();
+                DeferredUnlock::new(
+                    conn,
+                    self.key,
+                    mode,
+                    granted_on,
+                    statement,
+                    reservation,
+                    parking,
+                )
+                .defer(&runtime);
+            }
+            (release, _) => release_in_background_traced(
+                conn,
+                release,
+                self.key,
+                Some(self.backend_pid),
+                parking,
+            ),
         }
     }
 }
@@ -538,7 +570,7 @@ pub(crate) fn release_in_background(conn: Conn, release_how: Release, key: Advis
 /// `backend_pid` (a guard's drop) or, without one, only a failure (a cleanup). With `parking`,
 /// the connection is parked there until the release answers, for the next acquisition of the
 /// lock to claim.
-fn release_in_background_traced(
+pub(crate) fn release_in_background_traced(
     conn: Conn,
     release_how: Release,
     key: AdvisoryKey,

@@ -1,5 +1,5 @@
-//! The pooled connection of a dropped guard, handed to the next acquisition of the same lock
-//! while its release is still on the wire.
+//! What a dropped guard leaves to the next acquisition on its connection: its unlock, not sent
+//! yet or on the wire, and on a pool the connection itself.
 //!
 //! A guard dropped on a pooled connection queues its `pg_advisory_unlock` and confirms it in the
 //! background; the connection goes back to the pool only once the unlock has answered, so that a
@@ -19,22 +19,42 @@
 //! acquisition on the same connection (through the parking, or through the shared
 //! [`Session`](crate::Session)), which reads it alongside its own statement, as a hand-written
 //! pipeline would. Only a release nobody adopts before its answer arrives gets a task of its own.
+//!
+//! A dropped guard's session unlock need not even travel alone. While the dropping task runs
+//! on, it is only recorded ([`DeferredUnlock`]), on the shared session or in the parking, and
+//! a task is spawned to send it. If the next acquisition on the connection comes first and asks
+//! for the same key in the same mode (the loop above), it claims the unlock and sends one
+//! statement that releases and then acquires (`sql::unlock_then`): one message each way per
+//! cycle instead of two. Otherwise the spawned task sends the unlock as soon as the runtime
+//! runs it, which is when the dropping task next yields.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_postgres::Statement;
 
-use crate::connection::Conn;
+use crate::connection::{Conn, Reservation, Session};
+use crate::guard::{release_in_background_traced, Release};
+use crate::{AdvisoryKey, LockMode};
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) parks the connection of its last dropped
 /// guard. Shared by the lock's clones.
 #[derive(Default)]
 pub(crate) struct Parking {
-    parked: Mutex<Option<Parked>>,
+    parked: Mutex<Option<Claimed>>,
+}
+
+/// What a claimer finds in the parking.
+pub(crate) enum Claimed {
+    /// A connection whose unlock is on the wire.
+    InFlight(Parked),
+    /// A connection whose unlock is not sent yet.
+    Deferred(DeferredUnlock),
 }
 
 /// A connection whose release is in flight, and how that release will end.
@@ -69,25 +89,241 @@ impl Parking {
         released: PriorRelease,
         in_flight: Weak<ReleaseInFlight>,
     ) {
-        *self.parked.lock().unwrap() = Some(Parked {
-            conn,
-            released,
-            in_flight,
-        });
+        let before = self
+            .parked
+            .lock()
+            .unwrap()
+            .replace(Claimed::InFlight(Parked {
+                conn,
+                released,
+                in_flight,
+            }));
+        send_if_deferred(before);
     }
 
     /// Takes the parked connection, if one is parked and still open.
-    pub(crate) fn claim(&self) -> Option<Parked> {
-        let parked = self.parked.lock().unwrap().take()?;
-        (!parked.conn.client().is_closed()).then_some(parked)
+    pub(crate) fn claim(&self) -> Option<Claimed> {
+        let claimed = self.parked.lock().unwrap().take()?;
+        match claimed {
+            Claimed::InFlight(parked) => {
+                (!parked.conn.client().is_closed()).then_some(Claimed::InFlight(parked))
+            }
+            Claimed::Deferred(deferred) if deferred.conn().client().is_closed() => {
+                // Sent all the same: it fails, which closes the connection for good.
+                deferred.send_alone();
+                None
+            }
+            deferred => Some(deferred),
+        }
     }
 
     /// Called by the release task of `conn` once the release has answered: takes the
     /// connection out of the parking if nobody claimed it, so that it can go back to the pool.
     pub(crate) fn unpark(&self, conn: &Conn) {
         let mut parked = self.parked.lock().unwrap();
-        if parked.as_ref().is_some_and(|p| p.conn.same_as(conn)) {
+        if matches!(&*parked, Some(Claimed::InFlight(p)) if p.conn.same_as(conn)) {
             *parked = None;
+        }
+    }
+}
+
+/// A deferred unlock displaced from its place by a newer one is sent at once.
+fn send_if_deferred(displaced: Option<Claimed>) {
+    if let Some(Claimed::Deferred(deferred)) = displaced {
+        deferred.send_alone();
+    }
+}
+
+/// A dropped guard's session unlock, recorded but not sent yet (see the module's
+/// documentation). It holds everything the release needs: the connection (a share of it), the
+/// prepared unlock and the pid it must run on, the key's reservation on a shared session (so
+/// that the key cannot be taken again there before it is released) and the parking of a pooled
+/// connection.
+///
+/// Whoever takes it either sends it alone ([`send_alone`](Self::send_alone)) or sends it in
+/// the combined statement and reports its outcome ([`into_combined`](Self::into_combined)).
+/// Dropped otherwise (an acquisition abandoned just after claiming it), it sends itself alone.
+///
+/// While it waits, the key is marked as being cleaned up on a shared session: an acquisition of
+/// the key that does not claim it (because a task on another thread is sending it) waits for the
+/// mark to go instead of failing with [`Error::AlreadyHeld`](crate::Error::AlreadyHeld).
+pub(crate) struct DeferredUnlock {
+    conn: Option<Conn>,
+    pub(crate) key: AdvisoryKey,
+    pub(crate) mode: LockMode,
+    pub(crate) granted_on: i32,
+    /// `None` once sent or combined.
+    statement: Option<Statement>,
+    reservation: Option<Reservation>,
+    parking: Option<Arc<Parking>>,
+    /// Tells this unlock from a later one in the same place, for the task that sends it.
+    id: u64,
+}
+
+impl DeferredUnlock {
+    pub(crate) fn new(
+        conn: Conn,
+        key: AdvisoryKey,
+        mode: LockMode,
+        granted_on: i32,
+        statement: Statement,
+        reservation: Option<Reservation>,
+        parking: Option<Arc<Parking>>,
+    ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        if let Some(reservation) = &reservation {
+            reservation.mark_cleaning();
+        }
+        DeferredUnlock {
+            conn: Some(conn),
+            key,
+            mode,
+            granted_on,
+            statement: Some(statement),
+            reservation,
+            parking,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Records the unlock on its session (or in its parking) and spawns the task that sends it
+    /// unless an acquisition claims it first. Sent at once when there is nowhere to record it.
+    pub(crate) fn defer(self, runtime: &Handle) {
+        let place = match (&self.parking, self.conn()) {
+            (Some(parking), _) => Place::Parking(Arc::downgrade(parking)),
+            (None, Conn::Session(session)) => Place::Session(Arc::downgrade(session)),
+            (None, Conn::Pooled(_)) => return self.send_alone(),
+        };
+        let flush = Flush {
+            place: place.clone(),
+            id: self.id,
+        };
+        let displaced = match &place {
+            Place::Parking(_) => {
+                let parking = self
+                    .parking
+                    .clone()
+                    .expect("a parking place has its parking");
+                let mut parked = parking.parked.lock().unwrap();
+                parked.replace(Claimed::Deferred(self))
+            }
+            Place::Session(_) => {
+                let Conn::Session(session) = self.conn() else {
+                    unreachable!("a session place is a session")
+                };
+                let session = session.clone();
+                session.deferred_unlock.replace(self).map(Claimed::Deferred)
+            }
+        };
+        send_if_deferred(displaced);
+        // The task only drops `flush`: its `Drop` sends the unlock if nobody claimed it, and
+        // does so even if the runtime shuts down before running the task.
+        runtime.spawn(async move { drop(flush) });
+    }
+
+    /// Sends the unlock alone, confirmed in the background, as a dropped guard's release that
+    /// nobody claimed (the pooled connection is parked again for the next acquisition).
+    pub(crate) fn send_alone(mut self) {
+        self.send_now();
+    }
+
+    fn send_now(&mut self) {
+        let (Some(conn), Some(statement)) = (self.conn.take(), self.statement.take()) else {
+            return;
+        };
+        release_in_background_traced(
+            conn,
+            Release::Unlock(statement, self.granted_on, self.mode),
+            self.key,
+            Some(self.granted_on),
+            self.parking.take(),
+        );
+        // Only now that the unlock is queued may the key be taken again on a shared session.
+        self.reservation = None;
+    }
+
+    /// The connection the unlock is for.
+    pub(crate) fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a deferred unlock holds its connection until sent")
+    }
+
+    /// Gives up the parts an acquisition that sends the unlock in its own statement takes
+    /// over: the key's reservation (it holds the same key, so the mark of a key being cleaned
+    /// up goes) and the pid to release on.
+    pub(crate) fn into_combined(mut self) -> (Option<Reservation>, i32) {
+        self.statement = None;
+        let reservation = self.reservation.take();
+        if let Some(reservation) = &reservation {
+            reservation.mark_held();
+        }
+        (reservation, self.granted_on)
+    }
+}
+
+impl Drop for DeferredUnlock {
+    fn drop(&mut self) {
+        self.send_now();
+    }
+}
+
+/// A shared session's deferred unlock, if any.
+#[derive(Default)]
+pub(crate) struct DeferredSlot(Mutex<Option<DeferredUnlock>>);
+
+impl DeferredSlot {
+    fn replace(&self, deferred: DeferredUnlock) -> Option<DeferredUnlock> {
+        self.0.lock().unwrap().replace(deferred)
+    }
+
+    /// Takes the deferred unlock, for an acquisition on the session.
+    pub(crate) fn take(&self) -> Option<DeferredUnlock> {
+        self.0.lock().unwrap().take()
+    }
+
+    fn take_if(&self, id: u64) -> Option<DeferredUnlock> {
+        let mut slot = self.0.lock().unwrap();
+        if slot.as_ref().is_some_and(|d| d.id == id) {
+            slot.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a deferred unlock waits.
+#[derive(Clone)]
+enum Place {
+    Session(Weak<Session>),
+    Parking(Weak<Parking>),
+}
+
+/// Sends the deferred unlock `id` when dropped, unless it was claimed.
+struct Flush {
+    place: Place,
+    id: u64,
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let deferred = match &self.place {
+            Place::Session(session) => session
+                .upgrade()
+                .and_then(|session| session.deferred_unlock.take_if(self.id)),
+            Place::Parking(parking) => parking.upgrade().and_then(|parking| {
+                let mut parked = parking.parked.lock().unwrap();
+                match &*parked {
+                    Some(Claimed::Deferred(d)) if d.id == self.id => match parked.take() {
+                        Some(Claimed::Deferred(d)) => Some(d),
+                        _ => unreachable!("matched above"),
+                    },
+                    _ => None,
+                }
+            }),
+        };
+        if let Some(deferred) = deferred {
+            deferred.send_alone();
         }
     }
 }

@@ -437,8 +437,8 @@ impl LeaderElection {
     /// # Cancel safety
     ///
     /// Dropping the future stops the task and steps down: the release of the leadership lock
-    /// is queued at once (as when an [`AdvisoryLockGuard`] is dropped), so a standby takes
-    /// over within about a round trip. Use this for graceful shutdown:
+    /// is sent as soon as the dropping task yields (as when an [`AdvisoryLockGuard`] is
+    /// dropped), so a standby takes over within about a round trip. Use this for graceful shutdown:
     ///
     /// ```no_run
     /// # async fn demo(election: pglock::LeaderElection) -> pglock::Result<()> {
@@ -658,8 +658,8 @@ fn demote(state: &watch::Sender<LeaderState>, term: i64) -> bool {
 
 /// This instance's leadership: the leadership lock, held, and the term it started.
 ///
-/// Dropping it steps down in the background (the release is queued at once, so a standby takes
-/// over within about a round trip); [`step_down`](Self::step_down) does the same and reports
+/// Dropping it steps down in the background (the release is sent as soon as the dropping task
+/// yields, so a standby takes over within about a round trip); [`step_down`](Self::step_down) does the same and reports
 /// how it went.
 ///
 /// # Examples

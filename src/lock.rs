@@ -15,9 +15,11 @@ use tokio_postgres::{CancelToken, Row, Statement};
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{poll_once, release, release_in_background, ConnSlot, Release};
-use crate::handoff::{Parking, PriorRelease, ReleaseInFlight, ReleaseTask};
+use crate::handoff::{
+    Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
+};
 use crate::loss::HealthCheck;
-use crate::sql::{statement, Form, KeyParams, Op};
+use crate::sql::{statement, unlock_then, Form, KeyParams, Op};
 use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
@@ -290,32 +292,46 @@ impl AdvisoryLock {
         if behind_pooler && self.scope == LockScope::Session {
             return Err(Error::SessionLockBehindPooler { key: self.key });
         }
-        let parked = match (&self.parking, self.scope) {
-            (Some(parking), LockScope::Session) => parking.claim(),
+        let claimed = match (&self.parking, self.scope) {
+            (Some(parking), LockScope::Session) => match parking.claim() {
+                // Not for this acquisition's statement: sent alone, which parks the connection
+                // again with the unlock in flight, for the claim below.
+                Some(Claimed::Deferred(deferred)) if !self.combines(&deferred, mode, deadline) => {
+                    deferred.send_alone();
+                    parking.claim()
+                }
+                claimed => claimed,
+            },
             _ => None,
         };
-        if let Some(parked) = parked {
-            match self
-                .acquire_on(
+        let attempted = match claimed {
+            Some(Claimed::InFlight(parked)) => Some(
+                self.acquire_on(
                     parked.conn,
-                    Some(parked.released),
-                    parked.in_flight,
+                    Prior::InFlight(parked.released, parked.in_flight),
                     mode,
                     deadline,
                 )
-                .await?
-            {
-                Attempted::Done(guard) => return Ok(guard),
-                // The unlock before ours failed, and that connection is being closed: start
-                // again on a fresh one.
-                Attempted::Retry => trace::prior_release_failed(self.key),
+                .await?,
+            ),
+            Some(Claimed::Deferred(deferred)) => {
+                let conn = deferred.conn().share();
+                Some(
+                    self.acquire_on(conn, Prior::Deferred(deferred), mode, deadline)
+                        .await?,
+                )
             }
+            None => None,
+        };
+        match attempted {
+            Some(Attempted::Done(guard)) => return Ok(guard),
+            // The unlock before ours failed, and that connection is being closed: start again
+            // on a fresh one.
+            Some(Attempted::Retry) => trace::prior_release_failed(self.key),
+            None => {}
         }
         let conn = self.source.checkout().await?;
-        match self
-            .acquire_on(conn, None, Weak::new(), mode, deadline)
-            .await?
-        {
+        match self.acquire_on(conn, Prior::None, mode, deadline).await? {
             Attempted::Done(guard) => Ok(guard),
             Attempted::Retry => {
                 unreachable!("a connection from the source has no release in flight")
@@ -323,43 +339,89 @@ impl AdvisoryLock {
         }
     }
 
-    /// Acquires on `conn`; `prior_release` is the outcome of the release still in flight on a
-    /// claimed parked connection, and `offered` that release, to read its answer.
+    /// The acquiring statement's kind for `deadline` and the lock's wait strategy.
+    fn op(&self, deadline: Deadline) -> Op {
+        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        match deadline {
+            Deadline::Now => Op::TryLock,
+            _ if polling => Op::TryLock,
+            Deadline::Never => Op::Lock,
+            Deadline::At(_) => Op::LockWithTimeout,
+        }
+    }
+
+    /// Whether this acquisition can send `deferred` (a dropped guard's unlock on the same
+    /// connection) in its own statement: the same key in the same mode, session scope, a
+    /// statement that has a combined form, already prepared there.
+    fn combines(&self, deferred: &DeferredUnlock, mode: LockMode, deadline: Deadline) -> bool {
+        self.combined_statement(deferred, mode, deadline).is_some()
+    }
+
+    fn combined_statement(
+        &self,
+        deferred: &DeferredUnlock,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Option<Statement> {
+        if deferred.key != self.key || deferred.mode != mode || self.scope != LockScope::Session {
+            return None;
+        }
+        let sql = unlock_then(self.op(deadline), mode, Form::of(self.key))?;
+        deferred.conn().cached(sql)
+    }
+
+    /// Acquires on `conn`, after `prior`: what a dropped guard left on the connection.
     async fn acquire_on(
         &self,
         conn: Conn,
-        prior_release: Option<PriorRelease>,
-        offered: Weak<ReleaseInFlight>,
+        prior: Prior,
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Attempted> {
         let key = self.key;
         let behind_pooler = self.source.behind_pooler();
-        let reservation = conn.reserve(key, self.scope).await?;
+        let op = self.op(deadline);
+        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let (prior_release, offered, deferred) = match prior {
+            Prior::None => match &conn {
+                Conn::Session(session) => (None, Weak::new(), session.deferred_unlock.take()),
+                Conn::Pooled(_) => (None, Weak::new(), None),
+            },
+            Prior::InFlight(released, in_flight) => (Some(released), in_flight, None),
+            Prior::Deferred(deferred) => (None, Weak::new(), Some(deferred)),
+        };
+        // A dropped guard's unlock of this key in this mode rides in this acquisition's
+        // statement, and the key's reservation passes to it; any other is sent alone first.
+        let combined = deferred.and_then(|deferred| {
+            match self.combined_statement(&deferred, mode, deadline) {
+                Some(statement) => Some((deferred, statement)),
+                None => {
+                    deferred.send_alone();
+                    None
+                }
+            }
+        });
+        let reservation = match &combined {
+            Some(_) => None,
+            None => Some(conn.reserve(key, self.scope).await?),
+        };
         let slot = ConnSlot::new(conn);
         let form = Form::of(key);
-        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
-        let blocking_op = match deadline {
-            Deadline::Never => Op::Lock,
-            _ => Op::LockWithTimeout,
-        };
-        let op = if polling || matches!(deadline, Deadline::Now) {
-            Op::TryLock
-        } else {
-            blocking_op
-        };
         let acquire_sql = statement(op, mode, self.scope, form);
-        let prepared = match self.cached(&slot, acquire_sql, form, mode) {
+        let prepared = match self.cached(&slot, op, acquire_sql, form, mode) {
             Some(prepared) => Ok(prepared),
             None => {
                 // Boxed: preparing is rare (once per connection), and its future would otherwise
                 // double the size of every acquisition's.
-                Box::pin(self.prepare(&slot, acquire_sql, form, mode, behind_pooler)).await
+                Box::pin(self.prepare(&slot, op, acquire_sql, form, mode, behind_pooler)).await
             }
         };
         let (acquire_statement, unlock) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
+                if let Some((deferred, _)) = combined {
+                    deferred.send_alone();
+                }
                 // On a claimed connection, the statement may have failed for what the unlock
                 // before it left behind (an aborted transaction): start again elsewhere then.
                 if let Some(prior) = prior_release {
@@ -369,6 +431,14 @@ impl AdvisoryLock {
                 }
                 return Err(error);
             }
+        };
+        let (reservation, combined) = match combined {
+            Some((deferred, statement)) => {
+                let (reservation, granted_on) = deferred.into_combined();
+                let reservation = reservation.expect("a deferred unlock keeps its reservation");
+                (reservation, Some((statement, granted_on)))
+            }
+            None => (reservation.expect("reserved above"), None),
         };
         // A release queued on the connection before this statement: read its answer alongside.
         let offered = match slot.conn() {
@@ -389,6 +459,8 @@ impl AdvisoryLock {
             mode,
             prior_release,
             prior_release_failed: false,
+            combined,
+            combined_in_doubt: false,
         };
         let mut pause = match self.wait {
             WaitStrategy::Poll { initial, .. } => initial,
@@ -465,10 +537,14 @@ impl AdvisoryLock {
                     // remembers as prepared there is wrong, and the next acquisition must not
                     // fail the same way.
                     client_conn(&attempt.slot).forget_statements();
+                    if attempt.combined_in_doubt {
+                        // Refused before running: the dropped guard's unlock did not run either.
+                        attempt.settle_unknown();
+                    }
                     return Err(Error::from_postgres(Some(key), e));
                 }
                 Err(e) => {
-                    if may_hold_after(&e, self.scope) {
+                    if attempt.combined_in_doubt || may_hold_after(&e, self.scope) {
                         attempt.settle_unknown();
                     }
                     return Err(Error::from_postgres(Some(key), e));
@@ -496,6 +572,7 @@ impl AdvisoryLock {
     fn cached(
         &self,
         slot: &ConnSlot,
+        op: Op,
         acquire_sql: &'static str,
         form: Form,
         mode: LockMode,
@@ -506,6 +583,11 @@ impl AdvisoryLock {
         let conn = slot.conn();
         let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
         let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
+        // The combined statement a guard's drop may need on this connection later: when it is
+        // missing, `prepare` prepares it with the others.
+        if let Some(combined_sql) = unlock_then(op, mode, form) {
+            conn.cached(combined_sql)?;
+        }
         Some((Acquire::Prepared(acquire), Some(unlock)))
     }
 
@@ -515,6 +597,7 @@ impl AdvisoryLock {
     async fn prepare(
         &self,
         slot: &ConnSlot,
+        op: Op,
         acquire_sql: &'static str,
         form: Form,
         mode: LockMode,
@@ -529,10 +612,22 @@ impl AdvisoryLock {
             // scope was refused above, so there is no unlock statement to prepare).
             LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
             LockScope::Session => {
+                // In one round trip: the acquiring statement, its unlock, and the two combined,
+                // for the next acquisition on the connection after a guard's drop.
                 let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
-                let (a, u) =
-                    futures_util::future::join(conn.prepare(acquire_sql), conn.prepare(unlock_sql))
-                        .await;
+                let combined = async {
+                    match unlock_then(op, mode, form) {
+                        Some(sql) => conn.prepare(sql).await.map(drop),
+                        None => Ok(()),
+                    }
+                };
+                let (a, u, c) = futures_util::future::join3(
+                    conn.prepare(acquire_sql),
+                    conn.prepare(unlock_sql),
+                    combined,
+                )
+                .await;
+                c.map_err(map)?;
                 (Acquire::Prepared(a.map_err(map)?), Some(u.map_err(map)?))
             }
             LockScope::Transaction => (
@@ -541,6 +636,36 @@ impl AdvisoryLock {
             ),
         })
     }
+}
+
+/// How the unlock in a combined statement (`sql::unlock_then`) went, from its answer: as
+/// [`release`](crate::guard::release) reports a session unlock.
+fn combined_release(row: &Row, key: AdvisoryKey, granted_on: i32) -> Result<()> {
+    let now_on: i32 = row.get(1);
+    if now_on != granted_on {
+        return Err(Error::BackendChanged {
+            key,
+            granted_on: Some(granted_on),
+            now_on: Some(now_on),
+            source: None,
+        });
+    }
+    match row.get::<_, Option<bool>>(2) {
+        Some(true) => Ok(()),
+        _ => Err(Error::NotHeld { key }),
+    }
+}
+
+/// What a dropped guard left on the connection an acquisition starts on.
+enum Prior {
+    /// Nothing known: a connection from the source, or a shared session (whose deferred unlock
+    /// the acquisition looks for itself).
+    None,
+    /// A claimed parked connection with its unlock in flight: how the unlock ends, and the
+    /// release itself, to read its answer.
+    InFlight(PriorRelease, Weak<ReleaseInFlight>),
+    /// A claimed parked connection whose unlock is not sent yet.
+    Deferred(DeferredUnlock),
 }
 
 /// How an acquisition on one connection ended, short of an error.
@@ -594,6 +719,12 @@ struct Attempt {
     prior_release: Option<PriorRelease>,
     /// That unlock failed: the connection is marked to be closed.
     prior_release_failed: bool,
+    /// A dropped guard's unlock of the same key to send with the first statement, combined into
+    /// one (`sql::unlock_then`): its statement and the pid it must run on.
+    combined: Option<(Statement, i32)>,
+    /// The combined statement failed: the unlock in it may or may not have run, so the key may
+    /// still be held for the dropped guard.
+    combined_in_doubt: bool,
 }
 
 /// Whether a session lock may be held after the acquiring statement failed with `error`.
@@ -624,8 +755,13 @@ impl Attempt {
             .expect("one statement in flight at a time")
             .conn()
             .client();
+        let combined = self.combined.take();
         let params = KeyParams::new(key);
-        let extra = lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync));
+        let extra = match &combined {
+            // The combined statement's parameters are the unlock's: the key, then the pid.
+            Some((_, granted_on)) => Some(granted_on as &(dyn ToSql + Sync)),
+            None => lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync)),
+        };
         let params = params.with(extra);
         // Set before the first poll, which is the one that sends the statement: from here until
         // the answer, dropping the attempt must undo whatever the statement may do.
@@ -634,11 +770,14 @@ impl Attempt {
         // The common case (a prepared statement, no `BEGIN` to send first) is awaited in place.
         // The others are boxed: their futures are larger, and every acquisition future would
         // otherwise carry the largest (2,528 bytes for `lock()` instead of 2,176).
-        let statement = match (statement, begin) {
-            (Acquire::Prepared(statement), false) => {
+        let statement = match (&combined, statement, begin) {
+            (Some((combined, _)), _, _) => {
+                Either::Left(client.query_one(combined, params.as_slice()))
+            }
+            (None, Acquire::Prepared(statement), false) => {
                 Either::Left(client.query_one(statement, params.as_slice()))
             }
-            (statement, begin) => Either::Right(Box::pin(begin_and_acquire(
+            (None, statement, begin) => Either::Right(Box::pin(begin_and_acquire(
                 client,
                 statement,
                 params.as_slice(),
@@ -669,12 +808,28 @@ impl Attempt {
             None => Poll::Ready(()),
         })
         .await;
-        let prior_ok = match prior_release {
+        let mut prior_ok = match prior_release {
             // The unlock was queued before our statement, so it has answered by now; its task
             // may just not have reported yet.
             Some(released) => released.await.unwrap_or(false),
             None => true,
         };
+        if let Some((_, granted_on)) = combined {
+            match &result {
+                Ok(row) => {
+                    let released = combined_release(row, key, granted_on);
+                    trace::released(key, granted_on, "drop", &released, true);
+                    // On a shared session the failure is only reported, as for an unlock sent
+                    // alone; a pooled connection is closed, as after a failed parked unlock.
+                    prior_ok = released.is_ok() || !client_conn(&self.slot).is_pooled();
+                }
+                // Whether the unlock ran is unknown. A pooled connection is closed, which ends
+                // both locks, and the acquisition starts again on another (as after a failed
+                // parked unlock); on a shared session the caller undoes whatever may be held.
+                Err(_) if client_conn(&self.slot).is_pooled() => prior_ok = false,
+                Err(_) => self.combined_in_doubt = true,
+            }
+        }
         if !prior_ok {
             // The session may hold the key twice, or hold it for nobody: only closing the
             // connection ends both for sure.
@@ -904,8 +1059,9 @@ impl Drop for Attempt {
         let Some(slot) = self.slot.take() else {
             return;
         };
-        if self.in_flight {
-            // Abandoned before the answer: undo whatever the statement may do.
+        if self.in_flight || self.combined.is_some() {
+            // Abandoned before the answer (or, for a combined statement, before sending the
+            // dropped guard's unlock in it): undo whatever the statement may do.
             trace::abandoned(self.key, self.scope);
             let cancel = self
                 .may_wait

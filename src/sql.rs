@@ -209,6 +209,64 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
     }
 }
 
+/// The statement that releases a dropped guard's session lock and then acquires the same key
+/// in the same mode with `op` ([`Op::Lock`] or [`Op::TryLock`]), in one round trip and one
+/// statement: what a `lock` + drop loop sends once per cycle (see `handoff::DeferredUnlock`).
+///
+/// Parameters as for [`Op::Unlock`]: the key, then the pid of the backend that granted the
+/// lock being released. Returns `(granted, backend_pid, released)`: the first two as for the
+/// acquiring statement, the last as the unlock's (NULL when the backend changed).
+///
+/// The unlock runs in a subquery that the planner may neither flatten nor reorder (`OFFSET 0`,
+/// and the unlock is volatile): its row exists before the outer target list, and with it the
+/// lock request, is evaluated. So the release always comes first, as it would in two
+/// statements, and whoever waits in the server's queue for the key is granted it before this
+/// session asks again.
+pub(crate) fn unlock_then(op: Op, mode: LockMode, form: Form) -> Option<&'static str> {
+    static TABLE: OnceLock<Vec<String>> = OnceLock::new();
+    let op_index = match op {
+        Op::Lock => 0,
+        Op::TryLock => 1,
+        Op::LockWithTimeout | Op::Unlock => return None,
+    };
+    let table = TABLE.get_or_init(|| {
+        let mut table = Vec::with_capacity(8);
+        for op in [Op::Lock, Op::TryLock] {
+            for mode in [LockMode::Exclusive, LockMode::Shared] {
+                for form in [Form::Single, Form::Pair] {
+                    table.push(build_unlock_then(op, mode, form));
+                }
+            }
+        }
+        table
+    });
+    let mode_index = matches!(mode, LockMode::Shared) as usize;
+    let form_index = matches!(form, Form::Pair) as usize;
+    Some(&table[(op_index * 2 + mode_index) * 2 + form_index])
+}
+
+fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
+    let (args, next) = match form {
+        Form::Single => ("$1::int8", 2),
+        Form::Pair => ("$1::int4, $2::int4", 3),
+    };
+    let shared = if mode == LockMode::Shared {
+        "_shared"
+    } else {
+        ""
+    };
+    let acquire = match op {
+        Op::Lock => format!("pg_advisory_lock{shared}({args}) IS NOT NULL"),
+        Op::TryLock => format!("pg_try_advisory_lock{shared}({args})"),
+        Op::LockWithTimeout | Op::Unlock => unreachable!("not combined with an unlock"),
+    };
+    format!(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE {acquire} END, pg_backend_pid(), \
+         u.released FROM (SELECT CASE WHEN pg_backend_pid() = ${next}::int4 \
+         THEN pg_advisory_unlock{shared}({args}) END AS released OFFSET 0) AS u"
+    )
+}
+
 /// A statement that releases the key only if this session holds it in `mode`, for when an
 /// acquiring statement failed or was cancelled and may or may not have taken the lock (a session
 /// lock survives the error of the statement that took it). Parameters: the key, then its
@@ -256,6 +314,24 @@ mod tests {
                 }
             }
         }
+        for op in [Op::Lock, Op::TryLock] {
+            for mode in [LockMode::Exclusive, LockMode::Shared] {
+                for form in [Form::Single, Form::Pair] {
+                    let sql = unlock_then(op, mode, form).expect("combined");
+                    assert!(seen.insert(sql), "duplicate {sql}");
+                }
+            }
+        }
+        assert_eq!(
+            unlock_then(Op::LockWithTimeout, LockMode::Exclusive, Form::Single),
+            None
+        );
+        assert_eq!(
+            unlock_then(Op::TryLock, LockMode::Shared, Form::Pair).unwrap(),
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock_shared($1::int4, $2::int4) END, \
+             pg_backend_pid(), u.released FROM (SELECT CASE WHEN pg_backend_pid() = $3::int4 \
+             THEN pg_advisory_unlock_shared($1::int4, $2::int4) END AS released OFFSET 0) AS u"
+        );
         assert_eq!(
             statement(Op::TryLock, LockMode::Shared, LockScope::Transaction, Form::Pair),
             "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_xact_lock_shared($1::int4, $2::int4) END, pg_backend_pid()"
