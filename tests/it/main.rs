@@ -9,6 +9,7 @@ mod basics;
 mod bouncer;
 mod cancel;
 mod cohort;
+mod combined;
 mod errors;
 mod exclusion;
 mod handoff;
