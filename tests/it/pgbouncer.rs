@@ -282,6 +282,47 @@ async fn undeclared_session_lock_reports_backend_change() {
     db.assert_no_locks().await;
 }
 
+/// The same, for a dropped guard whose unlock rides in the next acquisition's statement (see
+/// `combined.rs`): that statement reaches another server connection, where it is not even
+/// prepared. The unlock it carries never runs there, the pooled connection is closed, and the
+/// acquisition starts again on a fresh one, which finds the key still held where it was
+/// granted.
+#[tokio::test]
+async fn undeclared_combined_unlock_releases_nothing_on_another_backend() {
+    let db = TestDb::new("pgb_combined_change").await;
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let pool = pool_through(&bouncer, &db, 1);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    // `try_lock` twice, so that the second sends the combined form of the first's statement.
+    let guard = lock.try_lock().await.unwrap().expect("free");
+    let granted_on = AdvisoryLockGuard::backend_pid(&guard);
+
+    // Another client's transaction takes the server connection that holds the lock.
+    let other = connect(&bouncer.url(&db.app)).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(backend_pid(&other).await, granted_on);
+
+    drop(guard);
+    let retried = tokio::time::timeout(Duration::from_secs(20), lock.try_lock())
+        .await
+        .expect("the acquisition ends");
+    assert!(
+        matches!(retried, Ok(None)),
+        "expected busy on a fresh connection, got {retried:?}"
+    );
+    // Nothing was released on the wrong backend.
+    assert_eq!(db.holders(key).await, vec![granted_on]);
+
+    other.batch_execute("ROLLBACK").await.unwrap();
+    drop(other);
+    drop(pool);
+    bouncer.stop();
+    db.assert_no_locks().await;
+}
+
 /// Undeclared, a transaction lock whose statement was prepared on one server connection and
 /// then runs on another fails with a typed error rather than a bare "prepared statement does
 /// not exist".
