@@ -267,7 +267,8 @@ impl Session {
         &self.client
     }
 
-    /// Whether pglock currently holds `key` on this session.
+    /// Whether pglock currently holds `key` on this session (counting a dropped guard's key
+    /// until its unlock is sent, which happens when the dropping task yields).
     pub fn holds(&self, key: impl Into<AdvisoryKey>) -> bool {
         self.held.lock().unwrap().contains_key(&key.into())
     }
