@@ -304,37 +304,28 @@ impl AdvisoryLock {
             },
             _ => None,
         };
-        let attempted = match claimed {
-            Some(Claimed::InFlight(parked)) => Some(
-                self.acquire_on(
-                    parked.conn,
-                    Prior::InFlight(parked.released, parked.in_flight),
-                    mode,
-                    deadline,
-                )
-                .await?,
-            ),
+        // One call site for `acquire_on`, so that its future is stored (and its code generated)
+        // once in this one.
+        let mut next = match claimed {
+            Some(Claimed::InFlight(parked)) => Some((
+                parked.conn,
+                Prior::InFlight(parked.released, parked.in_flight),
+            )),
             Some(Claimed::Deferred(deferred)) => {
-                let conn = deferred.conn().share();
-                Some(
-                    self.acquire_on(conn, Prior::Deferred(deferred), mode, deadline)
-                        .await?,
-                )
+                Some((deferred.conn().share(), Prior::Deferred(deferred)))
             }
             None => None,
         };
-        match attempted {
-            Some(Attempted::Done(guard)) => return Ok(guard),
-            // The unlock before ours failed, and that connection is being closed: start again
-            // on a fresh one.
-            Some(Attempted::Retry) => trace::prior_release_failed(self.key),
-            None => {}
-        }
-        let conn = self.source.checkout().await?;
-        match self.acquire_on(conn, Prior::None, mode, deadline).await? {
-            Attempted::Done(guard) => Ok(guard),
-            Attempted::Retry => {
-                unreachable!("a connection from the source has no release in flight")
+        loop {
+            let (conn, prior) = match next.take() {
+                Some(claimed) => claimed,
+                None => (self.source.checkout().await?, Prior::None),
+            };
+            match self.acquire_on(conn, prior, mode, deadline).await? {
+                Attempted::Done(guard) => return Ok(guard),
+                // The unlock before ours failed, and that connection is being closed: start
+                // again on a fresh one.
+                Attempted::Retry => trace::prior_release_failed(self.key),
             }
         }
     }
