@@ -170,21 +170,30 @@ fn index(op: Op, mode: LockMode, scope: LockScope, form: Form) -> usize {
     ((op * 2 + mode) * 2 + scope) * 2 + form
 }
 
-fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
-    let (args, next) = match form {
+/// The key's placeholders in a statement's argument list, and the number of the next one.
+fn key_args(form: Form) -> (&'static str, usize) {
+    match form {
         Form::Single => ("$1::int8", 2),
         Form::Pair => ("$1::int4, $2::int4", 3),
-    };
+    }
+}
+
+/// The suffix of the lock functions for `mode`.
+fn shared_suffix(mode: LockMode) -> &'static str {
+    match mode {
+        LockMode::Exclusive => "",
+        LockMode::Shared => "_shared",
+    }
+}
+
+fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
+    let (args, next) = key_args(form);
     let xact = if scope == LockScope::Transaction {
         "_xact"
     } else {
         ""
     };
-    let shared = if mode == LockMode::Shared {
-        "_shared"
-    } else {
-        ""
-    };
+    let shared = shared_suffix(mode);
     let standby_guard = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
     match op {
         Op::Lock => format!(
@@ -246,15 +255,8 @@ pub(crate) fn unlock_then(op: Op, mode: LockMode, form: Form) -> Option<&'static
 }
 
 fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
-    let (args, next) = match form {
-        Form::Single => ("$1::int8", 2),
-        Form::Pair => ("$1::int4, $2::int4", 3),
-    };
-    let shared = if mode == LockMode::Shared {
-        "_shared"
-    } else {
-        ""
-    };
+    let (args, next) = key_args(form);
+    let shared = shared_suffix(mode);
     let acquire = match op {
         Op::Lock => format!("pg_advisory_lock{shared}({args}) IS NOT NULL"),
         Op::TryLock => format!("pg_try_advisory_lock{shared}({args})"),
@@ -274,13 +276,11 @@ fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
 ///
 /// pglock never stacks a key on a session, so "held" means "taken by that statement".
 pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
-    let (args, next) = match form {
-        Form::Single => ("$1::int8", 2),
-        Form::Pair => ("$1::int4, $2::int4", 3),
-    };
-    let (shared, lock_mode) = match mode {
-        LockMode::Exclusive => ("", "ExclusiveLock"),
-        LockMode::Shared => ("_shared", "ShareLock"),
+    let (args, next) = key_args(form);
+    let shared = shared_suffix(mode);
+    let lock_mode = match mode {
+        LockMode::Exclusive => "ExclusiveLock",
+        LockMode::Shared => "ShareLock",
     };
     format!(
         "SELECT pg_advisory_unlock{shared}({args}) FROM pg_locks \
