@@ -55,6 +55,16 @@ async fn backend_pid(client: &Client) -> i32 {
         .get(0)
 }
 
+/// Ends a test in which `other` holds a transaction open on the bouncer: rolls it back, closes
+/// everything, and checks that no advisory lock is left.
+async fn end_with_other_client(db: &TestDb, bouncer: PgBouncer, pool: Pool, other: Client) {
+    other.batch_execute("ROLLBACK").await.unwrap();
+    drop(other);
+    drop(pool);
+    bouncer.stop();
+    db.assert_no_locks().await;
+}
+
 /// The failure this whole file is about: behind a transaction pooler, a session lock stays on
 /// the server connection, which the pooler then hands to another client, which is granted the
 /// same lock (advisory locks are re-entrant within a backend), and the lock outlives its client.
@@ -275,11 +285,7 @@ async fn undeclared_session_lock_reports_backend_change() {
     // Nothing was released on the wrong backend, and the lock is still where it was granted.
     assert_eq!(db.holders(key).await, vec![granted_on]);
 
-    other.batch_execute("ROLLBACK").await.unwrap();
-    drop(other);
-    drop(pool);
-    bouncer.stop();
-    db.assert_no_locks().await;
+    end_with_other_client(&db, bouncer, pool, other).await;
 }
 
 /// The same, for a dropped guard whose unlock rides in the next acquisition's statement (see
@@ -316,11 +322,7 @@ async fn undeclared_combined_unlock_releases_nothing_on_another_backend() {
     // Nothing was released on the wrong backend.
     assert_eq!(db.holders(key).await, vec![granted_on]);
 
-    other.batch_execute("ROLLBACK").await.unwrap();
-    drop(other);
-    drop(pool);
-    bouncer.stop();
-    db.assert_no_locks().await;
+    end_with_other_client(&db, bouncer, pool, other).await;
 }
 
 /// Undeclared, a transaction lock whose statement was prepared on one server connection and
@@ -351,11 +353,7 @@ async fn undeclared_transaction_lock_reports_backend_change() {
         other => panic!("expected BackendChanged, got {other:?}"),
     }
 
-    other.batch_execute("ROLLBACK").await.unwrap();
-    drop(other);
-    drop(pool);
-    bouncer.stop();
-    db.assert_no_locks().await;
+    end_with_other_client(&db, bouncer, pool, other).await;
 }
 
 /// Why pglock cannot detect the pool mode up front: PgBouncer answers `SHOW` only on its admin
@@ -418,9 +416,5 @@ async fn loss_probe_reports_backend_change() {
     }
 
     drop(guard);
-    other.batch_execute("ROLLBACK").await.unwrap();
-    drop(other);
-    drop(pool);
-    bouncer.stop();
-    db.assert_no_locks().await;
+    end_with_other_client(&db, bouncer, pool, other).await;
 }
