@@ -32,9 +32,9 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// - Dropping the guard releases in the background without blocking. A session lock's unlock
 ///   is sent as soon as the dropping task yields to the runtime, unless the next acquisition of
 ///   the same key in the same mode on that connection comes first: that acquisition then sends
-///   one statement that releases and then acquires. Either way the release reaches the server
-///   with the next message sent from the connection, and the unlock comes first, so a session
-///   waiting for the key in the server's queue is granted it before this one asks again. (Your
+///   one statement that releases and then acquires. Either way the release costs the caller no
+///   round trip, and the unlock comes first, so a session waiting for the key in the server's
+///   queue is granted it before this one asks again. (Your
 ///   own queries on a shared [`Session`](crate::Session), sent between the drop and that
 ///   moment, may run before the unlock.) A transaction-scoped lock's rollback is queued at
 ///   once. The release's answer is read by the next acquisition on the connection, alongside
