@@ -292,29 +292,24 @@ impl AdvisoryLock {
         if behind_pooler && self.scope == LockScope::Session {
             return Err(Error::SessionLockBehindPooler { key: self.key });
         }
-        let claimed = match (&self.parking, self.scope) {
-            (Some(parking), LockScope::Session) => match parking.claim() {
-                // Not for this acquisition's statement: sent alone, which parks the connection
-                // again with the unlock in flight, for the claim below.
-                Some(Claimed::Deferred(deferred)) if !self.combines(&deferred, mode, deadline) => {
-                    deferred.send_alone();
-                    parking.claim()
-                }
-                claimed => claimed,
-            },
-            _ => None,
-        };
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
-        let mut next = match claimed {
-            Some(Claimed::InFlight(parked)) => Some((
-                parked.conn,
-                Prior::InFlight(parked.released, parked.in_flight),
-            )),
-            Some(Claimed::Deferred(deferred)) => {
-                Some((deferred.conn().share(), Prior::Deferred(deferred)))
-            }
-            None => None,
+        let mut next = match (&self.parking, self.scope) {
+            (Some(parking), LockScope::Session) => match parking.claim() {
+                Some(Claimed::Deferred(deferred)) => {
+                    match self.combinable(deferred, mode, deadline) {
+                        Some((deferred, statement)) => Some((
+                            deferred.conn().share(),
+                            Prior::Deferred(deferred, statement),
+                        )),
+                        // Sent alone, which parked the connection again with the unlock in
+                        // flight: claim it that way.
+                        None => parking.claim().and_then(in_flight),
+                    }
+                }
+                claimed => claimed.and_then(in_flight),
+            },
+            _ => None,
         };
         loop {
             let (conn, prior) = match next.take() {
@@ -341,24 +336,28 @@ impl AdvisoryLock {
         }
     }
 
-    /// Whether this acquisition can send `deferred` (a dropped guard's unlock on the same
-    /// connection) in its own statement: the same key in the same mode, session scope, a
-    /// statement that has a combined form, already prepared there.
-    fn combines(&self, deferred: &DeferredUnlock, mode: LockMode, deadline: Deadline) -> bool {
-        self.combined_statement(deferred, mode, deadline).is_some()
-    }
-
-    fn combined_statement(
+    /// `deferred` (a dropped guard's unlock on the same connection) with the statement that
+    /// sends it in this acquisition's own, when it can: the same key in the same mode, session
+    /// scope, an acquiring statement that has a combined form, already prepared there.
+    /// Otherwise the unlock is sent alone, now, ahead of anything this acquisition sends.
+    fn combinable(
         &self,
-        deferred: &DeferredUnlock,
+        deferred: DeferredUnlock,
         mode: LockMode,
         deadline: Deadline,
-    ) -> Option<Statement> {
-        if deferred.key != self.key || deferred.mode != mode || self.scope != LockScope::Session {
-            return None;
+    ) -> Option<(DeferredUnlock, Statement)> {
+        let statement =
+            (deferred.key == self.key && deferred.mode == mode && self.scope == LockScope::Session)
+                .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key)))
+                .flatten()
+                .and_then(|sql| deferred.conn().cached(sql));
+        match statement {
+            Some(statement) => Some((deferred, statement)),
+            None => {
+                deferred.send_alone();
+                None
+            }
         }
-        let sql = unlock_then(self.op(deadline), mode, Form::of(self.key))?;
-        deferred.conn().cached(sql)
     }
 
     /// Acquires on `conn`, after `prior`: what a dropped guard left on the connection.
@@ -373,25 +372,25 @@ impl AdvisoryLock {
         let behind_pooler = self.source.behind_pooler();
         let op = self.op(deadline);
         let polling = matches!(self.wait, WaitStrategy::Poll { .. });
-        let (prior_release, offered, deferred) = match prior {
+        // A dropped guard's unlock of this key in this mode rides in this acquisition's
+        // statement, and the key's reservation passes to it; any other is sent alone first.
+        let (prior_release, offered, combined) = match prior {
             Prior::None => match &conn {
-                Conn::Session(session) => (None, Weak::new(), session.deferred_unlock.take()),
+                Conn::Session(session) => (
+                    None,
+                    Weak::new(),
+                    session
+                        .deferred_unlock
+                        .take()
+                        .and_then(|deferred| self.combinable(deferred, mode, deadline)),
+                ),
                 Conn::Pooled(_) => (None, Weak::new(), None),
             },
             Prior::InFlight(released, in_flight) => (Some(released), in_flight, None),
-            Prior::Deferred(deferred) => (None, Weak::new(), Some(deferred)),
-        };
-        // A dropped guard's unlock of this key in this mode rides in this acquisition's
-        // statement, and the key's reservation passes to it; any other is sent alone first.
-        let combined = deferred.and_then(|deferred| {
-            match self.combined_statement(&deferred, mode, deadline) {
-                Some(statement) => Some((deferred, statement)),
-                None => {
-                    deferred.send_alone();
-                    None
-                }
+            Prior::Deferred(deferred, statement) => {
+                (None, Weak::new(), Some((deferred, statement)))
             }
-        });
+        };
         let reservation = match &combined {
             Some(_) => None,
             None => Some(conn.reserve(key, self.scope).await?),
@@ -399,7 +398,7 @@ impl AdvisoryLock {
         let slot = ConnSlot::new(conn);
         let form = Form::of(key);
         let acquire_sql = statement(op, mode, self.scope, form);
-        let prepared = match self.cached(&slot, op, acquire_sql, form, mode) {
+        let prepared = match self.cached(&slot, op, acquire_sql, form, mode, combined.is_some()) {
             Some(prepared) => Ok(prepared),
             None => {
                 // Boxed: preparing is rare (once per connection), and its future would otherwise
@@ -567,6 +566,7 @@ impl AdvisoryLock {
         acquire_sql: &'static str,
         form: Form,
         mode: LockMode,
+        combined_found: bool,
     ) -> Option<(Acquire, Option<Statement>)> {
         if self.scope != LockScope::Session {
             return None;
@@ -574,10 +574,12 @@ impl AdvisoryLock {
         let conn = slot.conn();
         let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
         let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
-        // The combined statement a guard's drop may need on this connection later: when it is
-        // missing, `prepare` prepares it with the others.
-        if let Some(combined_sql) = unlock_then(op, mode, form) {
-            conn.cached(combined_sql)?;
+        // The combined statement a guard's drop may need on this connection later (unless the
+        // caller found it already): when it is missing, `prepare` prepares it with the others.
+        if !combined_found {
+            if let Some(combined_sql) = unlock_then(op, mode, form) {
+                conn.cached(combined_sql)?;
+            }
         }
         Some((Acquire::Prepared(acquire), Some(unlock)))
     }
@@ -655,8 +657,25 @@ enum Prior {
     /// A claimed parked connection with its unlock in flight: how the unlock ends, and the
     /// release itself, to read its answer.
     InFlight(PriorRelease, Weak<ReleaseInFlight>),
-    /// A claimed parked connection whose unlock is not sent yet.
-    Deferred(DeferredUnlock),
+    /// A claimed parked connection whose unlock is not sent yet, with the statement that sends
+    /// it in the acquisition's own.
+    Deferred(DeferredUnlock, Statement),
+}
+
+/// A claimed parked connection with its unlock in flight, as the acquisition's start. A
+/// deferred unlock found instead (another clone's drop came in between) is sent alone, and the
+/// acquisition takes a fresh connection.
+fn in_flight(claimed: Claimed) -> Option<(Conn, Prior)> {
+    match claimed {
+        Claimed::InFlight(parked) => Some((
+            parked.conn,
+            Prior::InFlight(parked.released, parked.in_flight),
+        )),
+        Claimed::Deferred(deferred) => {
+            deferred.send_alone();
+            None
+        }
+    }
 }
 
 /// How an acquisition on one connection ended, short of an error.
