@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, LockScope, Session, WaitStrategy};
+use pglock::{AdvisoryLock, AdvisoryLockGuard, LockScope, WaitStrategy};
 use rand::Rng;
 
-use crate::harness::{drop_after_polls, TestDb};
+use crate::harness::{drop_after_polls, session_cleaned_up, TestDb};
 
 /// Whether the acquisition finished (with a guard, dropped here) before it was abandoned.
 fn completed_guard(outcome: Option<pglock::Result<Option<AdvisoryLockGuard>>>) -> bool {
@@ -18,18 +18,6 @@ fn completed_guard(outcome: Option<pglock::Result<Option<AdvisoryLockGuard>>>) -
         }
         None => false,
     }
-}
-
-/// Waits (up to 5 s) until the background cleanup of an abandoned acquisition of `key` on the
-/// session has finished.
-async fn session_cleaned_up(session: &Session, key: AdvisoryKey) {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while session.holds(key) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the session's abandoned attempt was cleaned up");
 }
 
 /// Checks that `holder` alone holds its key (every abandoned attempt left nothing), releases

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error};
 
-use crate::harness::{drop_after_polls, TestDb};
+use crate::harness::{drop_after_polls, session_cleaned_up, TestDb};
 
 /// The statement the backend `pid` is running.
 async fn running_statement(db: &TestDb, pid: i32) -> String {
@@ -166,13 +166,7 @@ async fn abandoned_combined_acquisitions_leave_nothing() {
                     drop(result.unwrap().expect("free"));
                 }
                 db.assert_no_locks().await;
-                tokio::time::timeout(Duration::from_secs(5), async {
-                    while session.holds(key) {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                })
-                .await
-                .expect("the session's cleanup ends");
+                session_cleaned_up(&session, key).await;
             }
         }
     }

@@ -251,6 +251,18 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Waits (up to 5 s) until `session` no longer holds `key`: the background cleanup of an
+/// abandoned acquisition, or the unlock a dropped guard left to send, has finished.
+pub async fn session_cleaned_up(session: &Session, key: AdvisoryKey) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while session.holds(key) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the session's abandoned attempt was cleaned up");
+}
+
 /// Polls `future` at most `polls` times, then drops it if it has not finished: the
 /// cancellation point of a test is "after exactly N polls".
 pub async fn drop_after_polls<F: Future>(future: F, polls: usize) -> Option<F::Output> {
