@@ -538,10 +538,8 @@ async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     let mut pid: i32 = row.get(1);
     let mut ops = 1;
     while start.elapsed() < d {
-        let (unlock_params, lock_params): ([&(dyn tokio_postgres::types::ToSql + Sync); 2], _) = (
-            [&key, &pid],
-            [&key as &(dyn tokio_postgres::types::ToSql + Sync)],
-        );
+        let unlock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&key, &pid];
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
         let u = client.query_one(&unlock, &unlock_params);
         let l = client.query_one(&lock, &lock_params);
         let (u, l) = futures_util::future::join(u, l).await;
