@@ -440,21 +440,31 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                 result => result,
             }
             .map_err(|e| Error::from_postgres(Some(key), e))?;
-            let now_on: i32 = row.get(1);
-            if now_on != *granted_on {
-                return Err(Error::BackendChanged {
-                    key,
-                    granted_on: Some(*granted_on),
-                    now_on: Some(now_on),
-                    source: None,
-                });
-            }
-            if row.get::<_, Option<bool>>(0) == Some(true) {
-                Ok(())
-            } else {
-                Err(Error::NotHeld { key })
-            }
+            unlock_outcome(key, *granted_on, row.get(1), row.get(0))
         }
+    }
+}
+
+/// What a guarded session unlock's answer means: the backend it ran on (`now_on`) and its
+/// `released` column, NULL when it did not run because the backend is not the one that
+/// granted the lock.
+pub(crate) fn unlock_outcome(
+    key: AdvisoryKey,
+    granted_on: i32,
+    now_on: i32,
+    released: Option<bool>,
+) -> Result<()> {
+    if now_on != granted_on {
+        return Err(Error::BackendChanged {
+            key,
+            granted_on: Some(granted_on),
+            now_on: Some(now_on),
+            source: None,
+        });
+    }
+    match released {
+        Some(true) => Ok(()),
+        _ => Err(Error::NotHeld { key }),
     }
 }
 

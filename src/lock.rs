@@ -14,7 +14,7 @@ use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, release_in_background, ConnSlot, Release};
+use crate::guard::{poll_once, release, release_in_background, unlock_outcome, ConnSlot, Release};
 use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
@@ -631,24 +631,6 @@ impl AdvisoryLock {
     }
 }
 
-/// How the unlock in a combined statement (`sql::unlock_then`) went, from its answer: as
-/// [`release`](crate::guard::release) reports a session unlock.
-fn combined_release(row: &Row, key: AdvisoryKey, granted_on: i32) -> Result<()> {
-    let now_on: i32 = row.get(1);
-    if now_on != granted_on {
-        return Err(Error::BackendChanged {
-            key,
-            granted_on: Some(granted_on),
-            now_on: Some(now_on),
-            source: None,
-        });
-    }
-    match row.get::<_, Option<bool>>(2) {
-        Some(true) => Ok(()),
-        _ => Err(Error::NotHeld { key }),
-    }
-}
-
 /// What a dropped guard left on the connection an acquisition starts on.
 enum Prior {
     /// Nothing known: a connection from the source, or a shared session (whose deferred unlock
@@ -827,7 +809,8 @@ impl Attempt {
         if let Some((_, granted_on)) = combined {
             match &result {
                 Ok(row) => {
-                    let released = combined_release(row, key, granted_on);
+                    // The combined statement answers `(granted, backend_pid, released)`.
+                    let released = unlock_outcome(key, granted_on, row.get(1), row.get(2));
                     trace::released(key, granted_on, "drop", &released, true);
                     // On a shared session the failure is only reported, as for an unlock sent
                     // alone; a pooled connection is closed, as after a failed parked unlock.
