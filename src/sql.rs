@@ -275,6 +275,13 @@ fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
 /// `pg_locks` ids `(classid, objid, objsubid)` as `int8, int8, int2`.
 ///
 /// pglock never stacks a key on a session, so "held" means "taken by that statement".
+///
+/// The rows are this backend's own (`pid`), so they are in its database: an advisory lock's tag
+/// carries the database the session is connected to. So the statement opens no shared catalog
+/// (`pg_database` would need a slot in the server's shared lock table); the `pg_locks` view it
+/// reads is local to the database, and its lock takes one of the backend's own fast-path
+/// slots. It therefore still runs when the shared lock table is full, which is when an undo
+/// matters most.
 pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
     let (args, next) = key_args(form);
     let shared = shared_suffix(mode);
@@ -285,7 +292,6 @@ pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
     format!(
         "SELECT pg_advisory_unlock{shared}({args}) FROM pg_locks \
          WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND classid = ${}::int8::oid AND objid = ${}::int8::oid AND objsubid = ${}::int2 \
          AND mode = '{lock_mode}'",
         next,
