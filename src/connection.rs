@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
+use crate::batch::TryLockQueue;
 use crate::error::{redact_url, Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
 use crate::loss::{self, HealthCheck, Monitor};
@@ -100,6 +101,8 @@ pub struct Session {
     offered_release: Mutex<Weak<ReleaseInFlight>>,
     /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
     pub(crate) deferred_unlock: DeferredSlot,
+    /// `try_lock` requests waiting for this session's next batch (see `batch`).
+    pub(crate) try_locks: TryLockQueue,
     canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
     /// The health check of this session's loss monitor, when set with
@@ -203,6 +206,7 @@ impl Session {
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
             deferred_unlock: DeferredSlot::default(),
+            try_locks: TryLockQueue::default(),
             canceller: Canceller::default(),
             connection_task: None,
             health: None,
@@ -277,6 +281,11 @@ impl Session {
     /// abandoned acquisitions still being cleaned up).
     pub fn held_count(&self) -> usize {
         self.held.lock().unwrap().len()
+    }
+
+    /// Declared behind a transaction pooler, where session locks are refused.
+    pub(crate) fn is_behind_pooler(&self) -> bool {
+        self.behind_pooler
     }
 
     /// Offers the answer of a release queued on this session to the next acquisition on it.

@@ -4,16 +4,28 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::batch;
 use crate::error::{Error, Result};
-use crate::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Session, WaitStrategy};
+use crate::trace;
+use crate::{
+    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, LockMode, LockScope, Session, WaitStrategy,
+};
 
 /// Many session locks held at once by one process, on a small, fixed set of connections.
 ///
 /// A pool keeps one connection per held lock, which caps the held locks at the pool's size. A
 /// `LockSet` spreads keys over a few [`Session`]s instead (a key always maps to the same
-/// session, so a key held through the set is never taken twice), and every request is
-/// *pipelined*: concurrent `try_lock`s and releases on one session travel together on its
-/// connection, without waiting for each other's round trips.
+/// session, so a key held through the set is never taken twice), and requests share the
+/// round trips of their session: concurrent [`try_lock`](Self::try_lock)s on one session are
+/// *batched*, sent as one statement for all of them (while one batch is on the wire, the
+/// requests that arrive meanwhile wait for the next), and releases are pipelined on its
+/// connection without waiting for each other's round trips.
+///
+/// Batching matters because of how PostgreSQL ends a transaction: it walks the whole table of
+/// locks its backend holds, so one statement per key costs time in proportion to the locks the
+/// session already holds. A batch pays that once for all its keys. Each request still gets its
+/// own guard, `None` or error; if a batch's statement fails (a full lock table, say), its keys
+/// are released where the session may have taken them and each request is tried again alone.
 ///
 /// Waiting never occupies a shared connection: [`lock`](Self::lock) polls with
 /// `pg_try_advisory_lock` (backing off between [`WaitStrategy::poll`]'s bounds by default), so
@@ -133,6 +145,10 @@ impl LockSet {
 
     /// Tries once to take `key` exclusively; `Ok(None)` if another session holds it.
     ///
+    /// Sent in one statement with the other `try_lock`s queued on the same session meanwhile
+    /// (see [`LockSet`]): a lone request costs one round trip, as [`AdvisoryLock::try_lock`];
+    /// many concurrent ones share theirs.
+    ///
     /// # Errors
     ///
     /// As [`AdvisoryLock::try_lock`]: notably [`Error::AlreadyHeld`] if the set holds `key`,
@@ -140,8 +156,28 @@ impl LockSet {
     ///
     /// # Cancel safety
     ///
-    /// As [`AdvisoryLock::try_lock`]: no lock is left held by a dropped future.
+    /// Cancel-safe: no lock is left held by a dropped future. Dropped before its batch is sent,
+    /// the request leaves the batch; dropped after, its guard, granted to nobody, is dropped by
+    /// the batch, which releases the lock as any drop does.
     pub async fn try_lock(&self, key: impl Into<AdvisoryKey>) -> Result<Option<AdvisoryLockGuard>> {
+        let key = key.into();
+        let session = self.session_for(key);
+        if !session.is_behind_pooler() {
+            let timer = trace::Timer::start();
+            let answer = batch::try_lock(session, key).await;
+            if let Some(result) = answer.map_or_else(|e| Some(Err(e)), batch::Answer::into_result) {
+                trace::acquired(
+                    key,
+                    LockMode::Exclusive,
+                    LockScope::Session,
+                    &result,
+                    &timer,
+                );
+                return result;
+            }
+        }
+        // Behind a pooler (which refuses session locks with its own error), or after a batch
+        // that could not answer for this key: alone, as any `try_lock`.
         self.advisory_lock(key).try_lock().await
     }
 

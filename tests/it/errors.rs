@@ -123,6 +123,15 @@ async fn a_hot_standby_is_refused() {
         assert!(error.to_string().contains("primary"), "{error}");
         assert!(matches!(lock.try_lock().await, Err(Error::ReadOnlyStandby)));
     }
+    // A set's requests go out together, and are refused together.
+    let set = pglock::LockSet::from_sessions([session.clone()]).unwrap();
+    let (single, pair) = futures_util::future::join(
+        set.try_lock(7i64),
+        set.try_lock(pglock::AdvisoryKey::Pair(7, 8)),
+    )
+    .await;
+    assert!(matches!(single, Err(Error::ReadOnlyStandby)), "{single:?}");
+    assert!(matches!(pair, Err(Error::ReadOnlyStandby)), "{pair:?}");
     let held: i64 = session
         .query_one(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",

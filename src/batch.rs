@@ -1,0 +1,340 @@
+//! Concurrent `try_lock`s on one shared [`Session`], sent as one statement (used by
+//! [`LockSet`](crate::LockSet)).
+//!
+//! While a batch is on the wire, the requests that arrive for the same session wait in its
+//! queue; when the answer is in, everything queued goes out as the next statement. A lone
+//! request therefore goes out at once, as a batch of one, and under load a batch is as large as
+//! the number of requests that arrived during one round trip.
+//!
+//! One statement instead of one per key matters twice. The client sends and reads one message
+//! per batch. And the server ends one transaction per batch instead of one per key, which is
+//! where a backend holding many locks spends its time: at every transaction end PostgreSQL walks
+//! the backend's whole table of held locks to release the transaction-scoped advisory locks, so
+//! one statement per key costs time in proportion to the locks the session already holds.
+//!
+//! A batch changes nothing a caller can observe: each request still gets its own guard, busy
+//! answer or error. When the statement fails (a full lock table, say), whether some of its keys
+//! were taken is unknown, since a session lock survives the error of the statement that took
+//! it: each of its keys is released if the session holds it, and every request of the batch is
+//! then retried alone, so that each gets the error (or the lock) a single `try_lock` would.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::join_all;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
+
+use crate::connection::{Conn, Reservation};
+use crate::error::{Error, Result};
+use crate::guard::{poll_once, release, Release};
+use crate::sql::{statement, Form, Op};
+use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
+
+/// The most keys one statement asks for; a longer queue goes out in several.
+const MAX_BATCH: usize = 1_000;
+
+/// The `try_lock` requests waiting for a session's next batch.
+#[derive(Default)]
+pub(crate) struct TryLockQueue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: Vec<Request>,
+    /// A task is sending batches: requests only need to join the queue.
+    sending: bool,
+}
+
+/// One caller's request: its key, reserved on the session, and where its answer goes.
+struct Request {
+    reservation: Reservation,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// What a batch answers one request.
+pub(crate) enum Answer {
+    Granted(AdvisoryLockGuard),
+    Busy,
+    /// The server is a standby: nothing was taken.
+    Standby,
+    /// The batch failed and was undone: ask again alone.
+    Retry,
+    /// The batch failed and so did its undo, for this reason.
+    Failed(Error),
+}
+
+/// Asks for `key` exclusively on `session` in the session's next batch.
+///
+/// `Ok(Answer::Retry)` when the batch could not answer for this key (its statement failed, or
+/// the runtime is shutting down): nothing is held for it then, and the caller asks alone.
+///
+/// # Cancel safety
+///
+/// Dropping the future before the batch is sent takes the request out of it; after, the batch
+/// finds nobody to hand the guard to and drops it, which releases the lock as any drop does.
+pub(crate) async fn try_lock(session: &Arc<Session>, key: AdvisoryKey) -> Result<Answer> {
+    let Ok(runtime) = Handle::try_current() else {
+        return Ok(Answer::Retry);
+    };
+    let reservation = Conn::Session(session.clone())
+        .reserve(key, LockScope::Session)
+        .await?;
+    let (reply, answer) = oneshot::channel();
+    let start = {
+        let mut state = session.try_locks.state.lock().unwrap();
+        state.waiting.push(Request { reservation, reply });
+        !std::mem::replace(&mut state.sending, true)
+    };
+    if start {
+        runtime.spawn(send_batches(session.clone()));
+    }
+    // A sender dropped unanswered: the task is gone (runtime shutting down), and the request
+    // with it, reservation included.
+    Ok(answer.await.unwrap_or(Answer::Retry))
+}
+
+/// Sends the session's queued requests, one batch at a time, until the queue is empty.
+async fn send_batches(session: Arc<Session>) {
+    // Whatever ends this task (the queue ran dry, a panic, the runtime dropping it), the next
+    // request must start a new one, and requests left in the queue must hear back.
+    struct Sending {
+        session: Arc<Session>,
+        /// Returned with the queue empty: a new task may be sending already.
+        finished: bool,
+    }
+    impl Drop for Sending {
+        fn drop(&mut self) {
+            if self.finished {
+                return;
+            }
+            let left = {
+                // Not `unwrap`: a panic while unwinding from another would abort.
+                let mut state = match self.session.try_locks.state.lock() {
+                    Ok(state) => state,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                state.sending = false;
+                std::mem::take(&mut state.waiting)
+            };
+            // Dropped unanswered: each caller hears `Retry`.
+            drop(left);
+        }
+    }
+    let mut sending = Sending {
+        session,
+        finished: false,
+    };
+    loop {
+        let session = &sending.session;
+        let batch: Vec<Request> = {
+            let mut state = session.try_locks.state.lock().unwrap();
+            // A caller that gave up before its request went out needs nothing from the server.
+            state.waiting.retain(|request| !request.reply.is_closed());
+            if state.waiting.is_empty() {
+                state.sending = false;
+                drop(state);
+                sending.finished = true;
+                return;
+            }
+            let n = state.waiting.len().min(MAX_BATCH);
+            state.waiting.drain(..n).collect()
+        };
+        let (singles, pairs): (Vec<Request>, Vec<Request>) = batch
+            .into_iter()
+            .partition(|request| Form::of(request.reservation.key()) == Form::Single);
+        for requests in [singles, pairs] {
+            if !requests.is_empty() {
+                send_batch(session, requests).await;
+            }
+        }
+    }
+}
+
+/// The batch statement for keys of `form`: one row per key, `(index, granted, backend_pid)`,
+/// where `index` is the key's 1-based place in the arrays and `granted` is NULL on a standby (as
+/// in the single statement, see `sql::statement`).
+fn batch_sql(form: Form) -> &'static str {
+    static SINGLE: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE pg_try_advisory_lock(t.k) END, pg_backend_pid() \
+         FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)";
+    static PAIR: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE pg_try_advisory_lock(t.a, t.b) END, pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)";
+    match form {
+        Form::Single => SINGLE,
+        Form::Pair => PAIR,
+    }
+}
+
+/// Sends one batch of requests for keys of one form, and answers each.
+async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
+    let conn = Conn::Session(session.clone());
+    let form = Form::of(requests[0].reservation.key());
+    let statements = async {
+        let batch = conn.prepare(batch_sql(form)).await?;
+        let unlock = conn
+            .prepare(statement(
+                Op::Unlock,
+                LockMode::Exclusive,
+                LockScope::Session,
+                form,
+            ))
+            .await?;
+        Ok::<_, tokio_postgres::Error>((batch, unlock))
+    };
+    let Ok((batch, unlock)) = statements.await else {
+        // Nothing was asked for: every request asks again alone, and meets the error there.
+        return answer_all(requests, || Answer::Retry);
+    };
+    let mut singles = Vec::new();
+    let mut firsts = Vec::new();
+    let mut seconds = Vec::new();
+    for request in &requests {
+        match request.reservation.key() {
+            AdvisoryKey::Single(k) => singles.push(k),
+            AdvisoryKey::Pair(a, b) => {
+                firsts.push(a);
+                seconds.push(b);
+            }
+        }
+    }
+    let params: Vec<&(dyn ToSql + Sync)> = match form {
+        Form::Single => vec![&singles],
+        Form::Pair => vec![&firsts, &seconds],
+    };
+    let keys: Vec<AdvisoryKey> = requests.iter().map(|r| r.reservation.key()).collect();
+    let mut in_flight = InFlight {
+        conn: &conn,
+        keys: &keys,
+        answered: false,
+    };
+    let result = conn.client().query(&batch, &params).await;
+    in_flight.answered = true;
+    match result {
+        Ok(rows) => answer(&conn, requests, &rows, &unlock).await,
+        Err(_) => {
+            let undone = undo(&conn, requests.iter().map(|r| &r.reservation)).await;
+            for (Request { reservation, reply }, undone) in requests.into_iter().zip(undone) {
+                drop(reservation);
+                let _ = reply.send(match undone {
+                    Ok(()) => Answer::Retry,
+                    // Asking again alone could stack a lock the undo left behind: report why
+                    // the undo failed instead (most often, the connection is gone).
+                    Err(error) => Answer::Failed(error),
+                });
+            }
+        }
+    }
+}
+
+/// Hands each request its answer from the batch's rows.
+async fn answer(
+    conn: &Conn,
+    requests: Vec<Request>,
+    rows: &[tokio_postgres::Row],
+    unlock: &Statement,
+) {
+    let mut answers: Vec<Option<(Option<bool>, i32)>> = vec![None; requests.len()];
+    for row in rows {
+        let index: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(index - 1)
+            .ok()
+            .and_then(|i| answers.get_mut(i))
+        {
+            *slot = Some((row.get(1), row.get(2)));
+        }
+    }
+    let mut unanswered = Vec::new();
+    for (request, answer) in requests.into_iter().zip(answers) {
+        let Request { reservation, reply } = request;
+        let answer = match answer {
+            Some((Some(true), backend_pid)) => Answer::Granted(AdvisoryLockGuard::new(
+                conn.share(),
+                reservation,
+                LockMode::Exclusive,
+                backend_pid,
+                Some(unlock.clone()),
+            )),
+            Some((Some(false), _)) => Answer::Busy,
+            Some((None, _)) => Answer::Standby,
+            // The server answered no row for this key (it always does): treat it as unknown.
+            None => {
+                unanswered.push((reservation, reply));
+                continue;
+            }
+        };
+        // A caller gone meanwhile: the answer, guard included, is dropped here, which releases.
+        let _ = reply.send(answer);
+    }
+    if !unanswered.is_empty() {
+        let undone = undo(conn, unanswered.iter().map(|(reservation, _)| reservation)).await;
+        for ((reservation, reply), undone) in unanswered.into_iter().zip(undone) {
+            drop(reservation);
+            let _ = reply.send(undone.map_or_else(Answer::Failed, |()| Answer::Retry));
+        }
+    }
+}
+
+/// Answers every request alike, once its key's reservation is gone (so that a retry alone can
+/// reserve it again).
+fn answer_all(requests: Vec<Request>, answer: impl Fn() -> Answer) {
+    for Request { reservation, reply } in requests {
+        drop(reservation);
+        let _ = reply.send(answer());
+    }
+}
+
+/// Releases each reserved key if the session holds it: after a batch whose outcome is unknown.
+/// The keys stay reserved meanwhile, marked as being cleaned up, so that other acquisitions of
+/// them wait for the undo.
+async fn undo<'a>(
+    conn: &Conn,
+    reservations: impl Iterator<Item = &'a Reservation>,
+) -> Vec<Result<()>> {
+    let undos = reservations.map(|reservation| {
+        reservation.mark_cleaning();
+        release(
+            conn,
+            &Release::UnlockIfHeld(LockMode::Exclusive),
+            reservation.key(),
+        )
+    });
+    join_all(undos).await
+}
+
+/// A batch on the wire. Dropped before its answer (the runtime shutting down), it queues the
+/// undo of each key at once, right behind the batch, so that nothing stays held for nobody.
+struct InFlight<'a> {
+    conn: &'a Conn,
+    keys: &'a [AdvisoryKey],
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        for key in self.keys {
+            let undo = Release::UnlockIfHeld(LockMode::Exclusive);
+            let mut release = std::pin::pin!(release(self.conn, &undo, *key));
+            let _ = poll_once(release.as_mut());
+        }
+    }
+}
+
+impl Answer {
+    /// The answer as `try_lock` returns it; `None` for [`Answer::Retry`].
+    pub(crate) fn into_result(self) -> Option<Result<Option<AdvisoryLockGuard>>> {
+        match self {
+            Answer::Granted(guard) => Some(Ok(Some(guard))),
+            Answer::Busy => Some(Ok(None)),
+            Answer::Standby => Some(Err(Error::ReadOnlyStandby)),
+            Answer::Failed(error) => Some(Err(error)),
+            Answer::Retry => None,
+        }
+    }
+}
