@@ -50,14 +50,54 @@ struct QueueState {
 
 /// One caller's request: its key, reserved on the session, and where its answer goes.
 struct Request {
-    reservation: Reservation,
+    key: AdvisoryKey,
+    claim: Claim,
     reply: oneshot::Sender<Answer>,
+}
+
+/// A request's reservation of its key, shared by the batch (which takes it, to hand it to a
+/// guard or drop it) and the caller (which, if it gives up first, marks the key as being cleaned
+/// up, as an abandoned single acquisition does: new acquisitions of the key then wait for the
+/// batch to settle it instead of failing with `AlreadyHeld`).
+#[derive(Clone)]
+struct Claim(Arc<Mutex<Option<Reservation>>>);
+
+impl Claim {
+    /// The reservation, taken by the batch (once).
+    fn take(&self) -> Reservation {
+        self.0
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a batch takes a request's reservation once")
+    }
+
+    fn mark_cleaning(&self) {
+        if let Some(reservation) = self.0.lock().unwrap().as_ref() {
+            reservation.mark_cleaning();
+        }
+    }
+}
+
+/// A caller waiting for its answer: if it gives up, the key is marked as being cleaned up.
+struct Waiting {
+    claim: Claim,
+    answered: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.claim.mark_cleaning();
+        }
+    }
 }
 
 /// What a batch answers one request.
 pub(crate) enum Answer {
     Granted(AdvisoryLockGuard),
-    Busy,
+    /// Held elsewhere; the pid of the session's backend that asked.
+    Busy(i32),
     /// The server is a standby: nothing was taken.
     Standby,
     /// The batch failed and was undone: ask again alone.
@@ -73,8 +113,9 @@ pub(crate) enum Answer {
 ///
 /// # Cancel safety
 ///
-/// Dropping the future before the batch is sent takes the request out of it; after, the batch
-/// finds nobody to hand the guard to and drops it, which releases the lock as any drop does.
+/// Dropping the future marks the key as being cleaned up (new acquisitions of it wait). Before
+/// the batch is sent, the request leaves it; after, the batch finds nobody to hand the guard to
+/// and drops it, which releases the lock as any drop does.
 pub(crate) async fn try_lock(session: &Arc<Session>, key: AdvisoryKey) -> Result<Answer> {
     let Ok(runtime) = Handle::try_current() else {
         return Ok(Answer::Retry);
@@ -83,17 +124,24 @@ pub(crate) async fn try_lock(session: &Arc<Session>, key: AdvisoryKey) -> Result
         .reserve(key, LockScope::Session)
         .await?;
     let (reply, answer) = oneshot::channel();
+    let claim = Claim(Arc::new(Mutex::new(Some(reservation))));
+    let mut waiting = Waiting {
+        claim: claim.clone(),
+        answered: false,
+    };
     let start = {
         let mut state = session.try_locks.state.lock().unwrap();
-        state.waiting.push(Request { reservation, reply });
+        state.waiting.push(Request { key, claim, reply });
         !std::mem::replace(&mut state.sending, true)
     };
     if start {
         runtime.spawn(send_batches(session.clone()));
     }
+    let answer = answer.await;
+    waiting.answered = true;
     // A sender dropped unanswered: the task is gone (runtime shutting down), and the request
     // with it, reservation included.
-    Ok(answer.await.unwrap_or(Answer::Retry))
+    Ok(answer.unwrap_or(Answer::Retry))
 }
 
 /// Sends the session's queued requests, one batch at a time, until the queue is empty.
@@ -144,7 +192,7 @@ async fn send_batches(session: Arc<Session>) {
         };
         let (singles, pairs): (Vec<Request>, Vec<Request>) = batch
             .into_iter()
-            .partition(|request| Form::of(request.reservation.key()) == Form::Single);
+            .partition(|request| Form::of(request.key) == Form::Single);
         for requests in [singles, pairs] {
             if !requests.is_empty() {
                 send_batch(session, requests).await;
@@ -172,7 +220,7 @@ fn batch_sql(form: Form) -> &'static str {
 /// Sends one batch of requests for keys of one form, and answers each.
 async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     let conn = Conn::Session(session.clone());
-    let form = Form::of(requests[0].reservation.key());
+    let form = Form::of(requests[0].key);
     let statements = async {
         let batch = conn.prepare(batch_sql(form)).await?;
         let unlock = conn
@@ -193,7 +241,7 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     let mut firsts = Vec::new();
     let mut seconds = Vec::new();
     for request in &requests {
-        match request.reservation.key() {
+        match request.key {
             AdvisoryKey::Single(k) => singles.push(k),
             AdvisoryKey::Pair(a, b) => {
                 firsts.push(a);
@@ -205,7 +253,7 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
         Form::Single => vec![&singles],
         Form::Pair => vec![&firsts, &seconds],
     };
-    let keys: Vec<AdvisoryKey> = requests.iter().map(|r| r.reservation.key()).collect();
+    let keys: Vec<AdvisoryKey> = requests.iter().map(|r| r.key).collect();
     let mut in_flight = InFlight {
         conn: &conn,
         keys: &keys,
@@ -216,9 +264,9 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     match result {
         Ok(rows) => answer(&conn, requests, &rows, &unlock).await,
         Err(_) => {
-            let undone = undo(&conn, requests.iter().map(|r| &r.reservation)).await;
-            for (Request { reservation, reply }, undone) in requests.into_iter().zip(undone) {
-                drop(reservation);
+            let undone = undo(&conn, &requests).await;
+            for (Request { claim, reply, .. }, undone) in requests.into_iter().zip(undone) {
+                drop(claim.take());
                 let _ = reply.send(match undone {
                     Ok(()) => Answer::Retry,
                     // Asking again alone could stack a lock the undo left behind: report why
@@ -249,31 +297,38 @@ async fn answer(
     }
     let mut unanswered = Vec::new();
     for (request, answer) in requests.into_iter().zip(answers) {
-        let Request { reservation, reply } = request;
         let answer = match answer {
             Some((Some(true), backend_pid)) => Answer::Granted(AdvisoryLockGuard::new(
                 conn.share(),
-                reservation,
+                request.claim.take(),
                 LockMode::Exclusive,
                 backend_pid,
                 Some(unlock.clone()),
             )),
-            Some((Some(false), _)) => Answer::Busy,
-            Some((None, _)) => Answer::Standby,
+            Some((Some(false), backend_pid)) => {
+                drop(request.claim.take());
+                Answer::Busy(backend_pid)
+            }
+            Some((None, _)) => {
+                drop(request.claim.take());
+                Answer::Standby
+            }
             // The server answered no row for this key (it always does): treat it as unknown.
             None => {
-                unanswered.push((reservation, reply));
+                unanswered.push(request);
                 continue;
             }
         };
         // A caller gone meanwhile: the answer, guard included, is dropped here, which releases.
-        let _ = reply.send(answer);
+        let _ = request.reply.send(answer);
     }
     if !unanswered.is_empty() {
-        let undone = undo(conn, unanswered.iter().map(|(reservation, _)| reservation)).await;
-        for ((reservation, reply), undone) in unanswered.into_iter().zip(undone) {
-            drop(reservation);
-            let _ = reply.send(undone.map_or_else(Answer::Failed, |()| Answer::Retry));
+        let undone = undo(conn, &unanswered).await;
+        for (request, undone) in unanswered.into_iter().zip(undone) {
+            drop(request.claim.take());
+            let _ = request
+                .reply
+                .send(undone.map_or_else(Answer::Failed, |()| Answer::Retry));
         }
     }
 }
@@ -281,25 +336,22 @@ async fn answer(
 /// Answers every request alike, once its key's reservation is gone (so that a retry alone can
 /// reserve it again).
 fn answer_all(requests: Vec<Request>, answer: impl Fn() -> Answer) {
-    for Request { reservation, reply } in requests {
-        drop(reservation);
-        let _ = reply.send(answer());
+    for request in requests {
+        drop(request.claim.take());
+        let _ = request.reply.send(answer());
     }
 }
 
-/// Releases each reserved key if the session holds it: after a batch whose outcome is unknown.
+/// Releases each request's key if the session holds it: after a batch whose outcome is unknown.
 /// The keys stay reserved meanwhile, marked as being cleaned up, so that other acquisitions of
 /// them wait for the undo.
-async fn undo<'a>(
-    conn: &Conn,
-    reservations: impl Iterator<Item = &'a Reservation>,
-) -> Vec<Result<()>> {
-    let undos = reservations.map(|reservation| {
-        reservation.mark_cleaning();
+async fn undo(conn: &Conn, requests: &[Request]) -> Vec<Result<()>> {
+    let undos = requests.iter().map(|request| {
+        request.claim.mark_cleaning();
         release(
             conn,
             &Release::UnlockIfHeld(LockMode::Exclusive),
-            reservation.key(),
+            request.key,
         )
     });
     join_all(undos).await
@@ -331,7 +383,7 @@ impl Answer {
     pub(crate) fn into_result(self) -> Option<Result<Option<AdvisoryLockGuard>>> {
         match self {
             Answer::Granted(guard) => Some(Ok(Some(guard))),
-            Answer::Busy => Some(Ok(None)),
+            Answer::Busy(_) => Some(Ok(None)),
             Answer::Standby => Some(Err(Error::ReadOnlyStandby)),
             Answer::Failed(error) => Some(Err(error)),
             Answer::Retry => None,

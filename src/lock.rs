@@ -494,7 +494,7 @@ impl AdvisoryLock {
                     }
                     Some(false) => {
                         if polling && !matches!(deadline, Deadline::Now) {
-                            trace::polling(key, row.get(1), pause);
+                            trace::polling(key, Some(row.get(1)), pause);
                         }
                     }
                     None => return Err(Error::ReadOnlyStandby),

@@ -4,6 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::batch;
 use crate::error::{Error, Result};
 use crate::trace;
@@ -27,9 +29,10 @@ use crate::{
 /// own guard, `None` or error; if a batch's statement fails (a full lock table, say), its keys
 /// are released where the session may have taken them and each request is tried again alone.
 ///
-/// Waiting never occupies a shared connection: [`lock`](Self::lock) polls with
-/// `pg_try_advisory_lock` (backing off between [`WaitStrategy::poll`]'s bounds by default), so
-/// a busy key never blocks the other holders of its session. Polling waiters are not served in
+/// Waiting never occupies a shared connection: [`lock`](Self::lock) polls, each attempt a
+/// batched `try_lock` (backing off between [`WaitStrategy::poll`]'s bounds by default), so a
+/// busy key never blocks the other holders of its session, and many waiting keys cost one
+/// statement per session and round of attempts. Polling waiters are not served in
 /// order; use an [`AdvisoryLock`] on a pool when a key is contended and order matters.
 ///
 /// # Limits
@@ -137,7 +140,7 @@ impl LockSet {
     }
 
     /// The [`AdvisoryLock`] for `key` on its session, with the set's polling strategy: for the
-    /// other acquisition methods (`try_lock_for`, shared mode, ...).
+    /// other acquisition methods (`try_lock_until`, shared mode, ...), which are not batched.
     pub fn advisory_lock(&self, key: impl Into<AdvisoryKey>) -> AdvisoryLock {
         let key = key.into();
         AdvisoryLock::new(self.session_for(key).clone(), key).wait_strategy(self.wait)
@@ -160,11 +163,20 @@ impl LockSet {
     /// the request leaves the batch; dropped after, its guard, granted to nobody, is dropped by
     /// the batch, which releases the lock as any drop does.
     pub async fn try_lock(&self, key: impl Into<AdvisoryKey>) -> Result<Option<AdvisoryLockGuard>> {
-        let key = key.into();
+        Ok(self.attempt(key.into()).await?.0)
+    }
+
+    /// One attempt at `key`, in its session's next batch: the guard, or `None` with the pid of
+    /// the session's backend that found the key busy (when known).
+    async fn attempt(&self, key: AdvisoryKey) -> Result<(Option<AdvisoryLockGuard>, Option<i32>)> {
         let session = self.session_for(key);
         if !session.is_behind_pooler() {
             let timer = trace::Timer::start();
             let answer = batch::try_lock(session, key).await;
+            let busy_on = match &answer {
+                Ok(batch::Answer::Busy(backend_pid)) => Some(*backend_pid),
+                _ => None,
+            };
             if let Some(result) = answer.map_or_else(|e| Some(Err(e)), batch::Answer::into_result) {
                 trace::acquired(
                     key,
@@ -173,16 +185,20 @@ impl LockSet {
                     &result,
                     &timer,
                 );
-                return result;
+                return result.map(|guard| (guard, busy_on));
             }
         }
         // Behind a pooler (which refuses session locks with its own error), or after a batch
         // that could not answer for this key: alone, as any `try_lock`.
-        self.advisory_lock(key).try_lock().await
+        Ok((self.advisory_lock(key).try_lock().await?, None))
     }
 
     /// Takes `key` exclusively, polling until it is free. Never blocks the session's other
     /// locks.
+    ///
+    /// Each attempt is a [`try_lock`](Self::try_lock), batched with the session's other
+    /// requests; between attempts the pause doubles within the bounds of the set's
+    /// [`WaitStrategy`].
     ///
     /// # Errors
     ///
@@ -190,9 +206,10 @@ impl LockSet {
     ///
     /// # Cancel safety
     ///
-    /// As [`AdvisoryLock::lock`].
+    /// As [`try_lock`](Self::try_lock): no lock is left held by a dropped future.
     pub async fn lock(&self, key: impl Into<AdvisoryKey>) -> Result<AdvisoryLockGuard> {
-        self.advisory_lock(key).lock().await
+        let guard = self.poll(key.into(), None).await?;
+        Ok(guard.expect("polling without a deadline ends granted"))
     }
 
     /// Takes `key` exclusively, polling for at most `timeout`; `Ok(None)` if it stayed busy.
@@ -203,13 +220,44 @@ impl LockSet {
     ///
     /// # Cancel safety
     ///
-    /// As [`AdvisoryLock::lock`].
+    /// As [`try_lock`](Self::try_lock).
     pub async fn try_lock_for(
         &self,
         key: impl Into<AdvisoryKey>,
         timeout: Duration,
     ) -> Result<Option<AdvisoryLockGuard>> {
-        self.advisory_lock(key).try_lock_for(timeout).await
+        self.poll(key.into(), Some(Instant::now() + timeout)).await
+    }
+
+    /// Attempts `key` until granted or, after the attempt that follows `deadline`, busy.
+    async fn poll(
+        &self,
+        key: AdvisoryKey,
+        deadline: Option<Instant>,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        let (mut pause, max) = match self.wait {
+            WaitStrategy::Poll { initial, max } => (initial, max),
+            // Refused by `wait_strategy`; never set.
+            WaitStrategy::Block => match WaitStrategy::poll() {
+                WaitStrategy::Poll { initial, max } => (initial, max),
+                WaitStrategy::Block => unreachable!("poll() polls"),
+            },
+        };
+        loop {
+            let (guard, busy_on) = self.attempt(key).await?;
+            if guard.is_some() {
+                return Ok(guard);
+            }
+            let now = Instant::now();
+            let wake = match deadline {
+                Some(deadline) if deadline <= now => return Ok(None),
+                Some(deadline) => deadline.min(now + pause),
+                None => now + pause,
+            };
+            trace::polling(key, busy_on, pause);
+            tokio::time::sleep_until(wake).await;
+            pause = (pause * 2).min(max);
+        }
     }
 
     /// How many locks pglock holds (or is taking or releasing) on the set's sessions.

@@ -94,8 +94,9 @@ pub(crate) fn acquired(
     }
 }
 
+/// A polling wait found the key busy (`backend_pid`: the session that asked, when known).
 #[inline]
-pub(crate) fn polling(key: AdvisoryKey, backend_pid: i32, pause: std::time::Duration) {
+pub(crate) fn polling(key: AdvisoryKey, backend_pid: Option<i32>, pause: std::time::Duration) {
     tracing::trace!(
         target: TARGET,
         key = %key,

@@ -449,3 +449,61 @@ async fn requests_abandoned_around_a_batch_leave_nothing() {
     }
     db.assert_no_locks().await;
 }
+
+/// Many keys waited for at once poll through their session's batches: nothing queues in the
+/// server, a deadline ends a wait busy, and every waiter gets its key once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiting_keys_poll_together() {
+    let db = TestDb::new("lockset_poll_batch").await;
+    let set = lock_set(&db, 1).await;
+    let outsider = db.session().await;
+    let keys: Vec<AdvisoryKey> = (0..50).map(|_| db.key()).collect();
+    let mut outside = Vec::new();
+    for key in keys.iter().copied() {
+        outside.push(AdvisoryLock::new(&outsider, key).lock().await.unwrap());
+    }
+    let also_busy = db.key();
+    outside.push(
+        AdvisoryLock::new(&outsider, also_busy)
+            .lock()
+            .await
+            .unwrap(),
+    );
+    let waiting: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (set, key) = (set.clone(), *key);
+            tokio::spawn(async move { set.lock(key).await })
+        })
+        .collect();
+    let started = Instant::now();
+    let timeout = Duration::from_millis(60);
+    assert!(set
+        .try_lock_for(also_busy, timeout)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    for key in &keys {
+        assert!(db.waiters(*key).await.is_empty(), "polling never queues");
+    }
+    assert!(waiting.iter().all(|task| !task.is_finished()));
+    drop(outside);
+    let mut guards = Vec::new();
+    for task in waiting {
+        let guard = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("every waiter gets its key once free")
+            .unwrap()
+            .unwrap();
+        guards.push(guard);
+    }
+    assert_eq!(set.held(), keys.len());
+    drop(guards);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.held() != 0 {
+        assert!(Instant::now() < deadline, "{} still held", set.held());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.assert_no_locks().await;
+}
