@@ -167,6 +167,21 @@ async fn relocking_right_after_a_drop_on_a_session_takes_no_extra_round_trip() {
     db.assert_no_locks().await;
 }
 
+/// The advisory locks granted on a server, as `(pid, objid)`: the keys, for the small keys the
+/// full-table test uses.
+async fn granted_advisory_locks(admin: &tokio_postgres::Client) -> Vec<(i32, i64)> {
+    admin
+        .query(
+            "SELECT pid, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
 /// A throwaway server with a tiny lock table: fill it, get the typed error, lose nothing.
 #[tokio::test]
 async fn a_full_lock_table_is_a_typed_error_and_loses_nothing() {
@@ -242,13 +257,7 @@ async fn a_full_lock_table_is_a_typed_error_and_loses_nothing() {
             break;
         }
         if Instant::now() >= deadline {
-            let rows = admin
-                .query(
-                    "SELECT pid, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted",
-                    &[],
-                )
-                .await
-                .unwrap();
+            let rows = granted_advisory_locks(&admin).await;
             let mine: std::collections::HashSet<i64> = held
                 .iter()
                 .map(|g| match AdvisoryLockGuard::key(g) {
@@ -257,8 +266,7 @@ async fn a_full_lock_table_is_a_typed_error_and_loses_nothing() {
                 })
                 .collect();
             let extra: Vec<(i32, i64, bool)> = rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
+                .into_iter()
                 .filter(|(_, k)| !mine.contains(k))
                 .map(|(pid, k)| (pid, k, failed_keys.contains(&k)))
                 .collect();
@@ -305,16 +313,20 @@ async fn a_full_lock_table_is_a_typed_error_and_loses_nothing() {
         }
         if Instant::now() >= deadline {
             // A lock left now was stacked: taken twice by one session, released once.
-            let rows = admin
-                .query(
-                    "SELECT pid, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted",
-                    &[],
-                )
-                .await
-                .unwrap();
-            let left: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            panic!("{n} locks left on the throwaway server, (pid, key): {left:?}");
+            let rows = granted_advisory_locks(&admin).await;
+            panic!("{n} locks left on the throwaway server, (pid, key): {rows:?}");
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.assert_no_locks().await;
+}
+
+/// Waits until the set holds nothing (releases on drop are confirmed in the background), then
+/// checks that the server agrees.
+async fn all_released(db: &TestDb, set: &LockSet) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.held() != 0 {
+        assert!(Instant::now() < deadline, "{} still held", set.held());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     db.assert_no_locks().await;
@@ -393,12 +405,7 @@ async fn one_batch_answers_each_request_its_own_way() {
         .unwrap();
     drop(first);
     drop(outside);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.held() != 0 {
-        assert!(Instant::now() < deadline, "{} still held", set.held());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    db.assert_no_locks().await;
+    all_released(&db, &set).await;
 }
 
 /// Requests abandoned at any point of a batch (queued, on the wire, answered but unread) leave
@@ -431,23 +438,13 @@ async fn requests_abandoned_around_a_batch_leave_nothing() {
             drop(kept);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.held() != 0 {
-        assert!(Instant::now() < deadline, "{} still held", set.held());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    db.assert_no_locks().await;
+    all_released(&db, &set).await;
     // Every key is free again, on the server and in the set.
     let guards = futures_util::future::join_all(all_keys.iter().map(|k| set.try_lock(*k))).await;
     for guard in guards {
         drop(guard.unwrap().expect("free again"));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.held() != 0 {
-        assert!(Instant::now() < deadline, "{} still held", set.held());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    db.assert_no_locks().await;
+    all_released(&db, &set).await;
 }
 
 /// Many keys waited for at once poll through their session's batches: nothing queues in the
@@ -500,10 +497,5 @@ async fn many_waiting_keys_poll_together() {
     }
     assert_eq!(set.held(), keys.len());
     drop(guards);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.held() != 0 {
-        assert!(Instant::now() < deadline, "{} still held", set.held());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    db.assert_no_locks().await;
+    all_released(&db, &set).await;
 }
