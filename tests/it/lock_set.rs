@@ -499,3 +499,45 @@ async fn many_waiting_keys_poll_together() {
     drop(guards);
     all_released(&db, &set).await;
 }
+
+/// The session's backend is terminated while batches are on the wire: every request ends,
+/// granted or with `ConnectionLost`, nothing hangs, and the set lets go of every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_under_its_batches_ends_every_request() {
+    let db = TestDb::new("lockset_batch_killed").await;
+    let set = lock_set(&db, 1).await;
+    let first = set.try_lock(db.key()).await.unwrap().expect("free key");
+    let backend_pid = AdvisoryLockGuard::backend_pid(&first);
+    let requests: Vec<_> = (0..300)
+        .map(|_| {
+            let (set, key) = (set.clone(), db.key());
+            tokio::spawn(async move { set.try_lock(key).await })
+        })
+        .collect();
+    db.terminate(backend_pid).await;
+    let mut lost = 0;
+    let mut granted = Vec::new();
+    for request in requests {
+        let result = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .expect("no request outlives its connection")
+            .unwrap();
+        match result {
+            Ok(Some(guard)) => granted.push(guard),
+            Err(Error::ConnectionLost { .. }) => lost += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("{} granted before the kill, {lost} lost", granted.len());
+    assert!(
+        matches!(
+            set.try_lock(db.key()).await,
+            Err(Error::ConnectionLost { .. })
+        ),
+        "the session is gone"
+    );
+    drop(granted);
+    drop(first);
+    db.wait_backend_gone(backend_pid).await;
+    all_released(&db, &set).await;
+}
