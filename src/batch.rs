@@ -23,17 +23,20 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::join_all;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, Release};
+use crate::guard::{poll_once, release, unlock_outcome, Release};
+use crate::handoff::ReleaseTask;
 use crate::sql::{statement, Form, Op};
+use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
 
 /// The most keys one statement asks for; a longer queue goes out in several.
-const MAX_BATCH: usize = 1_000;
+pub(crate) const MAX_BATCH: usize = 1_000;
 
 /// The `try_lock` requests waiting for a session's next batch.
 #[derive(Default)]
@@ -387,6 +390,150 @@ impl Answer {
             Answer::Standby => Some(Err(Error::ReadOnlyStandby)),
             Answer::Failed(error) => Some(Err(error)),
             Answer::Retry => None,
+        }
+    }
+}
+
+/// The statement that releases several keys of `form` in `mode` at once, each only on the
+/// backend that granted it: one row per key, `(index, released, backend_pid)`, where `released`
+/// is NULL when the backend is not the granting one (as in the single unlock, see
+/// `sql::statement`).
+fn unlock_batch_sql(mode: LockMode, form: Form) -> &'static str {
+    static SQL: [&str; 4] = [
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.k) END, \
+         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.a, t.b) END, \
+         pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.k) END, \
+         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.a, t.b) \
+         END, pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
+    ];
+    SQL[2 * usize::from(mode == LockMode::Shared) + usize::from(form == Form::Pair)]
+}
+
+/// Releases the keys of dropped guards of one session (`conn`), all of `form` and held in
+/// `mode`, in one statement, queued on the connection before this returns; its answer is read
+/// in the background, and each key's outcome traced as a dropped guard's release is.
+///
+/// The statement is sent unprepared (`query_typed`: parse, bind and execute in one message), so
+/// that it can be queued at once even on a connection where it was never prepared; its parsing
+/// is shared by all its keys. `unlocks` are `(key, pid of the granting backend, reservation)`:
+/// each reservation is dropped once the statement is queued, as a single unlock's is.
+pub(crate) fn unlock_together(
+    conn: Conn,
+    mode: LockMode,
+    form: Form,
+    unlocks: Vec<(AdvisoryKey, i32, Option<Reservation>)>,
+) {
+    let mut keys = Vec::with_capacity(unlocks.len());
+    let mut pids = Vec::with_capacity(unlocks.len());
+    let mut reservations = Vec::with_capacity(unlocks.len());
+    for (key, granted_on, reservation) in unlocks {
+        keys.push(key);
+        pids.push(granted_on);
+        reservations.push(reservation);
+    }
+    let sql = unlock_batch_sql(mode, form);
+    let mut task: ReleaseTask = Box::pin(async move {
+        let client = conn.client();
+        // Run again once if a late cancel request (for an abandoned wait on the session) ended
+        // it, as a single unlock is: the keys would otherwise stay held.
+        let mut result = run_unlocks(client, sql, form, &keys, &pids).await;
+        if matches!(&result, Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED)) {
+            result = run_unlocks(client, sql, form, &keys, &pids).await;
+        }
+        report_unlocks(&keys, &pids, result);
+    });
+    // Queued now, ahead of anything sent later on the session: the keys may be taken again.
+    let _ = poll_once(task.as_mut());
+    drop(reservations);
+    // Without a runtime the statement still runs on the server; only its answer is not read.
+    if let Ok(runtime) = Handle::try_current() {
+        runtime.spawn(task);
+    }
+}
+
+/// Sends a batched unlock statement and reads its rows.
+async fn run_unlocks(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    form: Form,
+    keys: &[AdvisoryKey],
+    pids: &[i32],
+) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    match form {
+        Form::Single => {
+            let singles: Vec<i64> = keys
+                .iter()
+                .map(|key| match key {
+                    AdvisoryKey::Single(k) => *k,
+                    AdvisoryKey::Pair(..) => unreachable!("grouped by form"),
+                })
+                .collect();
+            client
+                .query_typed(
+                    sql,
+                    &[(&singles, Type::INT8_ARRAY), (&pids, Type::INT4_ARRAY)],
+                )
+                .await
+        }
+        Form::Pair => {
+            let (firsts, seconds): (Vec<i32>, Vec<i32>) = keys
+                .iter()
+                .map(|key| match key {
+                    AdvisoryKey::Pair(a, b) => (*a, *b),
+                    AdvisoryKey::Single(_) => unreachable!("grouped by form"),
+                })
+                .unzip();
+            client
+                .query_typed(
+                    sql,
+                    &[
+                        (&firsts, Type::INT4_ARRAY),
+                        (&seconds, Type::INT4_ARRAY),
+                        (&pids, Type::INT4_ARRAY),
+                    ],
+                )
+                .await
+        }
+    }
+}
+
+/// Traces each key's outcome of a batched unlock, as a dropped guard's unlock sent alone is.
+fn report_unlocks(
+    keys: &[AdvisoryKey],
+    pids: &[i32],
+    result: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) {
+    match result {
+        Ok(rows) => {
+            let mut outcomes: Vec<Option<(Option<bool>, i32)>> = vec![None; keys.len()];
+            for row in &rows {
+                let index: i64 = row.get(0);
+                if let Some(slot) = usize::try_from(index - 1)
+                    .ok()
+                    .and_then(|i| outcomes.get_mut(i))
+                {
+                    *slot = Some((row.get(1), row.get(2)));
+                }
+            }
+            for ((key, granted_on), outcome) in keys.iter().zip(pids).zip(outcomes) {
+                let result = match outcome {
+                    Some((released, now_on)) => unlock_outcome(*key, *granted_on, now_on, released),
+                    None => Err(Error::NotHeld { key: *key }),
+                };
+                trace::released(*key, *granted_on, "drop", &result, true);
+            }
+        }
+        // One error for all the keys: reported with the first (the others share its fate).
+        Err(error) => {
+            if let (Some(key), Some(granted_on)) = (keys.first(), pids.first()) {
+                let result = Err(Error::from_postgres(Some(*key), error));
+                trace::released(*key, *granted_on, "drop", &result, true);
+            }
         }
     }
 }

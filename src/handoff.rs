@@ -26,7 +26,8 @@
 //! for the same key in the same mode (the loop above), it claims the unlock and sends one
 //! statement that releases and then acquires (`sql::unlock_then`): one message each way per
 //! cycle instead of two. Otherwise the spawned task sends the unlock as soon as the runtime
-//! runs it, which is when the dropping task next yields.
+//! runs it, which is when the dropping task next yields. On a shared session, the unlocks of
+//! every guard dropped meanwhile go out with it, together (`batch::unlock_together`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,8 +39,10 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_postgres::Statement;
 
+use crate::batch;
 use crate::connection::{Conn, Reservation, Session};
 use crate::guard::{release_in_background_traced, Release};
+use crate::sql::Form;
 use crate::{AdvisoryKey, LockMode};
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) parks the connection of its last dropped
@@ -212,7 +215,8 @@ impl DeferredUnlock {
                     unreachable!("a session place is a session")
                 };
                 let session = session.clone();
-                session.deferred_unlock.replace(self).map(Claimed::Deferred)
+                session.deferred_unlock.push(self);
+                None
             }
         };
         send_if_deferred(displaced);
@@ -225,6 +229,15 @@ impl DeferredUnlock {
     /// nobody claimed (the pooled connection is parked again for the next acquisition).
     pub(crate) fn send_alone(mut self) {
         self.send_now();
+    }
+
+    /// Gives up what a statement that releases several keys at once needs (see
+    /// [`send_together`]): the connection, and the pid to release on. The reservation is
+    /// returned too, to be dropped once that statement is queued.
+    fn into_batched(mut self) -> (Conn, i32, Option<Reservation>) {
+        self.statement = None;
+        let conn = self.conn.take().expect("a deferred unlock is sent once");
+        (conn, self.granted_on, self.reservation.take())
     }
 
     fn send_now(&mut self) {
@@ -268,27 +281,106 @@ impl Drop for DeferredUnlock {
     }
 }
 
-/// A shared session's deferred unlock, if any.
+/// A shared session's deferred unlocks: usually one (a `lock` + drop loop), more when several
+/// guards of the session are dropped before the dropping task yields.
 #[derive(Default)]
-pub(crate) struct DeferredSlot(Mutex<Option<DeferredUnlock>>);
+pub(crate) struct DeferredSlot(Mutex<DeferredUnlocks>);
+
+/// The first deferred unlock apart, so that the common case allocates nothing.
+#[derive(Default)]
+struct DeferredUnlocks {
+    first: Option<DeferredUnlock>,
+    more: Vec<DeferredUnlock>,
+}
+
+impl DeferredUnlocks {
+    fn take_all(&mut self) -> Vec<DeferredUnlock> {
+        let mut all = std::mem::take(&mut self.more);
+        all.extend(self.first.take());
+        all
+    }
+}
 
 impl DeferredSlot {
-    fn replace(&self, deferred: DeferredUnlock) -> Option<DeferredUnlock> {
-        self.0.lock().unwrap().replace(deferred)
-    }
-
-    /// Takes the deferred unlock, for an acquisition on the session.
-    pub(crate) fn take(&self) -> Option<DeferredUnlock> {
-        self.0.lock().unwrap().take()
-    }
-
-    fn take_if(&self, id: u64) -> Option<DeferredUnlock> {
+    fn push(&self, deferred: DeferredUnlock) {
         let mut slot = self.0.lock().unwrap();
-        if slot.as_ref().is_some_and(|d| d.id == id) {
-            slot.take()
-        } else {
-            None
+        match slot.first {
+            None => slot.first = Some(deferred),
+            Some(_) => slot.more.push(deferred),
         }
+    }
+
+    /// For an acquisition of `key` in `mode` on the session: takes the deferred unlock of that
+    /// key in that mode, if any, and sends every other one now, so that they travel ahead of
+    /// the acquisition's statement (which may wait in the server's queue).
+    pub(crate) fn take_for(&self, key: AdvisoryKey, mode: LockMode) -> Option<DeferredUnlock> {
+        let mut slot = self.0.lock().unwrap();
+        let first = slot.first.take()?;
+        if slot.more.is_empty() {
+            drop(slot);
+            if first.key == key && first.mode == mode {
+                return Some(first);
+            }
+            first.send_alone();
+            return None;
+        }
+        let mut others = std::mem::take(&mut slot.more);
+        drop(slot);
+        others.push(first);
+        let found = others
+            .iter()
+            .position(|d| d.key == key && d.mode == mode)
+            .map(|i| others.swap_remove(i));
+        send_together(others);
+        found
+    }
+
+    /// Takes every deferred unlock if the one numbered `id` is among them (its task has come to
+    /// send it), to send them together.
+    fn take_all_if(&self, id: u64) -> Vec<DeferredUnlock> {
+        let mut slot = self.0.lock().unwrap();
+        let present =
+            slot.first.as_ref().is_some_and(|d| d.id == id) || slot.more.iter().any(|d| d.id == id);
+        if present {
+            slot.take_all()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Sends unlocks that dropped guards of one session left: together where they can share a
+/// statement (the same mode and key form, see `batch::unlock_together`), alone otherwise.
+pub(crate) fn send_together(unlocks: Vec<DeferredUnlock>) {
+    if unlocks.len() < 2 {
+        unlocks.into_iter().for_each(DeferredUnlock::send_alone);
+        return;
+    }
+    let mut groups: [Vec<DeferredUnlock>; 4] = Default::default();
+    for deferred in unlocks {
+        let index = 2 * usize::from(deferred.mode == LockMode::Shared)
+            + usize::from(Form::of(deferred.key) == Form::Pair);
+        groups[index].push(deferred);
+    }
+    for mut group in groups {
+        while group.len() > 1 {
+            let rest = group.split_off(group.len().min(batch::MAX_BATCH));
+            let (mode, form) = (group[0].mode, Form::of(group[0].key));
+            let mut conn = None;
+            let unlocks = group
+                .into_iter()
+                .map(|deferred| {
+                    let key = deferred.key;
+                    let (shared, granted_on, reservation) = deferred.into_batched();
+                    conn.get_or_insert(shared);
+                    (key, granted_on, reservation)
+                })
+                .collect();
+            let conn = conn.expect("a group has unlocks");
+            batch::unlock_together(conn, mode, form, unlocks);
+            group = rest;
+        }
+        group.into_iter().for_each(DeferredUnlock::send_alone);
     }
 }
 
@@ -308,9 +400,12 @@ struct Flush {
 impl Drop for Flush {
     fn drop(&mut self) {
         let deferred = match &self.place {
-            Place::Session(session) => session
-                .upgrade()
-                .and_then(|session| session.deferred_unlock.take_if(self.id)),
+            Place::Session(session) => {
+                if let Some(session) = session.upgrade() {
+                    send_together(session.deferred_unlock.take_all_if(self.id));
+                }
+                None
+            }
             Place::Parking(parking) => parking.upgrade().and_then(|parking| {
                 let mut parked = parking.parked.lock().unwrap();
                 match &*parked {

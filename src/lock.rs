@@ -381,7 +381,7 @@ impl AdvisoryLock {
                     Weak::new(),
                     session
                         .deferred_unlock
-                        .take()
+                        .take_for(self.key, mode)
                         .and_then(|deferred| self.combinable(deferred, mode, deadline)),
                 ),
                 Conn::Pooled(_) => (None, Weak::new(), None),

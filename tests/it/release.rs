@@ -163,3 +163,62 @@ async fn leak_keeps_the_lock_until_the_session_ends() {
     db.terminate(pid).await;
     db.assert_no_locks().await;
 }
+
+/// Guards of one session dropped together (a `Vec` of them) are released together: one
+/// statement per mode and key form, and an acquisition of one of the keys right after the drop
+/// still holds it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_of_a_session_dropped_together_are_released_together() {
+    let db = TestDb::new("release_together").await;
+    let session = db.session().await;
+    let pair_base: i32 = rand::random();
+    let mut guards = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let key = match i % 3 {
+            0 => pglock::AdvisoryKey::Pair(pair_base, i),
+            _ => db.key(),
+        };
+        keys.push(key);
+        let lock = AdvisoryLock::new(&session, key);
+        let guard = if i % 5 == 0 {
+            lock.lock_shared().await.unwrap()
+        } else {
+            lock.lock().await.unwrap()
+        };
+        guards.push(guard);
+    }
+    let backend_pid = AdvisoryLockGuard::backend_pid(&guards[0]);
+    assert_eq!(db.locks().await.len(), keys.len());
+    drop(guards);
+    // Asked for again before the dropping task yields: its unlock rides in this statement, the
+    // others go out ahead of it.
+    let again = AdvisoryLock::new(&session, keys[7]).lock().await.unwrap();
+    let held = db.locks().await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0, backend_pid);
+    assert_eq!(held[0].1, keys[7]);
+    AdvisoryLockGuard::unlock(again).await.unwrap();
+    assert!(db.holders(keys[7]).await.is_empty(), "not stacked");
+    // The same without an acquisition: the task of the last drop sends them all.
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(AdvisoryLock::new(&session, *key).lock().await.unwrap());
+    }
+    drop(guards);
+    db.assert_no_locks().await;
+    let last: String = db
+        .admin()
+        .query_one(
+            "SELECT query FROM pg_stat_activity WHERE pid = $1",
+            &[&backend_pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        last.contains("unnest") && last.contains("pg_advisory_unlock"),
+        "{last}"
+    );
+    assert_eq!(session.held_count(), 0);
+}
