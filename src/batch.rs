@@ -1,5 +1,6 @@
-//! Concurrent `try_lock`s on one shared [`Session`], sent as one statement (used by
-//! [`LockSet`](crate::LockSet)).
+//! Requests for many keys on one shared [`Session`], sent as one statement: the concurrent
+//! `try_lock`s of a [`LockSet`](crate::LockSet) ([`try_lock`]), and the unlocks of guards
+//! dropped together ([`unlock_together`], from `handoff`).
 //!
 //! While a batch is on the wire, the requests that arrive for the same session wait in its
 //! queue; when the answer is in, everything queued goes out as the next statement. A lone
