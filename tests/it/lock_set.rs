@@ -541,3 +541,69 @@ async fn a_session_killed_under_its_batches_ends_every_request() {
     db.wait_backend_gone(backend_pid).await;
     all_released(&db, &set).await;
 }
+
+/// Two sets (as two processes would have) and many tasks fight over a few keys with batched
+/// `try_lock`s, polling `lock`s and drops of several guards at once: no key is ever held by two
+/// guards, and nothing is left held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_and_releases_keep_mutual_exclusion() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let db = TestDb::new("lockset_exclusion").await;
+    let sets = [lock_set(&db, 2).await, lock_set(&db, 2).await];
+    let keys: Arc<Vec<AdvisoryKey>> = Arc::new((0..12).map(|_| db.key()).collect());
+    let owned: Arc<Vec<AtomicBool>> = Arc::new((0..12).map(|_| AtomicBool::new(false)).collect());
+    let grants = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for task in 0..16usize {
+        let set = sets[task % 2].clone();
+        let (keys, owned, grants) = (keys.clone(), owned.clone(), grants.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut round = task;
+            while Instant::now() < deadline {
+                round += 1;
+                // Three keys at once, taken together and dropped together.
+                let picked: Vec<usize> = (0..3).map(|i| (round * 5 + i * 7 + task) % 12).collect();
+                let attempts = picked.iter().map(|&i| {
+                    let set = set.clone();
+                    let key = keys[i];
+                    async move {
+                        if round % 4 == 0 {
+                            set.try_lock_for(key, Duration::from_millis(30)).await
+                        } else {
+                            set.try_lock(key).await
+                        }
+                    }
+                });
+                let results = futures_util::future::join_all(attempts).await;
+                let mut held = Vec::new();
+                for (&i, result) in picked.iter().zip(results) {
+                    match result {
+                        Ok(Some(guard)) => {
+                            assert!(
+                                !owned[i].swap(true, Ordering::SeqCst),
+                                "key {i} granted to two guards"
+                            );
+                            grants.fetch_add(1, Ordering::Relaxed);
+                            held.push((i, guard));
+                        }
+                        Ok(None) | Err(Error::AlreadyHeld { .. }) => {}
+                        Err(other) => panic!("{other:?}"),
+                    }
+                }
+                tokio::task::yield_now().await;
+                for (i, _) in &held {
+                    owned[*i].store(false, Ordering::SeqCst);
+                }
+                drop(held);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(grants.load(Ordering::Relaxed) > 100, "{grants:?}");
+    for set in &sets {
+        all_released(&db, set).await;
+    }
+}
