@@ -20,8 +20,9 @@ use crate::{
 /// session, so a key held through the set is never taken twice), and requests share the
 /// round trips of their session: concurrent [`try_lock`](Self::try_lock)s on one session are
 /// *batched*, sent as one statement for all of them (while one batch is on the wire, the
-/// requests that arrive meanwhile wait for the next), and releases are pipelined on its
-/// connection without waiting for each other's round trips.
+/// requests that arrive meanwhile wait for the next), and the guards of a session dropped
+/// together (a `Vec` of them, say, before the dropping task yields) are released together, in
+/// one statement per key form.
 ///
 /// Batching matters because of how PostgreSQL ends a transaction: it walks the whole table of
 /// locks its backend holds, so one statement per key costs time in proportion to the locks the
