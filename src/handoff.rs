@@ -291,6 +291,8 @@ pub(crate) struct DeferredSlot(Mutex<DeferredUnlocks>);
 struct DeferredUnlocks {
     first: Option<DeferredUnlock>,
     more: Vec<DeferredUnlock>,
+    /// The lowest `id` among them (meaningless while empty).
+    oldest: u64,
 }
 
 impl DeferredUnlocks {
@@ -305,8 +307,14 @@ impl DeferredSlot {
     fn push(&self, deferred: DeferredUnlock) {
         let mut slot = self.0.lock().unwrap();
         match slot.first {
-            None => slot.first = Some(deferred),
-            Some(_) => slot.more.push(deferred),
+            None => {
+                slot.oldest = deferred.id;
+                slot.first = Some(deferred);
+            }
+            Some(_) => {
+                slot.oldest = slot.oldest.min(deferred.id);
+                slot.more.push(deferred);
+            }
         }
     }
 
@@ -335,13 +343,12 @@ impl DeferredSlot {
         found
     }
 
-    /// Takes every deferred unlock if the one numbered `id` is among them (its task has come to
-    /// send it), to send them together.
+    /// Takes every deferred unlock if the one numbered `id`, or an older one, is among them
+    /// (its task has come to send it), to send them together. Newer ones alone are left to
+    /// their own tasks, or to an acquisition that may still claim one.
     fn take_all_if(&self, id: u64) -> Vec<DeferredUnlock> {
         let mut slot = self.0.lock().unwrap();
-        let present =
-            slot.first.as_ref().is_some_and(|d| d.id == id) || slot.more.iter().any(|d| d.id == id);
-        if present {
+        if slot.first.is_some() && slot.oldest <= id {
             slot.take_all()
         } else {
             Vec::new()
