@@ -238,11 +238,7 @@ impl LockSet {
     ) -> Result<Option<AdvisoryLockGuard>> {
         let (mut pause, max) = match self.wait {
             WaitStrategy::Poll { initial, max } => (initial, max),
-            // Refused by `wait_strategy`; never set.
-            WaitStrategy::Block => match WaitStrategy::poll() {
-                WaitStrategy::Poll { initial, max } => (initial, max),
-                WaitStrategy::Block => unreachable!("poll() polls"),
-            },
+            WaitStrategy::Block => unreachable!("a set starts polling, and refuses Block"),
         };
         loop {
             let (guard, busy_on) = self.attempt(key).await?;
