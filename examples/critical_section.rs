@@ -8,20 +8,20 @@
 //! processes, as containers of one service would be. Each copy enters the critical section three
 //! times; the output shows that only one is ever inside.
 
-use std::process::Stdio;
+#[path = "support/processes.rs"]
+mod processes;
+
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, Pool};
 use pglock::{AdvisoryLock, AdvisoryLockGuard};
 use tokio_postgres::NoTls;
 
-const INSTANCE: &str = "PGLOCK_EXAMPLE_INSTANCE";
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    match std::env::var(INSTANCE) {
+    match std::env::var(processes::INSTANCE) {
         Ok(name) => instance(&url, &name).await,
         Err(_) => {
             let count: usize = std::env::args().nth(1).map_or(Ok(4), |n| n.parse())?;
@@ -33,22 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Starts `count` copies of this program at once and waits for them.
 async fn launch(count: usize) -> Result<(), Box<dyn std::error::Error>> {
     println!("starting {count} instances; each enters the critical section 3 times");
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for i in 1..=count {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .env(INSTANCE, format!("instance-{i}"))
-                .stdout(Stdio::inherit())
-                .spawn()?,
-        );
-    }
-    for mut child in children {
-        let status = child.wait().await?;
-        if !status.success() {
-            return Err(format!("an instance failed: {status}").into());
-        }
-    }
+    processes::run_copies(count).await?;
     println!("all {count} instances done; nobody was ever inside together");
     Ok(())
 }

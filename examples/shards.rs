@@ -11,23 +11,23 @@
 //! whatever nobody holds, until every shard has an owner. Each prints the shards it owns; the
 //! counts add up to 256, and no shard appears twice.
 
-use std::process::Stdio;
+#[path = "support/processes.rs"]
+mod processes;
+
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use pglock::{AdvisoryKey, AdvisoryLockGuard, LockSet};
 
-const INSTANCE: &str = "PGLOCK_EXAMPLE_INSTANCE";
-const INSTANCES: &str = "PGLOCK_EXAMPLE_INSTANCES";
 const SHARDS: i32 = 256;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    match std::env::var(INSTANCE) {
+    match std::env::var(processes::INSTANCE) {
         Ok(name) => {
-            let instances: usize = std::env::var(INSTANCES)?.parse()?;
+            let instances: usize = std::env::var(processes::INSTANCES)?.parse()?;
             instance(&url, &name, instances).await
         }
         Err(_) => {
@@ -40,23 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Starts `count` copies of this program at once and waits for them.
 async fn launch(count: usize) -> Result<(), Box<dyn std::error::Error>> {
     println!("starting {count} instances to share {SHARDS} shards");
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for i in 1..=count {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .env(INSTANCE, format!("instance-{i}"))
-                .env(INSTANCES, count.to_string())
-                .stdout(Stdio::inherit())
-                .spawn()?,
-        );
-    }
-    for mut child in children {
-        let status = child.wait().await?;
-        if !status.success() {
-            return Err(format!("an instance failed: {status}").into());
-        }
-    }
+    processes::run_copies(count).await?;
     println!("all {count} instances done");
     Ok(())
 }
