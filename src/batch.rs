@@ -241,23 +241,13 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
         // Nothing was asked for: every request asks again alone, and meets the error there.
         return answer_all(requests, || Answer::Retry);
     };
-    let mut singles = Vec::new();
-    let mut firsts = Vec::new();
-    let mut seconds = Vec::new();
-    for request in &requests {
-        match request.key {
-            AdvisoryKey::Single(k) => singles.push(k),
-            AdvisoryKey::Pair(a, b) => {
-                firsts.push(a);
-                seconds.push(b);
-            }
-        }
-    }
-    let params: Vec<&(dyn ToSql + Sync)> = match form {
-        Form::Single => vec![&singles],
-        Form::Pair => vec![&firsts, &seconds],
-    };
     let keys: Vec<AdvisoryKey> = requests.iter().map(|r| r.key).collect();
+    let arrays = KeyArrays::new(form, &keys);
+    let params: Vec<&(dyn ToSql + Sync)> = arrays
+        .typed(None)
+        .into_iter()
+        .map(|(param, _)| param)
+        .collect();
     let mut in_flight = InFlight {
         conn: &conn,
         keys: &keys,
@@ -289,16 +279,7 @@ async fn answer(
     rows: &[tokio_postgres::Row],
     unlock: &Statement,
 ) {
-    let mut answers: Vec<Option<(Option<bool>, i32)>> = vec![None; requests.len()];
-    for row in rows {
-        let index: i64 = row.get(0);
-        if let Some(slot) = usize::try_from(index - 1)
-            .ok()
-            .and_then(|i| answers.get_mut(i))
-        {
-            *slot = Some((row.get(1), row.get(2)));
-        }
-    }
+    let answers = by_index(rows, requests.len());
     let mut unanswered = Vec::new();
     for (request, answer) in requests.into_iter().zip(answers) {
         let answer = match answer {
@@ -465,42 +446,67 @@ async fn run_unlocks(
     keys: &[AdvisoryKey],
     pids: &[i32],
 ) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    match form {
-        Form::Single => {
-            let singles: Vec<i64> = keys
-                .iter()
-                .map(|key| match key {
-                    AdvisoryKey::Single(k) => *k,
-                    AdvisoryKey::Pair(..) => unreachable!("grouped by form"),
-                })
-                .collect();
-            client
-                .query_typed(
-                    sql,
-                    &[(&singles, Type::INT8_ARRAY), (&pids, Type::INT4_ARRAY)],
-                )
-                .await
+    let arrays = KeyArrays::new(form, keys);
+    client
+        .query_typed(sql, &arrays.typed(Some((&pids, Type::INT4_ARRAY))))
+        .await
+}
+
+/// Keys of one form as a batch statement's arrays: one `int8[]`, or two `int4[]` for pairs.
+enum KeyArrays {
+    Single(Vec<i64>),
+    Pair(Vec<i32>, Vec<i32>),
+}
+
+impl KeyArrays {
+    fn new(form: Form, keys: &[AdvisoryKey]) -> Self {
+        let mut arrays = match form {
+            Form::Single => KeyArrays::Single(Vec::with_capacity(keys.len())),
+            Form::Pair => KeyArrays::Pair(Vec::with_capacity(keys.len()), Vec::new()),
+        };
+        for key in keys {
+            match (&mut arrays, *key) {
+                (KeyArrays::Single(singles), AdvisoryKey::Single(k)) => singles.push(k),
+                (KeyArrays::Pair(firsts, seconds), AdvisoryKey::Pair(a, b)) => {
+                    firsts.push(a);
+                    seconds.push(b);
+                }
+                _ => unreachable!("a batch holds keys of one form"),
+            }
         }
-        Form::Pair => {
-            let (firsts, seconds): (Vec<i32>, Vec<i32>) = keys
-                .iter()
-                .map(|key| match key {
-                    AdvisoryKey::Pair(a, b) => (*a, *b),
-                    AdvisoryKey::Single(_) => unreachable!("grouped by form"),
-                })
-                .unzip();
-            client
-                .query_typed(
-                    sql,
-                    &[
-                        (&firsts, Type::INT4_ARRAY),
-                        (&seconds, Type::INT4_ARRAY),
-                        (&pids, Type::INT4_ARRAY),
-                    ],
-                )
-                .await
+        arrays
+    }
+
+    /// The arrays as typed parameters, followed by `extra`.
+    fn typed<'a>(
+        &'a self,
+        extra: Option<(&'a (dyn ToSql + Sync), Type)>,
+    ) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+        let mut params: Vec<(&'a (dyn ToSql + Sync), Type)> = match self {
+            KeyArrays::Single(singles) => vec![(singles, Type::INT8_ARRAY)],
+            KeyArrays::Pair(firsts, seconds) => {
+                vec![(firsts, Type::INT4_ARRAY), (seconds, Type::INT4_ARRAY)]
+            }
+        };
+        params.extend(extra);
+        params
+    }
+}
+
+/// A batch statement's rows `(index, flag, backend_pid)` in the order of its keys (`index` is
+/// a key's 1-based place in the arrays); `None` for a key without a row.
+fn by_index(rows: &[tokio_postgres::Row], keys: usize) -> Vec<Option<(Option<bool>, i32)>> {
+    let mut by_index = vec![None; keys];
+    for row in rows {
+        let index: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(index - 1)
+            .ok()
+            .and_then(|i| by_index.get_mut(i))
+        {
+            *slot = Some((row.get(1), row.get(2)));
         }
     }
+    by_index
 }
 
 /// Traces each key's outcome of a batched unlock, as a dropped guard's unlock sent alone is.
@@ -511,16 +517,7 @@ fn report_unlocks(
 ) {
     match result {
         Ok(rows) => {
-            let mut outcomes: Vec<Option<(Option<bool>, i32)>> = vec![None; keys.len()];
-            for row in &rows {
-                let index: i64 = row.get(0);
-                if let Some(slot) = usize::try_from(index - 1)
-                    .ok()
-                    .and_then(|i| outcomes.get_mut(i))
-                {
-                    *slot = Some((row.get(1), row.get(2)));
-                }
-            }
+            let outcomes = by_index(&rows, keys.len());
             for ((key, granted_on), outcome) in keys.iter().zip(pids).zip(outcomes) {
                 let result = match outcome {
                     Some((released, now_on)) => unlock_outcome(*key, *granted_on, now_on, released),
