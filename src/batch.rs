@@ -32,7 +32,7 @@ use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{poll_once, release, unlock_outcome, Release};
 use crate::handoff::ReleaseTask;
-use crate::sql::{statement, Form, Op};
+use crate::sql::{self, statement, Form, Op};
 use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
 
@@ -205,28 +205,12 @@ async fn send_batches(session: Arc<Session>) {
     }
 }
 
-/// The batch statement for keys of `form`: one row per key, `(index, granted, backend_pid)`,
-/// where `index` is the key's 1-based place in the arrays and `granted` is NULL on a standby (as
-/// in the single statement, see `sql::statement`).
-fn batch_sql(form: Form) -> &'static str {
-    static SINGLE: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
-         ELSE pg_try_advisory_lock(t.k) END, pg_backend_pid() \
-         FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)";
-    static PAIR: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
-         ELSE pg_try_advisory_lock(t.a, t.b) END, pg_backend_pid() \
-         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)";
-    match form {
-        Form::Single => SINGLE,
-        Form::Pair => PAIR,
-    }
-}
-
 /// Sends one batch of requests for keys of one form, and answers each.
 async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     let conn = Conn::Session(session.clone());
     let form = Form::of(requests[0].key);
     let statements = async {
-        let batch = conn.prepare(batch_sql(form)).await?;
+        let batch = conn.prepare(sql::try_lock_batch(form)).await?;
         let unlock = conn
             .prepare(statement(
                 Op::Unlock,
@@ -376,26 +360,6 @@ impl Answer {
     }
 }
 
-/// The statement that releases several keys of `form` in `mode` at once, each only on the
-/// backend that granted it: one row per key, `(index, released, backend_pid)`, where `released`
-/// is NULL when the backend is not the granting one (as in the single unlock, see
-/// `sql::statement`).
-fn unlock_batch_sql(mode: LockMode, form: Form) -> &'static str {
-    static SQL: [&str; 4] = [
-        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.k) END, \
-         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
-        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.a, t.b) END, \
-         pg_backend_pid() \
-         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
-        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.k) END, \
-         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
-        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.a, t.b) \
-         END, pg_backend_pid() \
-         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
-    ];
-    SQL[2 * usize::from(mode == LockMode::Shared) + usize::from(form == Form::Pair)]
-}
-
 /// Releases the keys of dropped guards of one session (`conn`), all of `form` and held in
 /// `mode`, in one statement, queued on the connection before this returns; its answer is read
 /// in the background, and each key's outcome traced as a dropped guard's release is.
@@ -418,7 +382,7 @@ pub(crate) fn unlock_together(
         pids.push(granted_on);
         reservations.push(reservation);
     }
-    let sql = unlock_batch_sql(mode, form);
+    let sql = sql::unlock_batch(mode, form);
     let mut task: ReleaseTask = Box::pin(async move {
         let client = conn.client();
         // Run again once if a late cancel request (for an abandoned wait on the session) ended

@@ -269,6 +269,42 @@ fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
     )
 }
 
+/// The batch statement for keys of `form`: one row per key, `(index, granted, backend_pid)`,
+/// where `index` is the key's 1-based place in the arrays and `granted` is NULL on a standby (as
+/// in the single statement, see [`statement`]).
+pub(crate) fn try_lock_batch(form: Form) -> &'static str {
+    static SINGLE: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE pg_try_advisory_lock(t.k) END, pg_backend_pid() \
+         FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)";
+    static PAIR: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE pg_try_advisory_lock(t.a, t.b) END, pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)";
+    match form {
+        Form::Single => SINGLE,
+        Form::Pair => PAIR,
+    }
+}
+
+/// The statement that releases several keys of `form` in `mode` at once, each only on the
+/// backend that granted it: one row per key, `(index, released, backend_pid)`, where `released`
+/// is NULL when the backend is not the granting one (as in the single unlock, see
+/// [`statement`]).
+pub(crate) fn unlock_batch(mode: LockMode, form: Form) -> &'static str {
+    static SQL: [&str; 4] = [
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.k) END, \
+         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock(t.a, t.b) END, \
+         pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.k) END, \
+         pg_backend_pid() FROM unnest($1::int8[], $2::int4[]) WITH ORDINALITY AS t(k, p, i)",
+        "SELECT t.i, CASE WHEN pg_backend_pid() = t.p THEN pg_advisory_unlock_shared(t.a, t.b) \
+         END, pg_backend_pid() \
+         FROM unnest($1::int4[], $2::int4[], $3::int4[]) WITH ORDINALITY AS t(a, b, p, i)",
+    ];
+    SQL[2 * usize::from(mode == LockMode::Shared) + usize::from(form == Form::Pair)]
+}
+
 /// A statement that releases the key only if this session holds it in `mode`, for when an
 /// acquiring statement failed or was cancelled and may or may not have taken the lock (a session
 /// lock survives the error of the statement that took it). Parameters: the key, then its
@@ -326,6 +362,15 @@ mod tests {
                     let sql = unlock_then(op, mode, form).expect("combined");
                     assert!(seen.insert(sql), "duplicate {sql}");
                 }
+            }
+        }
+        for form in [Form::Single, Form::Pair] {
+            let sql = try_lock_batch(form);
+            assert!(sql.contains("unnest($1") && seen.insert(sql), "{sql}");
+            for mode in [LockMode::Exclusive, LockMode::Shared] {
+                let sql = unlock_batch(mode, form);
+                assert!(sql.contains("unnest($1") && seen.insert(sql), "{sql}");
+                assert_eq!(sql.contains("_shared("), mode == LockMode::Shared, "{sql}");
             }
         }
         assert_eq!(
