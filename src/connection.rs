@@ -504,6 +504,14 @@ impl ConnectionSource {
         }
     }
 
+    /// Whether tasks wait for a connection of the pool (or are opening one).
+    pub(crate) fn pool_has_waiters(&self) -> bool {
+        match &self.kind {
+            SourceKind::Pool(pool, _) => pool.status().waiting > 0,
+            SourceKind::Session(_) => false,
+        }
+    }
+
     /// Whether connections come from a pool (one per held lock).
     pub(crate) fn is_pool(&self) -> bool {
         matches!(self.kind, SourceKind::Pool(..))

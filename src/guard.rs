@@ -46,8 +46,12 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// - On a pool, the dropped guard's connection is kept aside for the next acquisition of the
 ///   same [`AdvisoryLock`](crate::AdvisoryLock) (or of a clone), which sends its lock with the
 ///   unlock, on the same backend: a `lock` + drop loop costs one round trip and one statement
-///   per cycle, on a pool as on a `Session`. Keep one `AdvisoryLock` (cheap to clone) rather
-///   than building one per acquisition to get this.
+///   per cycle, on a pool as on a `Session`. After [`unlock`](Self::unlock) the released
+///   connection is kept the same way until the task yields, so a `lock` + `unlock` loop stays
+///   on one backend instead of checking out another connection each time. When other tasks
+///   wait for a connection of the pool, the next acquisition leaves it to them and queues for
+///   the pool. Keep one `AdvisoryLock` (cheap to clone) rather than building one per
+///   acquisition to get this.
 /// - If the connection dies while the guard is held, the server has already released the lock;
 ///   `unlock` then reports [`Error::ConnectionLost`] or [`Error::NotHeld`].
 ///
@@ -233,7 +237,9 @@ impl AdvisoryLockGuard {
     /// - [`Error::Postgres`] for any other failure.
     ///
     /// On any error a pooled connection is closed rather than returned to the pool, so nothing
-    /// can stay locked on it.
+    /// can stay locked on it. After a confirmed release, the connection returns to the pool
+    /// when the calling task next yields to the runtime, unless the next acquisition of the
+    /// same [`AdvisoryLock`](crate::AdvisoryLock) (or a clone) takes it first, as after a drop.
     ///
     /// # Cancel safety
     ///
@@ -318,7 +324,10 @@ impl AdvisoryLockGuard {
         let slot = ConnSlot::new(conn);
         let result = release(slot.conn(), &how, self.key).await;
         trace::released(self.key, self.backend_pid, how.name(), &result, false);
-        slot.finish(result.is_ok());
+        match (&self.parking, result.is_ok(), Handle::try_current()) {
+            (Some(parking), true, Ok(runtime)) => parking.park_idle(slot.into_conn(), &runtime),
+            _ => slot.finish(result.is_ok()),
+        }
         result
     }
 }

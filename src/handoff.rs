@@ -58,6 +58,9 @@ pub(crate) enum Claimed {
     InFlight(Parked),
     /// A connection whose unlock is not sent yet.
     Deferred(DeferredUnlock),
+    /// A connection whose unlock was confirmed (`unlock`), parked until the releasing task
+    /// yields; the number tells it from a later one.
+    Idle(Conn, u64),
 }
 
 /// A connection whose release is in flight, and how that release will end.
@@ -104,6 +107,24 @@ impl Parking {
         send_if_deferred(before);
     }
 
+    /// Parks `conn`, whose lock was released and confirmed, for the next acquisition of the
+    /// lock: a `lock` + `unlock` loop then stays on one connection (one backend) instead of
+    /// checking out another each time. The connection goes back to the pool as soon as the
+    /// releasing task yields, unless an acquisition took it first.
+    pub(crate) fn park_idle(self: &Arc<Self>, conn: Conn, runtime: &Handle) {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn, id));
+        send_if_deferred(displaced);
+        let unpark = UnparkIdle {
+            parking: Arc::downgrade(self),
+            id,
+        };
+        // As for a deferred unlock, the task only drops `unpark`, so the connection goes back
+        // even if the runtime shuts down before running the task.
+        runtime.spawn(async move { drop(unpark) });
+    }
+
     /// Takes the parked connection, if one is parked and still open.
     pub(crate) fn claim(&self) -> Option<Claimed> {
         let claimed = self.parked.lock().unwrap().take()?;
@@ -116,7 +137,20 @@ impl Parking {
                 deferred.send_alone();
                 None
             }
-            deferred => Some(deferred),
+            Claimed::Idle(conn, _) if conn.client().is_closed() => None,
+            other => Some(other),
+        }
+    }
+
+    /// Lets the parked connection go back to the pool as soon as it is released: an idle one
+    /// at once, one with its unlock in flight when its release task confirms it, one with its
+    /// unlock deferred once that is sent (now).
+    pub(crate) fn let_go(&self) {
+        let parked = self.parked.lock().unwrap().take();
+        if let Some(Claimed::Deferred(deferred)) = parked {
+            deferred.send_alone();
+            // Sending parked it again, with the unlock in flight.
+            self.parked.lock().unwrap().take();
         }
     }
 
@@ -396,6 +430,27 @@ pub(crate) fn send_together(unlocks: Vec<DeferredUnlock>) {
 enum Place {
     Session(Weak<Session>),
     Parking(Weak<Parking>),
+}
+
+/// Returns the idle connection `id` to the pool when dropped, unless it was claimed.
+struct UnparkIdle {
+    parking: Weak<Parking>,
+    id: u64,
+}
+
+impl Drop for UnparkIdle {
+    fn drop(&mut self) {
+        let Some(parking) = self.parking.upgrade() else {
+            return;
+        };
+        let mut parked = parking.parked.lock().unwrap();
+        if matches!(&*parked, Some(Claimed::Idle(_, id)) if *id == self.id) {
+            let idle = parked.take();
+            // Dropped outside the lock: returning it takes the pool's own lock.
+            drop(parked);
+            drop(idle);
+        }
+    }
 }
 
 /// Sends the deferred unlock `id` when dropped, unless it was claimed.

@@ -295,6 +295,12 @@ impl AdvisoryLock {
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
         let mut next = match (&self.parking, self.scope) {
+            // Tasks wait for a connection of the pool: the parked one goes to them first (once
+            // its release is confirmed), and this acquisition queues for the pool behind them.
+            (Some(parking), LockScope::Session) if self.source.pool_has_waiters() => {
+                parking.let_go();
+                None
+            }
             (Some(parking), LockScope::Session) => match parking.claim() {
                 Some(Claimed::Deferred(deferred)) => {
                     match self.combinable(deferred, mode, deadline) {
@@ -657,6 +663,7 @@ fn in_flight(claimed: Claimed) -> Option<(Conn, Prior)> {
             deferred.send_alone();
             None
         }
+        Claimed::Idle(conn, _) => Some((conn, Prior::None)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The connection handoff on a pool: a dropped guard's connection, with its unlock in flight,
-//! taken by the next acquisition of the same lock (see `src/handoff.rs`).
+//! or an unlocked guard's, taken by the next acquisition of the same lock (see
+//! `src/handoff.rs`).
 
 use std::time::Duration;
 
@@ -50,7 +51,113 @@ async fn clones_share_the_handoff_and_explicit_unlock_returns_to_the_pool() {
         .expect("the clone claims the parked connection")
         .unwrap();
     AdvisoryLockGuard::unlock(guard).await.unwrap();
+    // Kept for the next acquisition of the lock until this task yields, then back in the pool.
+    tokio::task::yield_now().await;
     assert_eq!(pool.status().available, 1);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_lock_unlock_loop_on_a_pool_stays_on_one_backend() {
+    let db = TestDb::new("handoff_unlock_loop").await;
+    // Two connections, handed out first in, first out: without the handoff, every other
+    // acquisition would land on the other backend.
+    let pool = db.pool(2);
+    let _open_both = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    drop(_open_both);
+    let key = db.key();
+    let lock = AdvisoryLock::new(&pool, key);
+    let first = lock.lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&first);
+    AdvisoryLockGuard::unlock(first).await.unwrap();
+    // Nothing else awaited between an unlock and the next lock: the connection stays.
+    let mut pids = Vec::new();
+    for _ in 0..20 {
+        let guard = lock.lock().await.unwrap();
+        pids.push(AdvisoryLockGuard::backend_pid(&guard));
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
+    assert_eq!(pids, vec![pid; 20]);
+    // Unlock returns once released, even with the connection kept for a moment.
+    assert!(db.holders(key).await.is_empty());
+    assert_eq!(pool.status().available, 2);
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn an_unlocked_connection_goes_to_a_task_waiting_for_the_pool_first() {
+    let db = TestDb::new("handoff_unlock_fair").await;
+    let pool = db.pool(1);
+    let lock = AdvisoryLock::new(&pool, db.key());
+    let guard = lock.lock().await.unwrap();
+    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        let cycles = cycles.clone();
+        async move {
+            let conn = pool.get().await.unwrap();
+            conn.simple_query("SELECT 1").await.unwrap();
+            cycles.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.status().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the other task waits for the pool");
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    // A loop that never yields between an unlock and the next lock: the released connection
+    // must still reach the waiting task instead of staying with the loop.
+    for cycle in 1..=20 {
+        cycles.store(cycle, std::sync::atomic::Ordering::SeqCst);
+        let guard = lock.lock().await.unwrap();
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
+    let seen = waiter.await.unwrap();
+    assert!(
+        seen < 20,
+        "the waiting task got the connection only after the loop ({seen})"
+    );
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_dropped_guards_connection_goes_to_a_task_waiting_for_the_pool_first() {
+    let db = TestDb::new("handoff_drop_fair").await;
+    let pool = db.pool(1);
+    let lock = AdvisoryLock::new(&pool, db.key());
+    let guard = lock.lock().await.unwrap();
+    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        let cycles = cycles.clone();
+        async move {
+            let conn = pool.get().await.unwrap();
+            conn.simple_query("SELECT 1").await.unwrap();
+            cycles.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.status().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the other task waits for the pool");
+    drop(guard);
+    // A lock + drop loop, each lock claiming the connection the drop before it parked: the
+    // connection must still reach the waiting task once a release is confirmed.
+    for cycle in 1..=20 {
+        cycles.store(cycle, std::sync::atomic::Ordering::SeqCst);
+        drop(lock.lock().await.unwrap());
+    }
+    let seen = waiter.await.unwrap();
+    assert!(
+        seen < 20,
+        "the waiting task got the connection only after the loop ({seen})"
+    );
     db.assert_no_locks().await;
 }
 
