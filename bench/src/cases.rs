@@ -14,11 +14,64 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::alloc::live_bytes;
 
-/// One measurement: `ops` operations in `elapsed`, and named extra figures.
+/// One measurement: `ops` operations in `elapsed`, the client CPU they took, and named extra
+/// figures.
 pub struct Sample {
     pub ops: u64,
     pub elapsed: Duration,
+    /// This process's CPU time (all threads) over the same span as `elapsed`: the measured
+    /// loop only, without the case's setup and teardown.
+    pub cpu: Duration,
     pub extra: Vec<(&'static str, f64)>,
+}
+
+/// Wall-clock and process CPU time since a case's measured loop started.
+pub struct Stopwatch {
+    wall: Instant,
+    cpu: Duration,
+}
+
+/// What a [`Stopwatch`] read when stopped.
+#[derive(Clone, Copy)]
+pub struct Measured {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Stopwatch {
+    fn start() -> Self {
+        Stopwatch {
+            wall: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+
+    fn started_at(&self) -> Instant {
+        self.wall
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.wall.elapsed()
+    }
+
+    fn stop(&self) -> Measured {
+        Measured {
+            wall: self.wall.elapsed(),
+            cpu: cpu_time() - self.cpu,
+        }
+    }
+}
+
+/// CPU time used by this process so far.
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl Sample {
@@ -26,10 +79,11 @@ impl Sample {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn new(ops: u64, elapsed: Duration) -> Self {
+    fn new(ops: u64, measured: Measured) -> Self {
         Sample {
             ops,
-            elapsed,
+            elapsed: measured.wall,
+            cpu: measured.cpu,
             extra: Vec::new(),
         }
     }
@@ -403,26 +457,26 @@ impl Env {
 
 async fn select_1(env: &Env, d: Duration) -> Sample {
     let raw = env.raw().await;
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         raw.client.query_one(&raw.select_1, &[]).await.unwrap();
         ops += 1;
     }
-    Sample::new(ops, start.elapsed())
+    Sample::new(ops, start.stop())
 }
 
 async fn raw_lock_unlock(env: &Env, d: Duration) -> Sample {
     let raw = &env.raw().await;
     let key = env.key();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         raw.client.query_one(&raw.lock, &[&key]).await.unwrap();
         raw.client.query_one(&raw.unlock, &[&key]).await.unwrap();
         ops += 1;
     }
-    Sample::new(ops, start.elapsed())
+    Sample::new(ops, start.stop())
 }
 
 /// pglock's session-lock statements for an `int8` key, prepared by hand.
@@ -459,7 +513,7 @@ async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     let client = &raw.client;
     let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
     let key = env.key();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         let row = client.query_one(&lock, &[&key]).await.unwrap();
@@ -467,7 +521,7 @@ async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
         client.query_one(&unlock, &[&key, &pid]).await.unwrap();
         ops += 1;
     }
-    Sample::new(ops, start.elapsed())
+    Sample::new(ops, start.stop())
 }
 
 async fn sqlx_lock_release(env: &Env, d: Duration) -> Sample {
@@ -483,25 +537,25 @@ async fn sqlx_lock_release(env: &Env, d: Duration) -> Sample {
         .release_now()
         .await
         .unwrap();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         let guard = lock.acquire(&mut conn).await.unwrap();
         guard.release_now().await.unwrap();
         ops += 1;
     }
-    Sample::new(ops, start.elapsed())
+    Sample::new(ops, start.stop())
 }
 
 async fn lock_unlock(lock: AdvisoryLock, d: Duration) -> Sample {
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         let guard = lock.lock().await.unwrap();
         AdvisoryLockGuard::unlock(guard).await.unwrap();
         ops += 1;
     }
-    Sample::new(ops, start.elapsed())
+    Sample::new(ops, start.stop())
 }
 
 async fn session_lock_unlock(env: &Env, d: Duration) -> Sample {
@@ -517,7 +571,7 @@ async fn raw_lock_pipelined_unlock(env: &Env, d: Duration) -> Sample {
     let raw = &env.raw().await;
     let key = env.key();
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
-    let start = Instant::now();
+    let start = Stopwatch::start();
     raw.client.query_one(&raw.lock, &params).await.unwrap();
     let mut ops = 1;
     while start.elapsed() < d {
@@ -528,7 +582,7 @@ async fn raw_lock_pipelined_unlock(env: &Env, d: Duration) -> Sample {
         l.unwrap();
         ops += 1;
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     raw.client.query_one(&raw.unlock, &params).await.unwrap();
     Sample::new(ops, elapsed)
 }
@@ -538,7 +592,7 @@ async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     let client = &raw.client;
     let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
     let key = env.key();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let row = client.query_one(&lock, &[&key]).await.unwrap();
     let mut pid: i32 = row.get(1);
     let mut ops = 1;
@@ -552,7 +606,7 @@ async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
         pid = l.unwrap().get(1);
         ops += 1;
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     client.query_one(&unlock, &[&key, &pid]).await.unwrap();
     Sample::new(ops, elapsed)
 }
@@ -571,7 +625,7 @@ async fn raw_lock_combined_unlock(env: &Env, d: Duration) -> Sample {
         .await
         .unwrap();
     let key = env.key();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let row = client.query_one(&lock, &[&key]).await.unwrap();
     let mut pid: i32 = row.get(1);
     let mut ops = 1;
@@ -585,19 +639,19 @@ async fn raw_lock_combined_unlock(env: &Env, d: Duration) -> Sample {
         pid = row.get(1);
         ops += 1;
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     client.query_one(&unlock, &[&key, &pid]).await.unwrap();
     Sample::new(ops, elapsed)
 }
 
 async fn lock_drop(lock: AdvisoryLock, d: Duration) -> Sample {
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut ops = 0;
     while start.elapsed() < d {
         drop(lock.lock().await.unwrap());
         ops += 1;
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     // Let the last release finish before the next case.
     while lock.try_lock().await.unwrap().is_none() {
         tokio::task::yield_now().await;
@@ -620,8 +674,8 @@ where
     F: Fn(usize, Instant) -> Fut,
     Fut: Future<Output = (u64, Duration)> + Send + 'static,
 {
-    let start = Instant::now();
-    let deadline = start + d;
+    let start = Stopwatch::start();
+    let deadline = start.started_at() + d;
     let handles: Vec<_> = (0..tasks)
         .map(|task| tokio::spawn(task_loop(task, deadline)))
         .collect();
@@ -632,7 +686,7 @@ where
         ops += n;
         max_wait = max_wait.max(wait);
     }
-    Sample::new(ops, start.elapsed()).with("max_wait_us", max_wait.as_secs_f64() * 1e6)
+    Sample::new(ops, start.stop()).with("max_wait_us", max_wait.as_secs_f64() * 1e6)
 }
 
 async fn raw_contended_8(env: &Env, d: Duration) -> Sample {
@@ -807,7 +861,7 @@ pub async fn contender_main(args: &[String]) {
 async fn raw_try_lock_single_flight(env: &Env, _: Duration) -> Sample {
     let raw = &env.raw().await;
     let keys = env.keys(SINGLE_FLIGHT_KEYS);
-    let start = Instant::now();
+    let start = Stopwatch::start();
     for key in &keys {
         let got: bool = raw
             .client
@@ -817,7 +871,7 @@ async fn raw_try_lock_single_flight(env: &Env, _: Duration) -> Sample {
             .get(0);
         assert!(got);
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     raw.client
         .batch_execute("SELECT pg_advisory_unlock_all()")
         .await
@@ -829,7 +883,7 @@ async fn session_try_lock_single_flight(env: &Env, _: Duration) -> Sample {
     let session = env.session().await;
     let keys = env.keys(SINGLE_FLIGHT_KEYS);
     let mut guards = Vec::with_capacity(keys.len());
-    let start = Instant::now();
+    let start = Stopwatch::start();
     for key in &keys {
         let guard = AdvisoryLock::new(&session, *key)
             .try_lock()
@@ -838,7 +892,7 @@ async fn session_try_lock_single_flight(env: &Env, _: Duration) -> Sample {
             .expect("free key");
         guards.push(guard);
     }
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     drop(guards);
     env.wait_released().await;
     Sample::new(keys.len() as u64, elapsed)
@@ -861,7 +915,7 @@ async fn lockset_try_lock_pipelined(env: &Env, _: Duration) -> Sample {
     let set = LockSet::connect(&env.url, SHARED_SESSIONS).await.unwrap();
     settle().await;
     let before = live_bytes();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut guards = Vec::with_capacity(keys.len());
     // At most PIPELINE_DEPTH requests in flight per session: deeper queues add no speed, only
     // driver buffers.
@@ -878,7 +932,7 @@ async fn lockset_try_lock_pipelined(env: &Env, _: Duration) -> Sample {
         guards.push(result.unwrap().expect("free key"));
     }
     drop(pending);
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     assert_eq!(set.held(), keys.len());
     settle().await;
     let holding = live_bytes();
@@ -941,8 +995,8 @@ async fn loss_probes(env: &Env, _: Duration) -> Sample {
     let mut finished: HashSet<(i32, String)> = HashSet::new();
     let mut before_window: HashSet<(i32, String)> = HashSet::new();
     let mut first_sample = true;
-    let cpu_start = cpu_now();
-    let start = Instant::now();
+    // The CPU includes the sampling queries: an upper bound on what watching costs.
+    let start = Stopwatch::start();
     while start.elapsed() < window {
         let rows = env
             .admin
@@ -976,14 +1030,14 @@ async fn loss_probes(env: &Env, _: Duration) -> Sample {
         first_sample = false;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed = start.elapsed();
-    let cpu = cpu_now() - cpu_start;
+    let elapsed = start.stop();
     assert!(signals.iter().all(|s| !s.is_lost()), "no lock may be lost");
     // Every statement ends idle for most of an interval, so each one is seen idle exactly
     // once with its own `query_start`.
     let probes = finished.len();
     let _ = &seen;
-    let intervals = elapsed.as_secs_f64() / pglock::HealthCheck::default().interval.as_secs_f64();
+    let intervals =
+        elapsed.wall.as_secs_f64() / pglock::HealthCheck::default().interval.as_secs_f64();
     drop(signals);
     drop(guards);
     env.wait_released().await;
@@ -1002,18 +1056,6 @@ async fn loss_probes(env: &Env, _: Duration) -> Sample {
         .with("max_probe_server_ms", longest)
         .with(
             "client_cpu_ms_per_s_watching",
-            cpu.as_secs_f64() * 1e3 / elapsed.as_secs_f64(),
+            elapsed.cpu.as_secs_f64() * 1e3 / elapsed.wall.as_secs_f64(),
         )
-}
-
-/// This process's CPU time (the sampling queries included).
-fn cpu_now() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

@@ -224,30 +224,16 @@ pub async fn run(config: Config) {
     env.cleanup().await;
 }
 
-/// Runs one sample of `case`, adding the client CPU it used per operation.
+/// Runs one sample of `case`, adding the client CPU its measured loop used per operation.
 async fn measure(case: &Case, env: &Env, sample: Duration) -> Sample {
-    let cpu = cpu_time();
     let mut result = (case.run)(env, sample).await;
-    let cpu = cpu_time() - cpu;
     // Client CPU (this process, all threads) per operation: what the library costs beyond the
     // wire, insensitive to how busy the server's cores are.
     result.extra.push((
         "client_cpu_us_per_op",
-        cpu.as_secs_f64() * 1e6 / result.ops as f64,
+        result.cpu.as_secs_f64() * 1e6 / result.ops as f64,
     ));
     result
-}
-
-/// CPU time used by this process so far.
-fn cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn fmt_num(v: f64) -> String {
