@@ -324,8 +324,11 @@ impl AdvisoryLockGuard {
         let slot = ConnSlot::new(conn);
         let result = release(slot.conn(), &how, self.key).await;
         trace::released(self.key, self.backend_pid, how.name(), &result, false);
-        match (&self.parking, result.is_ok(), Handle::try_current()) {
-            (Some(parking), true, Ok(runtime)) => parking.park_idle(slot.into_conn(), &runtime),
+        match &self.parking {
+            Some(parking) if result.is_ok() => match Handle::try_current() {
+                Ok(runtime) => parking.park_idle(slot.into_conn(), &runtime),
+                Err(_) => slot.finish(true),
+            },
             _ => slot.finish(result.is_ok()),
         }
         result
