@@ -59,7 +59,7 @@ pub(crate) enum Claimed {
     /// A connection whose unlock is not sent yet.
     Deferred(DeferredUnlock),
     /// A connection whose unlock was confirmed (`unlock`), parked until the releasing task
-    /// yields; the number tells it from a later one.
+    /// yields; the number tells it from a later one (see [`Flush`]).
     Idle(Conn, u64),
 }
 
@@ -112,17 +112,15 @@ impl Parking {
     /// checking out another each time. The connection goes back to the pool as soon as the
     /// releasing task yields, unless an acquisition took it first.
     pub(crate) fn park_idle(self: &Arc<Self>, conn: Conn, runtime: &Handle) {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = next_id();
         let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn, id));
         send_if_deferred(displaced);
-        let unpark = UnparkIdle {
-            parking: Arc::downgrade(self),
+        let flush = Flush {
+            place: Place::Parking(Arc::downgrade(self)),
             id,
         };
-        // As for a deferred unlock, the task only drops `unpark`, so the connection goes back
-        // even if the runtime shuts down before running the task.
-        runtime.spawn(async move { drop(unpark) });
+        // As for a deferred unlock: the task only drops `flush`.
+        runtime.spawn(async move { drop(flush) });
     }
 
     /// Takes the parked connection, if one is parked and still open.
@@ -207,7 +205,6 @@ impl DeferredUnlock {
         reservation: Option<Reservation>,
         parking: Option<Arc<Parking>>,
     ) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         if let Some(reservation) = &reservation {
             reservation.mark_cleaning();
         }
@@ -219,7 +216,7 @@ impl DeferredUnlock {
             statement: Some(statement),
             reservation,
             parking,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: next_id(),
         }
     }
 
@@ -432,28 +429,14 @@ enum Place {
     Parking(Weak<Parking>),
 }
 
-/// Returns the idle connection `id` to the pool when dropped, unless it was claimed.
-struct UnparkIdle {
-    parking: Weak<Parking>,
-    id: u64,
+/// Tells a deferred unlock, or an idle parked connection, from a later one in the same place.
+fn next_id() -> u64 {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-impl Drop for UnparkIdle {
-    fn drop(&mut self) {
-        let Some(parking) = self.parking.upgrade() else {
-            return;
-        };
-        let mut parked = parking.parked.lock().unwrap();
-        if matches!(&*parked, Some(Claimed::Idle(_, id)) if *id == self.id) {
-            let idle = parked.take();
-            // Dropped outside the lock: returning it takes the pool's own lock.
-            drop(parked);
-            drop(idle);
-        }
-    }
-}
-
-/// Sends the deferred unlock `id` when dropped, unless it was claimed.
+/// Sends the deferred unlock `id` when dropped, or returns the idle connection `id` to its
+/// pool, unless an acquisition claimed it.
 struct Flush {
     place: Place,
     id: u64,
@@ -470,11 +453,16 @@ impl Drop for Flush {
             }
             Place::Parking(parking) => parking.upgrade().and_then(|parking| {
                 let mut parked = parking.parked.lock().unwrap();
-                match &*parked {
-                    Some(Claimed::Deferred(d)) if d.id == self.id => match parked.take() {
-                        Some(Claimed::Deferred(d)) => Some(d),
-                        _ => unreachable!("matched above"),
-                    },
+                let ours = match &*parked {
+                    Some(Claimed::Deferred(d)) => d.id == self.id,
+                    Some(Claimed::Idle(_, id)) => *id == self.id,
+                    _ => false,
+                };
+                let taken = ours.then(|| parked.take()).flatten();
+                // Out of the lock: an idle connection goes back to its pool as it drops.
+                drop(parked);
+                match taken {
+                    Some(Claimed::Deferred(d)) => Some(d),
                     _ => None,
                 }
             }),
