@@ -2,6 +2,8 @@
 //! or an unlocked guard's, taken by the next acquisition of the same lock (see
 //! `src/handoff.rs`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pglock::{AdvisoryLock, AdvisoryLockGuard};
@@ -86,57 +88,38 @@ async fn a_lock_unlock_loop_on_a_pool_stays_on_one_backend() {
 
 #[tokio::test]
 async fn an_unlocked_connection_goes_to_a_task_waiting_for_the_pool_first() {
-    let db = TestDb::new("handoff_unlock_fair").await;
-    let pool = db.pool(1);
-    let lock = AdvisoryLock::new(&pool, db.key());
-    let guard = lock.lock().await.unwrap();
-    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        let cycles = cycles.clone();
-        async move {
-            let conn = pool.get().await.unwrap();
-            conn.simple_query("SELECT 1").await.unwrap();
-            cycles.load(std::sync::atomic::Ordering::SeqCst)
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while pool.status().waiting == 0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the other task waits for the pool");
-    AdvisoryLockGuard::unlock(guard).await.unwrap();
     // A loop that never yields between an unlock and the next lock: the released connection
     // must still reach the waiting task instead of staying with the loop.
-    for cycle in 1..=20 {
-        cycles.store(cycle, std::sync::atomic::Ordering::SeqCst);
-        let guard = lock.lock().await.unwrap();
-        AdvisoryLockGuard::unlock(guard).await.unwrap();
-    }
-    let seen = waiter.await.unwrap();
-    assert!(
-        seen < 20,
-        "the waiting task got the connection only after the loop ({seen})"
-    );
-    db.assert_no_locks().await;
+    loop_beside_a_pool_waiter("handoff_unlock_fair", Release::Unlock).await;
 }
 
 #[tokio::test]
 async fn a_dropped_guards_connection_goes_to_a_task_waiting_for_the_pool_first() {
-    let db = TestDb::new("handoff_drop_fair").await;
+    // A lock + drop loop, each lock claiming the connection the drop before it parked: the
+    // connection must still reach the waiting task once a release is confirmed.
+    loop_beside_a_pool_waiter("handoff_drop_fair", Release::Drop).await;
+}
+
+enum Release {
+    Unlock,
+    Drop,
+}
+
+/// Runs 20 `lock` + release cycles of one lock on a pool of one while another task waits for
+/// the pool, and checks that the other task got the connection during the loop.
+async fn loop_beside_a_pool_waiter(name: &str, release: Release) {
+    let db = TestDb::new(name).await;
     let pool = db.pool(1);
     let lock = AdvisoryLock::new(&pool, db.key());
     let guard = lock.lock().await.unwrap();
-    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cycles = Arc::new(AtomicUsize::new(0));
     let waiter = tokio::spawn({
         let pool = pool.clone();
         let cycles = cycles.clone();
         async move {
             let conn = pool.get().await.unwrap();
             conn.simple_query("SELECT 1").await.unwrap();
-            cycles.load(std::sync::atomic::Ordering::SeqCst)
+            cycles.load(Ordering::SeqCst)
         }
     });
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -146,13 +129,17 @@ async fn a_dropped_guards_connection_goes_to_a_task_waiting_for_the_pool_first()
     })
     .await
     .expect("the other task waits for the pool");
-    drop(guard);
-    // A lock + drop loop, each lock claiming the connection the drop before it parked: the
-    // connection must still reach the waiting task once a release is confirmed.
+    let mut guard = Some(guard);
     for cycle in 1..=20 {
-        cycles.store(cycle, std::sync::atomic::Ordering::SeqCst);
-        drop(lock.lock().await.unwrap());
+        let held = guard.take().expect("one guard per cycle");
+        match release {
+            Release::Unlock => AdvisoryLockGuard::unlock(held).await.unwrap(),
+            Release::Drop => drop(held),
+        }
+        cycles.store(cycle, Ordering::SeqCst);
+        guard = Some(lock.lock().await.unwrap());
     }
+    drop(guard);
     let seen = waiter.await.unwrap();
     assert!(
         seen < 20,
