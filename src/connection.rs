@@ -336,6 +336,7 @@ impl Deref for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.deferred_unlock.stop_flusher();
         if let Some(task) = self.connection_task.take() {
             task.abort();
         }

@@ -22,12 +22,13 @@
 //!
 //! A dropped guard's session unlock need not even travel alone. While the dropping task runs
 //! on, it is only recorded ([`DeferredUnlock`]), on the shared session or in the parking, and
-//! a task is spawned to send it. If the next acquisition on the connection comes first and asks
-//! for the same key in the same mode (the loop above), it claims the unlock and sends one
+//! a task is woken to send it: the session's one flusher (started by its first deferral), or
+//! on a pool a task spawned for it. If the next acquisition on the connection comes first and
+//! asks for the same key in the same mode (the loop above), it claims the unlock and sends one
 //! statement that releases and then acquires (`sql::unlock_then`): one message each way per
-//! cycle instead of two. Otherwise the spawned task sends the unlock as soon as the runtime
-//! runs it, which is when the dropping task next yields. On a shared session, the unlocks of
-//! every guard dropped meanwhile go out with it, together (`batch::unlock_together`).
+//! cycle instead of two. Otherwise the task sends the unlock as soon as the runtime runs it,
+//! which is when the dropping task next yields. On a shared session, the unlocks of every
+//! guard dropped meanwhile go out with it, together (`batch::unlock_together`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Wake, Waker};
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio_postgres::Statement;
 
 use crate::batch;
@@ -116,7 +117,7 @@ impl Parking {
         let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn, id));
         send_if_deferred(displaced);
         let flush = Flush {
-            place: Place::Parking(Arc::downgrade(self)),
+            parking: Arc::downgrade(self),
             id,
         };
         // As for a deferred unlock: the task only drops `flush`.
@@ -220,40 +221,34 @@ impl DeferredUnlock {
         }
     }
 
-    /// Records the unlock on its session (or in its parking) and spawns the task that sends it
-    /// unless an acquisition claims it first. Sent at once when there is nowhere to record it.
+    /// Records the unlock on its session (or in its parking), to be sent once the dropping task
+    /// yields unless an acquisition claims it first. Sent at once when there is nowhere to
+    /// record it.
     pub(crate) fn defer(self, runtime: &Handle) {
-        let place = match (&self.parking, self.conn()) {
-            (Some(parking), _) => Place::Parking(Arc::downgrade(parking)),
-            (None, Conn::Session(session)) => Place::Session(Arc::downgrade(session)),
-            (None, Conn::Pooled(_)) => return self.send_alone(),
-        };
-        let flush = Flush {
-            place: place.clone(),
-            id: self.id,
-        };
-        let displaced = match &place {
-            Place::Parking(_) => {
-                let parking = self
-                    .parking
-                    .clone()
-                    .expect("a parking place has its parking");
-                let mut parked = parking.parked.lock().unwrap();
-                parked.replace(Claimed::Deferred(self))
-            }
-            Place::Session(_) => {
-                let Conn::Session(session) = self.conn() else {
-                    unreachable!("a session place is a session")
-                };
+        if let Some(parking) = self.parking.clone() {
+            let flush = Flush {
+                parking: Arc::downgrade(&parking),
+                id: self.id,
+            };
+            let displaced = parking
+                .parked
+                .lock()
+                .unwrap()
+                .replace(Claimed::Deferred(self));
+            send_if_deferred(displaced);
+            // The task only drops `flush`: its `Drop` sends the unlock if nobody claimed it,
+            // and does so even if the runtime shuts down before running the task.
+            runtime.spawn(async move { drop(flush) });
+            return;
+        }
+        match self.conn() {
+            Conn::Session(session) => {
                 let session = session.clone();
                 session.deferred_unlock.push(self);
-                None
+                session.deferred_unlock.ring(&session, runtime);
             }
-        };
-        send_if_deferred(displaced);
-        // The task only drops `flush`: its `Drop` sends the unlock if nobody claimed it, and
-        // does so even if the runtime shuts down before running the task.
-        runtime.spawn(async move { drop(flush) });
+            Conn::Pooled(_) => self.send_alone(),
+        }
     }
 
     /// Sends the unlock alone, confirmed in the background, as a dropped guard's release that
@@ -314,38 +309,56 @@ impl Drop for DeferredUnlock {
 
 /// A shared session's deferred unlocks: usually one (a `lock` + drop loop), more when several
 /// guards of the session are dropped before the dropping task yields.
+///
+/// One task per session sends them (the flusher): each deferral rings its bell, and it sends
+/// whatever is still pending when it runs, which on a current-thread runtime is once the
+/// tasks that deferred them have yielded. Spawning a task per dropped guard instead cost a
+/// task allocation and its bookkeeping on every `lock` + drop cycle.
 #[derive(Default)]
-pub(crate) struct DeferredSlot(Mutex<DeferredUnlocks>);
+pub(crate) struct DeferredSlot {
+    unlocks: Mutex<DeferredUnlocks>,
+    /// The running flusher's bell; `None` when none runs (not started yet, or its runtime
+    /// dropped it).
+    bell: Mutex<Option<Arc<Notify>>>,
+}
 
 /// The first deferred unlock apart, so that the common case allocates nothing.
 #[derive(Default)]
 struct DeferredUnlocks {
     first: Option<DeferredUnlock>,
     more: Vec<DeferredUnlock>,
-    /// The lowest `id` among them (meaningless while empty).
-    oldest: u64,
-}
-
-impl DeferredUnlocks {
-    fn take_all(&mut self) -> Vec<DeferredUnlock> {
-        let mut all = std::mem::take(&mut self.more);
-        all.extend(self.first.take());
-        all
-    }
 }
 
 impl DeferredSlot {
     fn push(&self, deferred: DeferredUnlock) {
-        let mut slot = self.0.lock().unwrap();
+        let mut slot = self.unlocks.lock().unwrap();
         match slot.first {
+            None => slot.first = Some(deferred),
+            Some(_) => slot.more.push(deferred),
+        }
+    }
+
+    /// Wakes the session's flusher, or starts one on `runtime` when none runs.
+    fn ring(&self, session: &Arc<Session>, runtime: &Handle) {
+        let mut bell = self.bell.lock().unwrap();
+        match &*bell {
+            Some(bell) => bell.notify_one(),
             None => {
-                slot.oldest = deferred.id;
-                slot.first = Some(deferred);
+                let new = Arc::new(Notify::new());
+                *bell = Some(new.clone());
+                let flusher = Flusher {
+                    session: Arc::downgrade(session),
+                    bell: new,
+                };
+                runtime.spawn(flusher.run());
             }
-            Some(_) => {
-                slot.oldest = slot.oldest.min(deferred.id);
-                slot.more.push(deferred);
-            }
+        }
+    }
+
+    /// Ends the flusher: called as the session goes.
+    pub(crate) fn stop_flusher(&self) {
+        if let Some(bell) = self.bell.lock().unwrap().take() {
+            bell.notify_one();
         }
     }
 
@@ -353,7 +366,7 @@ impl DeferredSlot {
     /// key in that mode, if any, and sends every other one now, so that they travel ahead of
     /// the acquisition's statement (which may wait in the server's queue).
     pub(crate) fn take_for(&self, key: AdvisoryKey, mode: LockMode) -> Option<DeferredUnlock> {
-        let mut slot = self.0.lock().unwrap();
+        let mut slot = self.unlocks.lock().unwrap();
         let first = slot.first.take()?;
         if slot.more.is_empty() {
             drop(slot);
@@ -374,16 +387,50 @@ impl DeferredSlot {
         found
     }
 
-    /// Takes every deferred unlock if the one numbered `id`, or an older one, is among them
-    /// (its task has come to send it), to send them together. Newer ones alone are left to
-    /// their own tasks, or to an acquisition that may still claim one.
-    fn take_all_if(&self, id: u64) -> Vec<DeferredUnlock> {
-        let mut slot = self.0.lock().unwrap();
-        if slot.first.is_some() && slot.oldest <= id {
-            slot.take_all()
-        } else {
-            Vec::new()
+    /// Every deferred unlock, to send them together.
+    fn take_all(&self) -> Vec<DeferredUnlock> {
+        let mut slot = self.unlocks.lock().unwrap();
+        let mut all = std::mem::take(&mut slot.more);
+        all.extend(slot.first.take());
+        all
+    }
+}
+
+/// A session's flusher: sends its deferred unlocks each time its bell rings.
+struct Flusher {
+    session: Weak<Session>,
+    bell: Arc<Notify>,
+}
+
+impl Flusher {
+    async fn run(self) {
+        loop {
+            // The first round answers the ring that started the flusher.
+            match self.session.upgrade() {
+                Some(session) => send_together(session.deferred_unlock.take_all()),
+                None => return,
+            }
+            self.bell.notified().await;
         }
+    }
+}
+
+impl Drop for Flusher {
+    /// Ended, or dropped with its runtime: the bell goes first, so that a deferral after this
+    /// point starts a new flusher, and what was deferred before is sent now.
+    fn drop(&mut self) {
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        let mut bell = session.deferred_unlock.bell.lock().unwrap();
+        if bell
+            .as_ref()
+            .is_some_and(|bell| Arc::ptr_eq(bell, &self.bell))
+        {
+            *bell = None;
+        }
+        drop(bell);
+        send_together(session.deferred_unlock.take_all());
     }
 }
 
@@ -422,13 +469,6 @@ pub(crate) fn send_together(unlocks: Vec<DeferredUnlock>) {
     }
 }
 
-/// Where a deferred unlock waits.
-#[derive(Clone)]
-enum Place {
-    Session(Weak<Session>),
-    Parking(Weak<Parking>),
-}
-
 /// Tells a deferred unlock, or an idle parked connection, from a later one in the same place.
 fn next_id() -> u64 {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -438,36 +478,25 @@ fn next_id() -> u64 {
 /// Sends the deferred unlock `id` when dropped, or returns the idle connection `id` to its
 /// pool, unless an acquisition claimed it.
 struct Flush {
-    place: Place,
+    parking: Weak<Parking>,
     id: u64,
 }
 
 impl Drop for Flush {
     fn drop(&mut self) {
-        let deferred = match &self.place {
-            Place::Session(session) => {
-                if let Some(session) = session.upgrade() {
-                    send_together(session.deferred_unlock.take_all_if(self.id));
-                }
-                None
-            }
-            Place::Parking(parking) => parking.upgrade().and_then(|parking| {
-                let mut parked = parking.parked.lock().unwrap();
-                let ours = match &*parked {
-                    Some(Claimed::Deferred(d)) => d.id == self.id,
-                    Some(Claimed::Idle(_, id)) => *id == self.id,
-                    _ => false,
-                };
-                let taken = ours.then(|| parked.take()).flatten();
-                // Out of the lock: an idle connection goes back to its pool as it drops.
-                drop(parked);
-                match taken {
-                    Some(Claimed::Deferred(d)) => Some(d),
-                    _ => None,
-                }
-            }),
+        let Some(parking) = self.parking.upgrade() else {
+            return;
         };
-        if let Some(deferred) = deferred {
+        let mut parked = parking.parked.lock().unwrap();
+        let ours = match &*parked {
+            Some(Claimed::Deferred(d)) => d.id == self.id,
+            Some(Claimed::Idle(_, id)) => *id == self.id,
+            _ => false,
+        };
+        let taken = ours.then(|| parked.take()).flatten();
+        // Out of the lock: an idle connection goes back to its pool as it drops.
+        drop(parked);
+        if let Some(Claimed::Deferred(deferred)) = taken {
             deferred.send_alone();
         }
     }

@@ -71,6 +71,80 @@ fn drop_after_the_runtime_is_gone() {
     });
 }
 
+#[test]
+fn a_session_outliving_the_runtime_that_dropped_its_guard_still_releases() {
+    // The session's connection runs on a long-lived runtime; guards are dropped on short-lived
+    // ones, which take the session's flusher task with them. Each drop must still be sent:
+    // by the flusher as its runtime drops it, then by a new one on the next runtime.
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (db, session) = main.block_on(async {
+        let db = TestDb::new("flusher_runtimes").await;
+        let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        (
+            db,
+            std::sync::Arc::new(pglock::Session::from_client(client)),
+        )
+    });
+    for _ in 0..3 {
+        let key = db.key();
+        let short = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        short.block_on(async {
+            drop(AdvisoryLock::new(&session, key).lock().await.unwrap());
+        });
+        drop(short);
+        main.block_on(db.assert_no_locks());
+        assert!(!session.holds(key));
+    }
+    drop(session);
+    main.block_on(db.assert_no_locks());
+}
+
+#[tokio::test]
+async fn a_session_sends_dropped_unlocks_from_one_task_that_ends_with_it() {
+    let db = TestDb::new("flusher_task").await;
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let session = db.session().await;
+    let with_session = tasks.num_alive_tasks();
+    let lock = AdvisoryLock::new(&session, db.key());
+    for _ in 0..20 {
+        drop(lock.lock().await.unwrap());
+        // Another key, so that the unlock is sent, not combined with the next lock.
+        drop(AdvisoryLock::new(&session, db.key()).lock().await.unwrap());
+    }
+    db.assert_no_locks().await;
+    // However many guards were dropped: one task to send their unlocks, beside the
+    // connection's.
+    wait_for_tasks(&tasks, with_session + 1).await;
+    drop(lock);
+    drop(session);
+    // Both end with the session.
+    wait_for_tasks(&tasks, with_session - 1).await;
+}
+
+async fn wait_for_tasks(tasks: &tokio::runtime::RuntimeMetrics, alive: usize) {
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.num_alive_tasks() != alive {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{} tasks alive, expected {alive}",
+        tasks.num_alive_tasks()
+    );
+}
+
 #[tokio::test]
 async fn explicit_unlock_reports_a_terminated_backend_and_the_pool_drops_it() {
     let db = TestDb::new("terminated").await;
