@@ -22,8 +22,8 @@
 //!
 //! A dropped guard's session unlock need not even travel alone. While the dropping task runs
 //! on, it is only recorded ([`DeferredUnlock`]), on the shared session or in the parking, and
-//! a task is woken to send it: the session's one flusher (started by its first deferral), or
-//! on a pool a task spawned for it. If the next acquisition on the connection comes first and
+//! a task is woken to send it: the one flusher of the session or of the parking (see
+//! [`FlushBell`]). If the next acquisition on the connection comes first and
 //! asks for the same key in the same mode (the loop above), it claims the unlock and sends one
 //! statement that releases and then acquires (`sql::unlock_then`): one message each way per
 //! cycle instead of two. Otherwise the task sends the unlock as soon as the runtime runs it,
@@ -32,7 +32,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Wake, Waker};
 
@@ -51,6 +50,9 @@ use crate::{AdvisoryKey, LockMode};
 #[derive(Default)]
 pub(crate) struct Parking {
     parked: Mutex<Option<Claimed>>,
+    /// Wakes the task that sends a deferred unlock, or returns an idle connection to the pool,
+    /// that no acquisition claimed.
+    bell: FlushBell,
 }
 
 /// What a claimer finds in the parking.
@@ -60,8 +62,8 @@ pub(crate) enum Claimed {
     /// A connection whose unlock is not sent yet.
     Deferred(DeferredUnlock),
     /// A connection whose unlock was confirmed (`unlock`), parked until the releasing task
-    /// yields; the number tells it from a later one (see [`Flush`]).
-    Idle(Conn, u64),
+    /// yields.
+    Idle(Conn),
 }
 
 /// A connection whose release is in flight, and how that release will end.
@@ -113,15 +115,9 @@ impl Parking {
     /// checking out another each time. The connection goes back to the pool as soon as the
     /// releasing task yields, unless an acquisition took it first.
     pub(crate) fn park_idle(self: &Arc<Self>, conn: Conn, runtime: &Handle) {
-        let id = next_id();
-        let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn, id));
+        let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn));
         send_if_deferred(displaced);
-        let flush = Flush {
-            parking: Arc::downgrade(self),
-            id,
-        };
-        // As for a deferred unlock: the task only drops `flush`.
-        runtime.spawn(async move { drop(flush) });
+        self.bell.ring(self, runtime);
     }
 
     /// Takes the parked connection, if one is parked and still open.
@@ -136,7 +132,7 @@ impl Parking {
                 deferred.send_alone();
                 None
             }
-            Claimed::Idle(conn, _) if conn.client().is_closed() => None,
+            Claimed::Idle(conn) if conn.client().is_closed() => None,
             other => Some(other),
         }
     }
@@ -192,8 +188,6 @@ pub(crate) struct DeferredUnlock {
     statement: Option<Statement>,
     reservation: Option<Reservation>,
     parking: Option<Arc<Parking>>,
-    /// Tells this unlock from a later one in the same place, for the task that sends it.
-    id: u64,
 }
 
 impl DeferredUnlock {
@@ -217,7 +211,6 @@ impl DeferredUnlock {
             statement: Some(statement),
             reservation,
             parking,
-            id: next_id(),
         }
     }
 
@@ -226,26 +219,20 @@ impl DeferredUnlock {
     /// record it.
     pub(crate) fn defer(self, runtime: &Handle) {
         if let Some(parking) = self.parking.clone() {
-            let flush = Flush {
-                parking: Arc::downgrade(&parking),
-                id: self.id,
-            };
             let displaced = parking
                 .parked
                 .lock()
                 .unwrap()
                 .replace(Claimed::Deferred(self));
             send_if_deferred(displaced);
-            // The task only drops `flush`: its `Drop` sends the unlock if nobody claimed it,
-            // and does so even if the runtime shuts down before running the task.
-            runtime.spawn(async move { drop(flush) });
+            parking.bell.ring(&parking, runtime);
             return;
         }
         match self.conn() {
             Conn::Session(session) => {
                 let session = session.clone();
                 session.deferred_unlock.push(self);
-                session.deferred_unlock.ring(&session, runtime);
+                session.deferred_unlock.bell.ring(&session, runtime);
             }
             Conn::Pooled(_) => self.send_alone(),
         }
@@ -310,16 +297,11 @@ impl Drop for DeferredUnlock {
 /// A shared session's deferred unlocks: usually one (a `lock` + drop loop), more when several
 /// guards of the session are dropped before the dropping task yields.
 ///
-/// One task per session sends them (the flusher): each deferral rings its bell, and it sends
-/// whatever is still pending when it runs, which on a current-thread runtime is once the
-/// tasks that deferred them have yielded. Spawning a task per dropped guard instead cost a
-/// task allocation and its bookkeeping on every `lock` + drop cycle.
+/// The session's flusher sends them (see [`FlushBell`]).
 #[derive(Default)]
 pub(crate) struct DeferredSlot {
     unlocks: Mutex<DeferredUnlocks>,
-    /// The running flusher's bell; `None` when none runs (not started yet, or its runtime
-    /// dropped it).
-    bell: Mutex<Option<Arc<Notify>>>,
+    bell: FlushBell,
 }
 
 /// The first deferred unlock apart, so that the common case allocates nothing.
@@ -338,28 +320,9 @@ impl DeferredSlot {
         }
     }
 
-    /// Wakes the session's flusher, or starts one on `runtime` when none runs.
-    fn ring(&self, session: &Arc<Session>, runtime: &Handle) {
-        let mut bell = self.bell.lock().unwrap();
-        match &*bell {
-            Some(bell) => bell.notify_one(),
-            None => {
-                let new = Arc::new(Notify::new());
-                *bell = Some(new.clone());
-                let flusher = Flusher {
-                    session: Arc::downgrade(session),
-                    bell: new,
-                };
-                runtime.spawn(flusher.run());
-            }
-        }
-    }
-
     /// Ends the flusher: called as the session goes.
     pub(crate) fn stop_flusher(&self) {
-        if let Some(bell) = self.bell.lock().unwrap().take() {
-            bell.notify_one();
-        }
+        self.bell.stop();
     }
 
     /// For an acquisition of `key` in `mode` on the session: takes the deferred unlock of that
@@ -396,18 +359,64 @@ impl DeferredSlot {
     }
 }
 
-/// A session's flusher: sends its deferred unlocks each time its bell rings.
-struct Flusher {
-    session: Weak<Session>,
+/// The bell of the task that sends what dropped guards left to the next acquisition and no
+/// acquisition claimed: a session's deferred unlocks, or what a parking holds (a deferred
+/// unlock, or an idle connection to return to the pool).
+///
+/// One long-lived task (the flusher) per session or parking, started by the first deferral
+/// and woken by each: it sends whatever is pending when it runs, which on a current-thread
+/// runtime is once the tasks that deferred them have yielded. A task spawned per dropped
+/// guard instead cost an allocation and Tokio's bookkeeping on every `lock` + drop cycle,
+/// about a point of that loop's rate.
+#[derive(Default)]
+pub(crate) struct FlushBell(Mutex<Option<Arc<Notify>>>);
+
+/// What a flusher serves.
+trait Flushed: Send + Sync + 'static {
+    fn bell(&self) -> &FlushBell;
+    /// Sends (or returns to the pool) whatever is pending.
+    fn flush(&self);
+}
+
+impl FlushBell {
+    /// Wakes the flusher of `owner`, or starts one on `runtime` when none runs (not started
+    /// yet, or dropped with its runtime).
+    fn ring<T: Flushed>(&self, owner: &Arc<T>, runtime: &Handle) {
+        let mut bell = self.0.lock().unwrap();
+        match &*bell {
+            Some(bell) => bell.notify_one(),
+            None => {
+                let new = Arc::new(Notify::new());
+                *bell = Some(new.clone());
+                let flusher = Flusher {
+                    owner: Arc::downgrade(owner),
+                    bell: new,
+                };
+                runtime.spawn(flusher.run());
+            }
+        }
+    }
+
+    /// Ends the flusher: called as its owner goes.
+    fn stop(&self) {
+        if let Some(bell) = self.0.lock().unwrap().take() {
+            bell.notify_one();
+        }
+    }
+}
+
+struct Flusher<T: Flushed> {
+    owner: Weak<T>,
     bell: Arc<Notify>,
 }
 
-impl Flusher {
+impl<T: Flushed> Flusher<T> {
     async fn run(self) {
         loop {
-            // The first round answers the ring that started the flusher.
-            match self.session.upgrade() {
-                Some(session) => send_together(session.deferred_unlock.take_all()),
+            // The first round answers the ring that started the flusher. The owner is only
+            // borrowed for a round, so that it can go between rounds.
+            match self.owner.upgrade() {
+                Some(owner) => owner.flush(),
                 None => return,
             }
             self.bell.notified().await;
@@ -415,14 +424,14 @@ impl Flusher {
     }
 }
 
-impl Drop for Flusher {
+impl<T: Flushed> Drop for Flusher<T> {
     /// Ended, or dropped with its runtime: the bell goes first, so that a deferral after this
     /// point starts a new flusher, and what was deferred before is sent now.
     fn drop(&mut self) {
-        let Some(session) = self.session.upgrade() else {
+        let Some(owner) = self.owner.upgrade() else {
             return;
         };
-        let mut bell = session.deferred_unlock.bell.lock().unwrap();
+        let mut bell = owner.bell().0.lock().unwrap();
         if bell
             .as_ref()
             .is_some_and(|bell| Arc::ptr_eq(bell, &self.bell))
@@ -430,7 +439,43 @@ impl Drop for Flusher {
             *bell = None;
         }
         drop(bell);
-        send_together(session.deferred_unlock.take_all());
+        owner.flush();
+    }
+}
+
+impl Flushed for Session {
+    fn bell(&self) -> &FlushBell {
+        &self.deferred_unlock.bell
+    }
+
+    fn flush(&self) {
+        send_together(self.deferred_unlock.take_all());
+    }
+}
+
+impl Flushed for Parking {
+    fn bell(&self) -> &FlushBell {
+        &self.bell
+    }
+
+    /// A connection whose unlock is in flight is left to its release task.
+    fn flush(&self) {
+        let mut parked = self.parked.lock().unwrap();
+        let taken = match &*parked {
+            Some(Claimed::Deferred(_) | Claimed::Idle(_)) => parked.take(),
+            _ => None,
+        };
+        // Out of the lock: an idle connection goes back to its pool as it drops.
+        drop(parked);
+        if let Some(Claimed::Deferred(deferred)) = taken {
+            deferred.send_alone();
+        }
+    }
+}
+
+impl Drop for Parking {
+    fn drop(&mut self) {
+        self.bell.stop();
     }
 }
 
@@ -466,39 +511,6 @@ pub(crate) fn send_together(unlocks: Vec<DeferredUnlock>) {
             group = rest;
         }
         group.into_iter().for_each(DeferredUnlock::send_alone);
-    }
-}
-
-/// Tells a deferred unlock, or an idle parked connection, from a later one in the same place.
-fn next_id() -> u64 {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Sends the deferred unlock `id` when dropped, or returns the idle connection `id` to its
-/// pool, unless an acquisition claimed it.
-struct Flush {
-    parking: Weak<Parking>,
-    id: u64,
-}
-
-impl Drop for Flush {
-    fn drop(&mut self) {
-        let Some(parking) = self.parking.upgrade() else {
-            return;
-        };
-        let mut parked = parking.parked.lock().unwrap();
-        let ours = match &*parked {
-            Some(Claimed::Deferred(d)) => d.id == self.id,
-            Some(Claimed::Idle(_, id)) => *id == self.id,
-            _ => false,
-        };
-        let taken = ours.then(|| parked.take()).flatten();
-        // Out of the lock: an idle connection goes back to its pool as it drops.
-        drop(parked);
-        if let Some(Claimed::Deferred(deferred)) = taken {
-            deferred.send_alone();
-        }
     }
 }
 

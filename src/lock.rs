@@ -663,7 +663,7 @@ fn in_flight(claimed: Claimed) -> Option<(Conn, Prior)> {
             deferred.send_alone();
             None
         }
-        Claimed::Idle(conn, _) => Some((conn, Prior::None)),
+        Claimed::Idle(conn) => Some((conn, Prior::None)),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pglock::{AdvisoryLock, AdvisoryLockGuard};
 
-use crate::harness::{drop_after_polls, TestDb};
+use crate::harness::{drop_after_polls, wait_for_alive_tasks, TestDb};
 
 #[tokio::test]
 async fn lock_after_drop_reuses_the_connection_without_stacking_the_lock() {
@@ -146,6 +146,29 @@ async fn loop_beside_a_pool_waiter(name: &str, release: Release) {
         "the waiting task got the connection only after the loop ({seen})"
     );
     db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn a_lock_on_a_pool_leaves_its_releases_to_one_task_that_ends_with_it() {
+    let db = TestDb::new("handoff_flusher").await;
+    let pool = db.pool(2);
+    let _open_both = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    drop(_open_both);
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let before = tasks.num_alive_tasks();
+    let lock = AdvisoryLock::new(&pool, db.key());
+    for _ in 0..20 {
+        drop(lock.lock().await.unwrap());
+        let guard = lock.lock().await.unwrap();
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        // Yield between cycles, so that the task returns the idle connection each time.
+        db.assert_no_locks().await;
+    }
+    assert_eq!(pool.status().available, 2);
+    // However many guards were released: one task for what they left to the next acquisition.
+    wait_for_alive_tasks(&tasks, before + 1).await;
+    drop(lock);
+    wait_for_alive_tasks(&tasks, before).await;
 }
 
 #[tokio::test]

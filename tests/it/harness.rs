@@ -281,3 +281,18 @@ pub async fn drop_after_polls<F: Future>(future: F, polls: usize) -> Option<F::O
     })
     .await
 }
+
+/// Waits (at most 5 s) until the runtime of `tasks` has `alive` tasks alive.
+pub async fn wait_for_alive_tasks(tasks: &tokio::runtime::RuntimeMetrics, alive: usize) {
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.num_alive_tasks() != alive {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{} tasks alive, expected {alive}",
+        tasks.num_alive_tasks()
+    );
+}

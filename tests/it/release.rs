@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pglock::{AdvisoryLock, AdvisoryLockGuard, Error};
 
-use crate::harness::TestDb;
+use crate::harness::{wait_for_alive_tasks, TestDb};
 
 #[tokio::test]
 async fn drop_releases_and_pool_connection_is_reused_clean() {
@@ -124,25 +124,11 @@ async fn a_session_sends_dropped_unlocks_from_one_task_that_ends_with_it() {
     db.assert_no_locks().await;
     // However many guards were dropped: one task to send their unlocks, beside the
     // connection's.
-    wait_for_tasks(&tasks, with_session + 1).await;
+    wait_for_alive_tasks(&tasks, with_session + 1).await;
     drop(lock);
     drop(session);
     // Both end with the session.
-    wait_for_tasks(&tasks, with_session - 1).await;
-}
-
-async fn wait_for_tasks(tasks: &tokio::runtime::RuntimeMetrics, alive: usize) {
-    let waited = tokio::time::timeout(Duration::from_secs(5), async {
-        while tasks.num_alive_tasks() != alive {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "{} tasks alive, expected {alive}",
-        tasks.num_alive_tasks()
-    );
+    wait_for_alive_tasks(&tasks, with_session - 1).await;
 }
 
 #[tokio::test]
