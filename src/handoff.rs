@@ -382,19 +382,23 @@ impl FlushBell {
     /// Wakes the flusher of `owner`, or starts one on `runtime` when none runs (not started
     /// yet, or dropped with its runtime).
     fn ring<T: Flushed>(&self, owner: &Arc<T>, runtime: &Handle) {
-        let mut bell = self.0.lock().unwrap();
-        match &*bell {
-            Some(bell) => bell.notify_one(),
-            None => {
-                let new = Arc::new(Notify::new());
-                *bell = Some(new.clone());
-                let flusher = Flusher {
-                    owner: Arc::downgrade(owner),
-                    bell: new,
-                };
-                runtime.spawn(flusher.run());
+        let new = {
+            let mut bell = self.0.lock().unwrap();
+            if let Some(bell) = &*bell {
+                bell.notify_one();
+                return;
             }
-        }
+            let new = Arc::new(Notify::new());
+            *bell = Some(new.clone());
+            new
+        };
+        let flusher = Flusher {
+            owner: Arc::downgrade(owner),
+            bell: new,
+        };
+        // Out of the lock: a runtime shutting down drops the task inside `spawn`, and the
+        // flusher's drop (which sends what is pending) takes the lock.
+        runtime.spawn(flusher.run());
     }
 
     /// Ends the flusher: called as its owner goes.

@@ -109,6 +109,54 @@ fn a_session_outliving_the_runtime_that_dropped_its_guard_still_releases() {
     main.block_on(db.assert_no_locks());
 }
 
+#[test]
+fn guards_dropped_as_their_runtime_shuts_down_are_released() {
+    // Tasks still holding guards when their runtime goes: the guards drop during the shutdown,
+    // when the runtime takes no new task. Nothing may hang, and each lock is released.
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (db, session, pool) = main.block_on(async {
+        let db = TestDb::new("flusher_shutdown").await;
+        let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let pool = db.pool(2);
+        (
+            db,
+            std::sync::Arc::new(pglock::Session::from_client(client)),
+            pool,
+        )
+    });
+    for _ in 0..3 {
+        let short = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        short.block_on(async {
+            let on_session = AdvisoryLock::new(&session, db.key()).lock().await.unwrap();
+            let on_pool = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+            tokio::spawn(async move {
+                let _held = (on_session, on_pool);
+                std::future::pending::<()>().await
+            });
+            tokio::task::yield_now().await;
+        });
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(short);
+            let _ = done.send(());
+        });
+        dropped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the runtime shuts down");
+        main.block_on(db.assert_no_locks());
+    }
+}
+
 #[tokio::test]
 async fn a_session_sends_dropped_unlocks_from_one_task_that_ends_with_it() {
     let db = TestDb::new("flusher_task").await;
