@@ -64,9 +64,7 @@ async fn a_lock_unlock_loop_on_a_pool_stays_on_one_backend() {
     let db = TestDb::new("handoff_unlock_loop").await;
     // Two connections, handed out first in, first out: without the handoff, every other
     // acquisition would land on the other backend.
-    let pool = db.pool(2);
-    let _open_both = (pool.get().await.unwrap(), pool.get().await.unwrap());
-    drop(_open_both);
+    let pool = db.open_pool(2).await;
     let key = db.key();
     let lock = AdvisoryLock::new(&pool, key);
     let first = lock.lock().await.unwrap();
@@ -151,9 +149,7 @@ async fn loop_beside_a_pool_waiter(name: &str, release: Release) {
 #[tokio::test]
 async fn a_lock_on_a_pool_leaves_its_releases_to_one_task_that_ends_with_it() {
     let db = TestDb::new("handoff_flusher").await;
-    let pool = db.pool(2);
-    let _open_both = (pool.get().await.unwrap(), pool.get().await.unwrap());
-    drop(_open_both);
+    let pool = db.open_pool(2).await;
     let tasks = tokio::runtime::Handle::current().metrics();
     let before = tasks.num_alive_tasks();
     let lock = AdvisoryLock::new(&pool, db.key());

@@ -63,6 +63,17 @@ impl TestDb {
 
     /// A pool of at most `size` connections, with deadpool's default (fast) recycling: it does
     /// not clean up advisory locks, so leaks show.
+    /// A pool of `size` connections, all of them open (so that the pool's size and its
+    /// connection tasks stay as they are while a test counts them).
+    pub async fn open_pool(&self, size: usize) -> Pool {
+        let pool = self.pool(size);
+        let mut open = Vec::with_capacity(size);
+        for _ in 0..size {
+            open.push(pool.get().await.unwrap());
+        }
+        pool
+    }
+
     pub fn pool(&self, size: usize) -> Pool {
         let config: tokio_postgres::Config = self.url().parse().unwrap();
         let manager = Manager::from_config(

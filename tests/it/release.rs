@@ -43,11 +43,7 @@ async fn drop_inside_a_panicking_task_releases() {
 
 #[test]
 fn drop_after_the_runtime_is_gone() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = one_worker_runtime();
     let (db, guard, session_guard) = runtime.block_on(async {
         let db = TestDb::new("runtime_gone").await;
         let pool = db.pool(1);
@@ -76,22 +72,8 @@ fn a_session_outliving_the_runtime_that_dropped_its_guard_still_releases() {
     // The session's connection runs on a long-lived runtime; guards are dropped on short-lived
     // ones, which take the session's flusher task with them. Each drop must still be sent:
     // by the flusher as its runtime drops it, then by a new one on the next runtime.
-    let main = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (db, session) = main.block_on(async {
-        let db = TestDb::new("flusher_runtimes").await;
-        let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        (
-            db,
-            std::sync::Arc::new(pglock::Session::from_client(client)),
-        )
-    });
+    let main = one_worker_runtime();
+    let (db, session) = main.block_on(session_on(&main, "flusher_runtimes"));
     for _ in 0..3 {
         let key = db.key();
         let short = tokio::runtime::Builder::new_current_thread()
@@ -113,24 +95,9 @@ fn a_session_outliving_the_runtime_that_dropped_its_guard_still_releases() {
 fn guards_dropped_as_their_runtime_shuts_down_are_released() {
     // Tasks still holding guards when their runtime goes: the guards drop during the shutdown,
     // when the runtime takes no new task. Nothing may hang, and each lock is released.
-    let main = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (db, session, pool) = main.block_on(async {
-        let db = TestDb::new("flusher_shutdown").await;
-        let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let pool = db.pool(2);
-        (
-            db,
-            std::sync::Arc::new(pglock::Session::from_client(client)),
-            pool,
-        )
-    });
+    let main = one_worker_runtime();
+    let (db, session) = main.block_on(session_on(&main, "flusher_shutdown"));
+    let pool = main.block_on(async { db.pool(2) });
     for _ in 0..3 {
         let short = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -329,4 +296,30 @@ async fn guards_of_a_session_dropped_together_are_released_together() {
         "{last}"
     );
     assert_eq!(session.held_count(), 0);
+}
+
+/// A multi-thread runtime of one worker, for a test that starts and drops runtimes itself.
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A test database and a session whose connection runs on `runtime`, whatever runtime its
+/// guards are taken and dropped on.
+async fn session_on(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+) -> (TestDb, std::sync::Arc<pglock::Session>) {
+    let db = TestDb::new(name).await;
+    let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    runtime.spawn(connection);
+    (
+        db,
+        std::sync::Arc::new(pglock::Session::from_client(client)),
+    )
 }
