@@ -32,7 +32,7 @@ use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{poll_once, release, unlock_outcome, Release};
 use crate::handoff::ReleaseTask;
-use crate::sql::{self, statement, Form, Op};
+use crate::sql::{self, statement, Checks, Form, Op, PreparedUnlock};
 use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
 
@@ -217,6 +217,7 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
                 LockMode::Exclusive,
                 LockScope::Session,
                 form,
+                Checks::InStatement,
             ))
             .await?;
         Ok::<_, tokio_postgres::Error>((batch, unlock))
@@ -272,7 +273,10 @@ async fn answer(
                 request.claim.take(),
                 LockMode::Exclusive,
                 backend_pid,
-                Some(unlock.clone()),
+                Some(PreparedUnlock {
+                    statement: unlock.clone(),
+                    checks: Checks::InStatement,
+                }),
             )),
             Some((Some(false), backend_pid)) => {
                 drop(request.claim.take());

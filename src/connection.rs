@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
+use crate::backend::Verification;
 use crate::batch::TryLockQueue;
 use crate::error::{redact_url, Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
@@ -114,6 +115,10 @@ pub struct Session {
     closed: Option<watch::Receiver<Option<String>>>,
     /// Declared with [`behind_transaction_pooler`](Self::behind_transaction_pooler).
     behind_pooler: bool,
+    /// Declared with [`always_check_backend`](Self::always_check_backend).
+    always_check: bool,
+    /// Whether the connection is verified as direct to a primary's backend.
+    backend: Verification,
 }
 
 impl Session {
@@ -213,6 +218,8 @@ impl Session {
             monitor: OnceLock::new(),
             closed: None,
             behind_pooler: false,
+            always_check: false,
+            backend: Verification::default(),
         }
     }
 
@@ -225,6 +232,23 @@ impl Session {
     /// [`LockScope::Transaction`](crate::LockScope::Transaction). See `docs/pgbouncer.md`.
     pub fn behind_transaction_pooler(mut self) -> Self {
         self.behind_pooler = true;
+        self
+    }
+
+    /// Keeps pglock's checks of the server in every statement on this session, instead of
+    /// verifying the connection once.
+    ///
+    /// pglock normally checks, with the first lock it takes on a connection, that the
+    /// connection is direct to a primary's backend: the backend that runs the statement is the
+    /// one the login announced, and the server is not a standby. Neither can change while a
+    /// direct connection lives, so from then on it sends the plain statements. Every
+    /// connection pooler pglock knows of gives its clients cancel keys of its own, so behind a
+    /// pooler that check fails and the statements keep checking the standby state and the
+    /// backend themselves. Use this behind a proxy that passes the server's own cancel key on
+    /// to its clients and may still run their statements on another backend or server (say, a
+    /// proxy that balances `SELECT` statements over replicas). See `docs/design.md`.
+    pub fn always_check_backend(mut self) -> Self {
+        self.always_check = true;
         self
     }
 
@@ -434,6 +458,7 @@ pub struct ConnectionSource {
     kind: SourceKind,
     canceller: Canceller,
     behind_pooler: bool,
+    always_check: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -485,6 +510,23 @@ impl ConnectionSource {
         self
     }
 
+    /// Keeps pglock's checks of the server in every statement on the pool's connections,
+    /// instead of verifying each connection once: see [`Session::always_check_backend`].
+    pub fn always_check_backend(mut self) -> Self {
+        self.always_check = true;
+        self
+    }
+
+    /// Whether an acquisition may verify its connection as direct (see `backend`): never behind
+    /// a declared pooler, or when the checks are asked for in every statement.
+    pub(crate) fn may_verify(&self) -> bool {
+        let declared = match &self.kind {
+            SourceKind::Pool(..) => false,
+            SourceKind::Session(session) => session.behind_pooler || session.always_check,
+        };
+        !(declared || self.behind_pooler || self.always_check)
+    }
+
     /// Whether the connections go through a transaction pooler (declared on the source or on
     /// its session).
     pub(crate) fn behind_pooler(&self) -> bool {
@@ -498,8 +540,8 @@ impl ConnectionSource {
         match &self.kind {
             SourceKind::Pool(pool, prepared) => {
                 let object = pool.get().await?;
-                let statements = prepared.of(Object::id(&object));
-                Ok(Conn::pooled(object, statements, prepared.clone()))
+                let remembered = prepared.of(Object::id(&object));
+                Ok(Conn::pooled(object, remembered, prepared.clone()))
             }
             SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
         }
@@ -539,6 +581,7 @@ impl From<Pool> for ConnectionSource {
             kind: SourceKind::Pool(pool, Arc::new(PreparedByConnection::new(max_size))),
             canceller: Canceller::default(),
             behind_pooler: false,
+            always_check: false,
         }
     }
 }
@@ -555,6 +598,7 @@ impl From<Arc<Session>> for ConnectionSource {
             kind: SourceKind::Session(session),
             canceller: Canceller::default(),
             behind_pooler: false,
+            always_check: false,
         }
     }
 }
@@ -587,19 +631,27 @@ pub(crate) struct Pooled {
     object: Option<Object>,
     fate: AtomicU8,
     monitor: OnceLock<Arc<Monitor>>,
-    /// pglock's statements prepared on this connection, remembered across checkouts by the
-    /// source, so that acquisitions skip deadpool's statement cache (which hashes the SQL text
-    /// every time).
-    statements: Arc<Statements>,
-    /// Where `statements` is remembered, to forget it when the connection is closed.
+    /// pglock's statements prepared on this connection and its verification, remembered across
+    /// checkouts by the source, so that acquisitions skip deadpool's statement cache (which
+    /// hashes the SQL text every time).
+    remembered: Arc<Remembered>,
+    /// Where `remembered` is kept, to forget it when the connection is closed.
     prepared: Arc<PreparedByConnection>,
 }
 
-/// The last few statements pglock prepared on one connection, most recent first.
-pub(crate) type Statements = Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>;
+/// What pglock remembers about one pooled connection across checkouts.
+#[derive(Default)]
+pub(crate) struct Remembered {
+    /// The last few statements pglock prepared there, most recent first.
+    statements: Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>,
+    /// Whether the connection is verified as direct to a primary's backend.
+    backend: Verification,
+}
 
 /// How many statements are remembered per pooled connection: an acquiring statement, its
-/// unlock and the two combined, for two kinds of acquisition (say `lock` and `try_lock`).
+/// unlock and the combined one, for two kinds of acquisition (say `lock` and `try_lock`). (The
+/// first acquisition on a connection prepares the checking forms, which the plain ones displace
+/// once it is verified.)
 const PER_CONNECTION: usize = 6;
 
 /// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
@@ -611,7 +663,7 @@ const PER_CONNECTION: usize = 6;
 /// once; one the pool closes lingers until evicted.
 pub(crate) struct PreparedByConnection {
     capacity: usize,
-    entries: Mutex<Vec<(ObjectId, Arc<Statements>)>>,
+    entries: Mutex<Vec<(ObjectId, Arc<Remembered>)>>,
 }
 
 impl PreparedByConnection {
@@ -622,11 +674,11 @@ impl PreparedByConnection {
         }
     }
 
-    /// The statements of connection `id`, remembered from an earlier checkout or new.
-    fn of(&self, id: ObjectId) -> Arc<Statements> {
+    /// What is known of connection `id`, remembered from an earlier checkout or new.
+    fn of(&self, id: ObjectId) -> Arc<Remembered> {
         let mut entries = self.entries.lock().unwrap();
-        if let Some((_, statements)) = entries.iter().find(|(known, _)| *known == id) {
-            return statements.clone();
+        if let Some((_, remembered)) = entries.iter().find(|(known, _)| *known == id) {
+            return remembered.clone();
         }
         if entries.len() >= self.capacity {
             let oldest = (0..entries.len())
@@ -634,9 +686,9 @@ impl PreparedByConnection {
                 .expect("a full list is not empty");
             entries.swap_remove(oldest);
         }
-        let statements = Arc::new(Mutex::new(Default::default()));
-        entries.push((id, statements.clone()));
-        statements
+        let remembered = Arc::new(Remembered::default());
+        entries.push((id, remembered.clone()));
+        remembered
     }
 
     fn forget(&self, id: ObjectId) {
@@ -667,7 +719,10 @@ impl Pooled {
     }
 
     fn cached(&self, sql: &'static str) -> Option<Statement> {
-        find_prepared(self.statements.lock().unwrap().iter().flatten(), sql)
+        find_prepared(
+            self.remembered.statements.lock().unwrap().iter().flatten(),
+            sql,
+        )
     }
 
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
@@ -675,7 +730,7 @@ impl Pooled {
             return Ok(statement);
         }
         let statement = self.object().prepare_cached(sql).await?;
-        let mut statements = self.statements.lock().unwrap();
+        let mut statements = self.remembered.statements.lock().unwrap();
         statements.rotate_right(1);
         statements[0] = Some((sql, statement.clone()));
         Ok(statement)
@@ -720,14 +775,14 @@ impl WeakConn {
 impl Conn {
     pub(crate) fn pooled(
         object: Object,
-        statements: Arc<Statements>,
+        remembered: Arc<Remembered>,
         prepared: Arc<PreparedByConnection>,
     ) -> Self {
         Conn::Pooled(Arc::new(Pooled {
             object: Some(object),
             fate: AtomicU8::new(RETURN),
             monitor: OnceLock::new(),
-            statements,
+            remembered,
             prepared,
         }))
     }
@@ -801,6 +856,14 @@ impl Conn {
         match self {
             Conn::Pooled(pooled) => pooled.object(),
             Conn::Session(session) => &session.client,
+        }
+    }
+
+    /// Whether the connection is verified as direct to a primary's backend (see `backend`).
+    pub(crate) fn verification(&self) -> &Verification {
+        match self {
+            Conn::Pooled(pooled) => &pooled.remembered.backend,
+            Conn::Session(session) => &session.backend,
         }
     }
 

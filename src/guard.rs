@@ -8,13 +8,13 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::Handle;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
 use crate::loss::{HealthCheck, LossSignal, Registration};
-use crate::sql::{Form, KeyParams, Op};
+use crate::sql::{Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -73,7 +73,7 @@ pub struct AdvisoryLockGuard {
     mode: LockMode,
     scope: LockScope,
     backend_pid: i32,
-    unlock: Option<Statement>,
+    unlock: Option<PreparedUnlock>,
     /// Dropped after the release is queued (fields drop after `Drop::drop`), or handed to the
     /// deferred unlock, which drops it once sent.
     reservation: Option<Reservation>,
@@ -92,7 +92,7 @@ impl AdvisoryLockGuard {
         reservation: Reservation,
         mode: LockMode,
         backend_pid: i32,
-        unlock: Option<Statement>,
+        unlock: Option<PreparedUnlock>,
     ) -> Self {
         let (key, scope) = (reservation.key(), reservation.scope());
         AdvisoryLockGuard {
@@ -306,8 +306,8 @@ impl AdvisoryLockGuard {
 
     fn release_kind(&self, end_transaction: Release) -> Release {
         match (&self.scope, &self.unlock) {
-            (LockScope::Session, Some(statement)) => {
-                Release::Unlock(statement.clone(), self.backend_pid, self.mode)
+            (LockScope::Session, Some(unlock)) => {
+                Release::Unlock(unlock.clone(), self.backend_pid, self.mode)
             }
             _ => end_transaction,
         }
@@ -347,14 +347,14 @@ impl Drop for AdvisoryLockGuard {
         // of the lock may claim, waits for that acquisition (see `handoff::DeferredUnlock`).
         let deferrable = parking.is_some() || matches!(conn, Conn::Session(_));
         match (release, Handle::try_current()) {
-            (Release::Unlock(statement, granted_on, mode), Ok(runtime)) if deferrable => {
+            (Release::Unlock(unlock, granted_on, mode), Ok(runtime)) if deferrable => {
                 let reservation = self.reservation.take();
                 DeferredUnlock::new(
                     conn,
                     self.key,
                     mode,
                     granted_on,
-                    statement,
+                    unlock,
                     reservation,
                     parking,
                 )
@@ -398,7 +398,7 @@ impl fmt::Debug for AdvisoryLockGuard {
 pub(crate) enum Release {
     /// `pg_advisory_unlock` with this prepared statement (session scope), on the backend with
     /// this pid only; the mode names the statement again if the server lost it.
-    Unlock(Statement, i32, LockMode),
+    Unlock(PreparedUnlock, i32, LockMode),
     /// `COMMIT` (transaction scope).
     Commit,
     /// `ROLLBACK` (transaction scope).
@@ -431,9 +431,10 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
         Release::UnlockIfHeld(_) | Release::Commit | Release::Rollback => {
             Box::pin(end_transaction_or_undo(conn, release, key)).await
         }
-        Release::Unlock(statement, granted_on, mode) => {
+        Release::Unlock(unlock, granted_on, mode) => {
+            let (statement, checks) = (&unlock.statement, unlock.checks);
             let params = KeyParams::new(key);
-            let params = params.with(Some(granted_on));
+            let params = params.with(checks.pid_param(granted_on));
             // The hot path: written out rather than through `again_if_cancelled`, which costs
             // it a few hundred instructions. Once is enough here: after the last request of an
             // abandoned wait's cleanup, at most one stray cancel can still be on its way.
@@ -447,12 +448,13 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
                     if e.code()
                         == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
                 {
-                    Box::pin(unlock_unprepared(conn, key, *mode, *granted_on)).await
+                    Box::pin(unlock_unprepared(conn, key, *mode, *granted_on, checks)).await
                 }
                 result => result,
             }
             .map_err(|e| Error::from_postgres(Some(key), e))?;
-            unlock_outcome(key, *granted_on, row.get(1), row.get(0))
+            let (ran_on, released) = checks.unlocked(&row);
+            unlock_outcome(key, *granted_on, ran_on, released)
         }
     }
 }
@@ -543,11 +545,16 @@ async fn unlock_unprepared(
     key: AdvisoryKey,
     mode: LockMode,
     granted_on: i32,
+    checks: Checks,
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
     conn.forget_statements();
-    let sql = crate::sql::statement(Op::Unlock, mode, LockScope::Session, Form::of(key));
+    let form = Form::of(key);
+    let sql = crate::sql::statement(Op::Unlock, mode, LockScope::Session, form, checks);
     let params = KeyParams::new(key);
-    let params = params.typed(Some((&granted_on, tokio_postgres::types::Type::INT4)));
+    let pid = checks
+        .pid_param(&granted_on)
+        .map(|pid| (pid, tokio_postgres::types::Type::INT4));
+    let params = params.typed(pid);
     conn.client().query_typed_one(sql, params.as_slice()).await
 }
 

@@ -37,12 +37,11 @@ use std::task::{Context, Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, Notify};
-use tokio_postgres::Statement;
 
 use crate::batch;
 use crate::connection::{Conn, Reservation, Session};
 use crate::guard::{release_in_background_traced, Release};
-use crate::sql::Form;
+use crate::sql::{Checks, Form, PreparedUnlock};
 use crate::{AdvisoryKey, LockMode};
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) parks the connection of its last dropped
@@ -185,7 +184,7 @@ pub(crate) struct DeferredUnlock {
     pub(crate) mode: LockMode,
     pub(crate) granted_on: i32,
     /// `None` once sent or combined.
-    statement: Option<Statement>,
+    statement: Option<PreparedUnlock>,
     reservation: Option<Reservation>,
     parking: Option<Arc<Parking>>,
 }
@@ -196,7 +195,7 @@ impl DeferredUnlock {
         key: AdvisoryKey,
         mode: LockMode,
         granted_on: i32,
-        statement: Statement,
+        statement: PreparedUnlock,
         reservation: Option<Reservation>,
         parking: Option<Arc<Parking>>,
     ) -> Self {
@@ -266,6 +265,13 @@ impl DeferredUnlock {
         );
         // Only now that the unlock is queued may the key be taken again on a shared session.
         self.reservation = None;
+    }
+
+    /// The checks the unlock makes on the server.
+    pub(crate) fn checks(&self) -> Checks {
+        self.statement
+            .as_ref()
+            .map_or(Checks::InStatement, |unlock| unlock.checks)
     }
 
     /// The connection the unlock is for.

@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
+mod backend;
 mod batch;
 mod cohort;
 mod connection;

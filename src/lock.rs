@@ -19,7 +19,7 @@ use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
 use crate::loss::HealthCheck;
-use crate::sql::{statement, unlock_then, Form, KeyParams, Op};
+use crate::sql::{statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
@@ -304,9 +304,9 @@ impl AdvisoryLock {
             (Some(parking), LockScope::Session) => match parking.claim() {
                 Some(Claimed::Deferred(deferred)) => {
                     match self.combinable(deferred, mode, deadline) {
-                        Some((deferred, statement)) => Some((
+                        Some((deferred, statement, checks)) => Some((
                             deferred.conn().share(),
-                            Prior::Deferred(deferred, statement),
+                            Prior::Deferred(deferred, statement, checks),
                         )),
                         // Sent alone, which parked the connection again with the unlock in
                         // flight: claim it that way.
@@ -343,22 +343,25 @@ impl AdvisoryLock {
     }
 
     /// `deferred` (a dropped guard's unlock on the same connection) with the statement that
-    /// sends it in this acquisition's own, when it can: the same key in the same mode, session
-    /// scope, an acquiring statement that has a combined form, already prepared there.
-    /// Otherwise the unlock is sent alone, now, ahead of anything this acquisition sends.
+    /// sends it in this acquisition's own, and the checks that statement makes, when it can:
+    /// the same key in the same mode, session scope, an acquiring statement that has a
+    /// combined form, already prepared there. Otherwise the unlock is sent alone, now, ahead
+    /// of anything this acquisition sends.
     fn combinable(
         &self,
         deferred: DeferredUnlock,
         mode: LockMode,
         deadline: Deadline,
-    ) -> Option<(DeferredUnlock, Statement)> {
+    ) -> Option<(DeferredUnlock, Statement, Checks)> {
+        // The checks of the dropped guard's unlock, whose combined form was prepared with it.
+        let checks = deferred.checks();
         let statement =
             (deferred.key == self.key && deferred.mode == mode && self.scope == LockScope::Session)
-                .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key)))
+                .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key), checks))
                 .flatten()
                 .and_then(|sql| deferred.conn().cached(sql));
         match statement {
-            Some(statement) => Some((deferred, statement)),
+            Some(statement) => Some((deferred, statement, checks)),
             None => {
                 deferred.send_alone();
                 None
@@ -393,29 +396,43 @@ impl AdvisoryLock {
                 Conn::Pooled(_) => (None, Weak::new(), None),
             },
             Prior::InFlight(released, in_flight) => (Some(released), in_flight, None),
-            Prior::Deferred(deferred, statement) => {
-                (None, Weak::new(), Some((deferred, statement)))
+            Prior::Deferred(deferred, statement, checks) => {
+                (None, Weak::new(), Some((deferred, statement, checks)))
             }
         };
         let reservation = match &combined {
             Some(_) => None,
             None => Some(conn.reserve(key, self.scope).await?),
         };
+        // The statements all make the checks the combined one was chosen with, if any: the
+        // connection may have been verified since, but the checking forms work on any.
+        let checks = match &combined {
+            Some((_, _, checks)) => *checks,
+            None => conn.verification().checks(),
+        };
         let slot = ConnSlot::new(conn);
         let form = Form::of(key);
-        let acquire_sql = statement(op, mode, self.scope, form);
-        let prepared = match self.cached(&slot, op, acquire_sql, form, mode, combined.is_some()) {
+        let acquire_sql = statement(op, mode, self.scope, form, checks);
+        let found = self.cached(
+            &slot,
+            op,
+            acquire_sql,
+            (form, mode, checks),
+            combined.is_some(),
+        );
+        let prepared = match found {
             Some(prepared) => Ok(prepared),
             None => {
                 // Boxed: preparing is rare (once per connection), and its future would otherwise
                 // double the size of every acquisition's.
-                Box::pin(self.prepare(&slot, op, acquire_sql, form, mode, behind_pooler)).await
+                Box::pin(self.prepare(&slot, op, acquire_sql, (form, mode, checks), behind_pooler))
+                    .await
             }
         };
         let (acquire_statement, unlock) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
-                if let Some((deferred, _)) = combined {
+                if let Some((deferred, ..)) = combined {
                     deferred.send_alone();
                 }
                 // On a claimed connection, the statement may have failed for what the unlock
@@ -429,7 +446,7 @@ impl AdvisoryLock {
             }
         };
         let (reservation, combined) = match combined {
-            Some((deferred, statement)) => {
+            Some((deferred, statement, _)) => {
                 let (reservation, granted_on) = deferred.into_combined();
                 let reservation = reservation.expect("a deferred unlock keeps its reservation");
                 (reservation, Some((statement, granted_on)))
@@ -457,6 +474,7 @@ impl AdvisoryLock {
             prior_release_failed: false,
             combined,
             combined_in_doubt: false,
+            checks,
         };
         let mut pause = match self.wait {
             WaitStrategy::Poll { initial, .. } => initial,
@@ -488,23 +506,29 @@ impl AdvisoryLock {
                 // anything it holds; dropping the attempt lets it go.
                 return Ok(Attempted::Retry);
             }
-            match answer {
-                Ok(row) => match row.get::<_, Option<bool>>(0) {
-                    Some(true) => {
-                        let pid: i32 = row.get(1);
-                        let guard = attempt.into_guard(mode, pid, unlock);
-                        let guard = guard
-                            .with_health_check(self.health)
-                            .with_parking(self.parking.as_ref());
-                        return Ok(Attempted::Done(Some(guard)));
+            match answer.map(|row| checks.acquired(&row)) {
+                Ok((granted, pid)) => {
+                    if checks == Checks::InStatement && self.source.may_verify() {
+                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
+                        conn.verification()
+                            .learn(conn.client(), pid, granted.is_none());
                     }
-                    Some(false) => {
-                        if polling && !matches!(deadline, Deadline::Now) {
-                            trace::polling(key, Some(row.get(1)), pause);
+                    match granted {
+                        Some(true) => {
+                            let guard = attempt.into_guard(mode, pid, unlock);
+                            let guard = guard
+                                .with_health_check(self.health)
+                                .with_parking(self.parking.as_ref());
+                            return Ok(Attempted::Done(Some(guard)));
                         }
+                        Some(false) => {
+                            if polling && !matches!(deadline, Deadline::Now) {
+                                trace::polling(key, Some(pid), pause);
+                            }
+                        }
+                        None => return Err(Error::ReadOnlyStandby),
                     }
-                    None => return Err(Error::ReadOnlyStandby),
-                },
+                }
                 Err(e)
                     if op == Op::LockWithTimeout
                         && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
@@ -570,23 +594,26 @@ impl AdvisoryLock {
         slot: &ConnSlot,
         op: Op,
         acquire_sql: &'static str,
-        form: Form,
-        mode: LockMode,
+        (form, mode, checks): (Form, LockMode, Checks),
         combined_found: bool,
-    ) -> Option<(Acquire, Option<Statement>)> {
+    ) -> Option<(Acquire, Option<PreparedUnlock>)> {
         if self.scope != LockScope::Session {
             return None;
         }
         let conn = slot.conn();
-        let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+        let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
         let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
         // The combined statement a guard's drop may need on this connection later (unless the
         // caller found it already): when it is missing, `prepare` prepares it with the others.
         if !combined_found {
-            if let Some(combined_sql) = unlock_then(op, mode, form) {
+            if let Some(combined_sql) = unlock_then(op, mode, form, checks) {
                 conn.cached(combined_sql)?;
             }
         }
+        let unlock = PreparedUnlock {
+            statement: unlock,
+            checks,
+        };
         Some((Acquire::Prepared(acquire), Some(unlock)))
     }
 
@@ -598,10 +625,9 @@ impl AdvisoryLock {
         slot: &ConnSlot,
         op: Op,
         acquire_sql: &'static str,
-        form: Form,
-        mode: LockMode,
+        (form, mode, checks): (Form, LockMode, Checks),
         behind_pooler: bool,
-    ) -> Result<(Acquire, Option<Statement>)> {
+    ) -> Result<(Acquire, Option<PreparedUnlock>)> {
         let key = self.key;
         let conn = slot.conn();
         let map = |e| Error::from_postgres(Some(key), e);
@@ -613,9 +639,9 @@ impl AdvisoryLock {
             LockScope::Session => {
                 // In one round trip: the acquiring statement, its unlock, and the two combined,
                 // for the next acquisition on the connection after a guard's drop.
-                let unlock_sql = statement(Op::Unlock, mode, self.scope, form);
+                let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
                 let combined = async {
-                    match unlock_then(op, mode, form) {
+                    match unlock_then(op, mode, form, checks) {
                         Some(sql) => conn.prepare(sql).await.map(drop),
                         None => Ok(()),
                     }
@@ -627,7 +653,11 @@ impl AdvisoryLock {
                 )
                 .await;
                 c.map_err(map)?;
-                (Acquire::Prepared(a.map_err(map)?), Some(u.map_err(map)?))
+                let unlock = PreparedUnlock {
+                    statement: u.map_err(map)?,
+                    checks,
+                };
+                (Acquire::Prepared(a.map_err(map)?), Some(unlock))
             }
             LockScope::Transaction => (
                 Acquire::Prepared(conn.prepare(acquire_sql).await.map_err(map)?),
@@ -646,8 +676,8 @@ enum Prior {
     /// release itself, to read its answer.
     InFlight(PriorRelease, Weak<ReleaseInFlight>),
     /// A claimed parked connection whose unlock is not sent yet, with the statement that sends
-    /// it in the acquisition's own.
-    Deferred(DeferredUnlock, Statement),
+    /// it in the acquisition's own and the checks it makes.
+    Deferred(DeferredUnlock, Statement, Checks),
 }
 
 /// A claimed parked connection with its unlock in flight, as the acquisition's start. A
@@ -724,6 +754,8 @@ struct Attempt {
     /// The combined statement failed: the unlock in it may or may not have run, so the key may
     /// still be held for the dropped guard.
     combined_in_doubt: bool,
+    /// What the statements check on the server, which decides the shape of their answers.
+    checks: Checks,
 }
 
 /// Whether a session lock may be held after the acquiring statement failed with `error`.
@@ -758,7 +790,7 @@ impl Attempt {
         let params = KeyParams::new(key);
         let extra = match &combined {
             // The combined statement's parameters are the unlock's: the key, then the pid.
-            Some((_, granted_on)) => Some(granted_on as &(dyn ToSql + Sync)),
+            Some((_, granted_on)) => self.checks.pid_param(granted_on),
             None => lock_timeout.as_ref().map(|t| t as &(dyn ToSql + Sync)),
         };
         let params = params.with(extra);
@@ -816,8 +848,8 @@ impl Attempt {
         if let Some((_, granted_on)) = combined {
             match &result {
                 Ok(row) => {
-                    // The combined statement answers `(granted, backend_pid, released)`.
-                    let released = unlock_outcome(key, granted_on, row.get(1), row.get(2));
+                    let (_, ran_on, released) = self.checks.unlocked_then_acquired(row);
+                    let released = unlock_outcome(key, granted_on, ran_on, released);
                     trace::released(key, granted_on, "drop", &released, true);
                     // On a shared session the failure is only reported, as for an unlock sent
                     // alone; a pooled connection is closed, as after a failed parked unlock.
@@ -845,7 +877,7 @@ impl Attempt {
         mut self,
         mode: LockMode,
         backend_pid: i32,
-        unlock: Option<Statement>,
+        unlock: Option<PreparedUnlock>,
     ) -> AdvisoryLockGuard {
         let conn = self
             .slot

@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, Statement};
 
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -33,6 +34,71 @@ impl Form {
             AdvisoryKey::Pair(..) => Form::Pair,
         }
     }
+}
+
+/// What a statement checks on the server itself, besides taking or releasing the lock.
+///
+/// On a connection pglock has not verified (see the `backend` module), every statement checks
+/// that the server is not a standby and reports the backend that ran it, and an unlock runs
+/// only on the backend that granted the lock. On a connection verified once as direct to a
+/// primary's backend, neither can change while it lives, and the statements are the plain
+/// ones: `SELECT pg_advisory_lock($1)` and nothing more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Checks {
+    /// The checking forms, which work on any connection.
+    InStatement,
+    /// The plain forms, for a connection verified as direct to the primary backend with this
+    /// pid.
+    Verified(i32),
+}
+
+impl Checks {
+    fn index(self) -> usize {
+        matches!(self, Checks::Verified(_)) as usize
+    }
+
+    /// The unlock's last parameter, the pid of the backend that granted the lock, for the
+    /// checking forms.
+    pub(crate) fn pid_param(self, granted_on: &i32) -> Option<&(dyn ToSql + Sync)> {
+        match self {
+            Checks::InStatement => Some(granted_on),
+            Checks::Verified(_) => None,
+        }
+    }
+
+    /// An acquiring statement's answer: whether the lock was granted (`None` on a standby) and
+    /// the backend that ran the statement.
+    pub(crate) fn acquired(self, row: &Row) -> (Option<bool>, i32) {
+        match self {
+            Checks::InStatement => (row.get(0), row.get(1)),
+            Checks::Verified(pid) => (row.get(0), pid),
+        }
+    }
+
+    /// An unlock's answer: the backend that ran it, and whether it released the key (`None`
+    /// when that backend is not the one that granted the lock, so the unlock did not run).
+    pub(crate) fn unlocked(self, row: &Row) -> (i32, Option<bool>) {
+        match self {
+            Checks::InStatement => (row.get(1), row.get(0)),
+            Checks::Verified(pid) => (pid, row.get(0)),
+        }
+    }
+
+    /// The combined statement's answer ([`unlock_then`]): the acquisition's, then the
+    /// unlock's released column.
+    pub(crate) fn unlocked_then_acquired(self, row: &Row) -> (Option<bool>, i32, Option<bool>) {
+        match self {
+            Checks::InStatement => (row.get(0), row.get(1), row.get(2)),
+            Checks::Verified(pid) => (row.get(0), pid, row.get(1)),
+        }
+    }
+}
+
+/// A prepared session unlock, with the checks it was prepared with.
+#[derive(Clone, Debug)]
+pub(crate) struct PreparedUnlock {
+    pub(crate) statement: Statement,
+    pub(crate) checks: Checks,
 }
 
 /// The key as statement parameters, without allocating.
@@ -131,33 +197,45 @@ impl<'a> ParamList<'a> {
     }
 }
 
-/// The text of the statement for `op` on a key of `form`, in `mode` and `scope`.
+/// The text of the statement for `op` on a key of `form`, in `mode` and `scope`, with `checks`.
 ///
-/// Every acquiring statement returns `(granted, backend_pid)`, where `granted` is NULL when the
-/// server is a standby: checking `pg_is_in_recovery()` in the same statement costs no round trip.
-/// (A blocking lock function returns `void`, which is never NULL: `IS NOT NULL` turns it into
-/// `true` without converting it to text.) `Unlock` takes the backend pid that granted the lock as its last parameter and returns
-/// `(released, backend_pid)`: it releases only on that backend, so a connection whose backend
-/// changed (a transaction-pooling proxy) can never release a lock another client holds there.
-pub(crate) fn statement(op: Op, mode: LockMode, scope: LockScope, form: Form) -> &'static str {
+/// With [`Checks::InStatement`], every acquiring statement returns `(granted, backend_pid)`,
+/// where `granted` is NULL when the server is a standby: checking `pg_is_in_recovery()` in the
+/// same statement costs no round trip. `Unlock` takes the backend pid that granted the lock as
+/// its last parameter and returns `(released, backend_pid)`: it releases only on that backend,
+/// so a connection whose backend changed (a transaction-pooling proxy) can never release a lock
+/// another client holds there. With [`Checks::Verified`], the statements return `granted` or
+/// `released` alone, and `Unlock` takes the key only. ([`Checks`] reads both shapes.)
+///
+/// A blocking lock function returns `void`, which is never NULL: `IS NOT NULL` turns it into
+/// `true` without converting it to text.
+pub(crate) fn statement(
+    op: Op,
+    mode: LockMode,
+    scope: LockScope,
+    form: Form,
+    checks: Checks,
+) -> &'static str {
     static TABLE: OnceLock<Vec<String>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
-        let mut table = Vec::with_capacity(32);
-        for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
-            for mode in [LockMode::Exclusive, LockMode::Shared] {
-                for scope in [LockScope::Session, LockScope::Transaction] {
-                    for form in [Form::Single, Form::Pair] {
-                        table.push(build(op, mode, scope, form));
+        let mut table = Vec::with_capacity(64);
+        for checks in [Checks::InStatement, Checks::Verified(0)] {
+            for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
+                for mode in [LockMode::Exclusive, LockMode::Shared] {
+                    for scope in [LockScope::Session, LockScope::Transaction] {
+                        for form in [Form::Single, Form::Pair] {
+                            table.push(build(op, mode, scope, form, checks));
+                        }
                     }
                 }
             }
         }
         table
     });
-    &table[index(op, mode, scope, form)]
+    &table[index(op, mode, scope, form, checks)]
 }
 
-fn index(op: Op, mode: LockMode, scope: LockScope, form: Form) -> usize {
+fn index(op: Op, mode: LockMode, scope: LockScope, form: Form, checks: Checks) -> usize {
     let op = match op {
         Op::Lock => 0,
         Op::TryLock => 1,
@@ -167,7 +245,7 @@ fn index(op: Op, mode: LockMode, scope: LockScope, form: Form) -> usize {
     let mode = matches!(mode, LockMode::Shared) as usize;
     let scope = matches!(scope, LockScope::Transaction) as usize;
     let form = matches!(form, Form::Pair) as usize;
-    ((op * 2 + mode) * 2 + scope) * 2 + form
+    (((checks.index() * 4 + op) * 2 + mode) * 2 + scope) * 2 + form
 }
 
 /// The key's placeholders in a statement's argument list, and the number of the next one.
@@ -186,7 +264,7 @@ fn shared_suffix(mode: LockMode) -> &'static str {
     }
 }
 
-fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
+fn build(op: Op, mode: LockMode, scope: LockScope, form: Form, checks: Checks) -> String {
     let (args, next) = key_args(form);
     let xact = if scope == LockScope::Transaction {
         "_xact"
@@ -194,44 +272,58 @@ fn build(op: Op, mode: LockMode, scope: LockScope, form: Form) -> String {
         ""
     };
     let shared = shared_suffix(mode);
-    let standby_guard = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
+    let acquire = match op {
+        Op::Lock | Op::LockWithTimeout => {
+            format!("pg_advisory{xact}_lock{shared}({args}) IS NOT NULL")
+        }
+        Op::TryLock => format!("pg_try_advisory{xact}_lock{shared}({args})"),
+        Op::Unlock => format!("pg_advisory_unlock{shared}({args})"),
+    };
+    let columns = match (op, checks) {
+        (Op::Unlock, Checks::InStatement) => format!(
+            "CASE WHEN pg_backend_pid() = ${next}::int4 THEN {acquire} END, pg_backend_pid()"
+        ),
+        (_, Checks::InStatement) => {
+            format!("{STANDBY_GUARD} {acquire} END, pg_backend_pid()")
+        }
+        (_, Checks::Verified(_)) => acquire,
+    };
     match op {
-        Op::Lock => format!(
-            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args}) IS NOT NULL END, pg_backend_pid()"
-        ),
-        Op::TryLock => format!(
-            "SELECT {standby_guard} pg_try_advisory{xact}_lock{shared}({args}) END, pg_backend_pid()"
-        ),
         // The subquery sets lock_timeout for this transaction before the lock is requested, and
         // the last column puts the previous value back, so the session's own setting survives
         // even inside the explicit transaction of a transaction-scoped lock.
         Op::LockWithTimeout => format!(
-            "SELECT {standby_guard} pg_advisory{xact}_lock{shared}({args}) IS NOT NULL END, pg_backend_pid(), \
-             set_config('lock_timeout', s.previous, true) \
+            "SELECT {columns}, set_config('lock_timeout', s.previous, true) \
              FROM (SELECT current_setting('lock_timeout') AS previous, \
              set_config('lock_timeout', ${next}::text, true) AS applied OFFSET 0) AS s"
         ),
-        Op::Unlock => format!(
-            "SELECT CASE WHEN pg_backend_pid() = ${next}::int4 THEN pg_advisory_unlock{shared}({args}) END, \
-             pg_backend_pid()"
-        ),
+        _ => format!("SELECT {columns}"),
     }
 }
+
+/// Makes an acquiring statement's `granted` NULL on a standby (closed by `END`).
+const STANDBY_GUARD: &str = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
 
 /// The statement that releases a dropped guard's session lock and then acquires the same key
 /// in the same mode with `op` ([`Op::Lock`] or [`Op::TryLock`]), in one round trip and one
 /// statement: what a `lock` + drop loop sends once per cycle (see `handoff::DeferredUnlock`).
 ///
-/// Parameters as for [`Op::Unlock`]: the key, then the pid of the backend that granted the
-/// lock being released. Returns `(granted, backend_pid, released)`: the first two as for the
-/// acquiring statement, the last as the unlock's (NULL when the backend changed).
+/// Parameters as for [`Op::Unlock`] with the same `checks`: the key, then (checking forms) the
+/// pid of the backend that granted the lock being released. The checking forms return
+/// `(granted, backend_pid, released)`: the first two as for the acquiring statement, the last
+/// as the unlock's (NULL when the backend changed); the plain forms `(granted, released)`.
 ///
 /// The unlock runs in a subquery that the planner may neither flatten nor reorder (`OFFSET 0`,
 /// and the unlock is volatile): its row exists before the outer target list, and with it the
 /// lock request, is evaluated. So the release always comes first, as it would in two
 /// statements, and whoever waits in the server's queue for the key is granted it before this
 /// session asks again.
-pub(crate) fn unlock_then(op: Op, mode: LockMode, form: Form) -> Option<&'static str> {
+pub(crate) fn unlock_then(
+    op: Op,
+    mode: LockMode,
+    form: Form,
+    checks: Checks,
+) -> Option<&'static str> {
     static TABLE: OnceLock<Vec<String>> = OnceLock::new();
     let op_index = match op {
         Op::Lock => 0,
@@ -239,11 +331,13 @@ pub(crate) fn unlock_then(op: Op, mode: LockMode, form: Form) -> Option<&'static
         Op::LockWithTimeout | Op::Unlock => return None,
     };
     let table = TABLE.get_or_init(|| {
-        let mut table = Vec::with_capacity(8);
-        for op in [Op::Lock, Op::TryLock] {
-            for mode in [LockMode::Exclusive, LockMode::Shared] {
-                for form in [Form::Single, Form::Pair] {
-                    table.push(build_unlock_then(op, mode, form));
+        let mut table = Vec::with_capacity(16);
+        for checks in [Checks::InStatement, Checks::Verified(0)] {
+            for op in [Op::Lock, Op::TryLock] {
+                for mode in [LockMode::Exclusive, LockMode::Shared] {
+                    for form in [Form::Single, Form::Pair] {
+                        table.push(build_unlock_then(op, mode, form, checks));
+                    }
                 }
             }
         }
@@ -251,10 +345,10 @@ pub(crate) fn unlock_then(op: Op, mode: LockMode, form: Form) -> Option<&'static
     });
     let mode_index = matches!(mode, LockMode::Shared) as usize;
     let form_index = matches!(form, Form::Pair) as usize;
-    Some(&table[(op_index * 2 + mode_index) * 2 + form_index])
+    Some(&table[((checks.index() * 2 + op_index) * 2 + mode_index) * 2 + form_index])
 }
 
-fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
+fn build_unlock_then(op: Op, mode: LockMode, form: Form, checks: Checks) -> String {
     let (args, next) = key_args(form);
     let shared = shared_suffix(mode);
     let acquire = match op {
@@ -262,11 +356,17 @@ fn build_unlock_then(op: Op, mode: LockMode, form: Form) -> String {
         Op::TryLock => format!("pg_try_advisory_lock{shared}({args})"),
         Op::LockWithTimeout | Op::Unlock => unreachable!("not combined with an unlock"),
     };
-    format!(
-        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE {acquire} END, pg_backend_pid(), \
-         u.released FROM (SELECT CASE WHEN pg_backend_pid() = ${next}::int4 \
-         THEN pg_advisory_unlock{shared}({args}) END AS released OFFSET 0) AS u"
-    )
+    match checks {
+        Checks::InStatement => format!(
+            "SELECT {STANDBY_GUARD} {acquire} END, pg_backend_pid(), \
+             u.released FROM (SELECT CASE WHEN pg_backend_pid() = ${next}::int4 \
+             THEN pg_advisory_unlock{shared}({args}) END AS released OFFSET 0) AS u"
+        ),
+        Checks::Verified(_) => format!(
+            "SELECT {acquire}, u.released \
+             FROM (SELECT pg_advisory_unlock{shared}({args}) AS released OFFSET 0) AS u"
+        ),
+    }
 }
 
 /// The batch statement for keys of `form`: one row per key, `(index, granted, backend_pid)`,
@@ -340,27 +440,36 @@ pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
 mod tests {
     use super::*;
 
+    const CHECKS: [Checks; 2] = [Checks::InStatement, Checks::Verified(0)];
+
     #[test]
     fn every_statement_is_distinct_and_parameterised() {
         let mut seen = std::collections::HashSet::new();
-        for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
-            for mode in [LockMode::Exclusive, LockMode::Shared] {
-                for scope in [LockScope::Session, LockScope::Transaction] {
-                    for form in [Form::Single, Form::Pair] {
-                        let sql = statement(op, mode, scope, form);
-                        assert!(sql.contains("$1"), "{sql}");
-                        if op != Op::Unlock || scope == LockScope::Session {
-                            assert!(seen.insert(sql), "duplicate {sql}");
+        for checks in CHECKS {
+            for op in [Op::Lock, Op::TryLock, Op::LockWithTimeout, Op::Unlock] {
+                for mode in [LockMode::Exclusive, LockMode::Shared] {
+                    for scope in [LockScope::Session, LockScope::Transaction] {
+                        for form in [Form::Single, Form::Pair] {
+                            let sql = statement(op, mode, scope, form, checks);
+                            assert!(sql.contains("$1"), "{sql}");
+                            assert_eq!(
+                                sql.contains("pg_backend_pid()"),
+                                checks == Checks::InStatement,
+                                "{sql}"
+                            );
+                            if op != Op::Unlock || scope == LockScope::Session {
+                                assert!(seen.insert(sql), "duplicate {sql}");
+                            }
                         }
                     }
                 }
             }
-        }
-        for op in [Op::Lock, Op::TryLock] {
-            for mode in [LockMode::Exclusive, LockMode::Shared] {
-                for form in [Form::Single, Form::Pair] {
-                    let sql = unlock_then(op, mode, form).expect("combined");
-                    assert!(seen.insert(sql), "duplicate {sql}");
+            for op in [Op::Lock, Op::TryLock] {
+                for mode in [LockMode::Exclusive, LockMode::Shared] {
+                    for form in [Form::Single, Form::Pair] {
+                        let sql = unlock_then(op, mode, form, checks).expect("combined");
+                        assert!(seen.insert(sql), "duplicate {sql}");
+                    }
                 }
             }
         }
@@ -373,19 +482,75 @@ mod tests {
                 assert_eq!(sql.contains("_shared("), mode == LockMode::Shared, "{sql}");
             }
         }
+        for checks in CHECKS {
+            assert_eq!(
+                unlock_then(
+                    Op::LockWithTimeout,
+                    LockMode::Exclusive,
+                    Form::Single,
+                    checks
+                ),
+                None
+            );
+        }
         assert_eq!(
-            unlock_then(Op::LockWithTimeout, LockMode::Exclusive, Form::Single),
-            None
-        );
-        assert_eq!(
-            unlock_then(Op::TryLock, LockMode::Shared, Form::Pair).unwrap(),
+            unlock_then(Op::TryLock, LockMode::Shared, Form::Pair, Checks::InStatement).unwrap(),
             "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock_shared($1::int4, $2::int4) END, \
              pg_backend_pid(), u.released FROM (SELECT CASE WHEN pg_backend_pid() = $3::int4 \
              THEN pg_advisory_unlock_shared($1::int4, $2::int4) END AS released OFFSET 0) AS u"
         );
         assert_eq!(
-            statement(Op::TryLock, LockMode::Shared, LockScope::Transaction, Form::Pair),
+            unlock_then(
+                Op::Lock,
+                LockMode::Exclusive,
+                Form::Single,
+                Checks::Verified(7)
+            )
+            .unwrap(),
+            "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.released \
+             FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u"
+        );
+        assert_eq!(
+            statement(
+                Op::TryLock,
+                LockMode::Shared,
+                LockScope::Transaction,
+                Form::Pair,
+                Checks::InStatement
+            ),
             "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_xact_lock_shared($1::int4, $2::int4) END, pg_backend_pid()"
+        );
+        assert_eq!(
+            statement(
+                Op::Unlock,
+                LockMode::Exclusive,
+                LockScope::Session,
+                Form::Single,
+                Checks::InStatement
+            ),
+            "SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END, pg_backend_pid()"
+        );
+        assert_eq!(
+            statement(
+                Op::Lock,
+                LockMode::Exclusive,
+                LockScope::Session,
+                Form::Single,
+                Checks::Verified(7)
+            ),
+            "SELECT pg_advisory_lock($1::int8) IS NOT NULL"
+        );
+        assert_eq!(
+            statement(
+                Op::LockWithTimeout,
+                LockMode::Exclusive,
+                LockScope::Session,
+                Form::Single,
+                Checks::Verified(7)
+            ),
+            "SELECT pg_advisory_lock($1::int8) IS NOT NULL, set_config('lock_timeout', s.previous, true) \
+             FROM (SELECT current_setting('lock_timeout') AS previous, \
+             set_config('lock_timeout', $2::text, true) AS applied OFFSET 0) AS s"
         );
     }
 }

@@ -132,15 +132,41 @@ async fn a_hot_standby_is_refused() {
     .await;
     assert!(matches!(single, Err(Error::ReadOnlyStandby)), "{single:?}");
     assert!(matches!(pair, Err(Error::ReadOnlyStandby)), "{pair:?}");
-    let held: i64 = session
-        .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
-            &[],
-        )
+    let advisory_locks = || async {
+        session
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(advisory_locks().await, 0);
+    // Promoted, the server takes locks on the same session: a connection found on a standby is
+    // never verified as direct (src/backend.rs), and its checking statements now grant.
+    let promoted: bool = session
+        .query_one("SELECT pg_promote(true, 30)", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(held, 0);
+    assert!(promoted);
+    let lock = AdvisoryLock::new(&session, "migrations");
+    let guard = lock.lock().await.expect("a primary now");
+    assert_eq!(advisory_locks().await, 1);
+    let key = AdvisoryLockGuard::key(&guard);
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    drop(lock.lock().await.unwrap());
+    crate::harness::session_cleaned_up(&session, key).await;
+    assert_eq!(
+        crate::harness::prepared_lock_statements(session.client())
+            .await
+            .1,
+        0,
+        "still the checking statements"
+    );
+    drop(lock);
+    assert_eq!(advisory_locks().await, 0);
 }
 
 /// The holder of a lock runs CREATE INDEX CONCURRENTLY, which waits for every transaction with
@@ -343,9 +369,14 @@ async fn deallocated_statements_on_a_pooled_connection_fail_once() {
                 lock.lock().await
             }
         };
-        let guard = acquire().await.unwrap();
-        let first_pid = AdvisoryLockGuard::backend_pid(&guard);
-        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        // Twice: the first lock on a connection verifies it (src/backend.rs), and the second
+        // prepares the statements it uses from then on.
+        let mut first_pid = 0;
+        for _ in 0..2 {
+            let guard = acquire().await.unwrap();
+            first_pid = AdvisoryLockGuard::backend_pid(&guard);
+            AdvisoryLockGuard::unlock(guard).await.unwrap();
+        }
         // The same (only) connection, behind pglock's back.
         let object = pool.get().await.unwrap();
         object.batch_execute("DEALLOCATE ALL").await.unwrap();
@@ -382,9 +413,12 @@ async fn deallocated_statements_on_a_session_fail_once() {
     let session = db.session().await;
     let key = db.key();
     let lock = AdvisoryLock::new(&session, key);
-    AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
-        .await
-        .unwrap();
+    // Twice, as on a pool.
+    for _ in 0..2 {
+        AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+            .await
+            .unwrap();
+    }
     session.batch_execute("DEALLOCATE ALL").await.unwrap();
     let guard = fails_once_then_acquires(&db, || lock.lock()).await;
     assert_eq!(db.holders(key).await.len(), 1);

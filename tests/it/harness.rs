@@ -61,8 +61,6 @@ impl TestDb {
         format!("{base}{sep}application_name={}", self.app)
     }
 
-    /// A pool of at most `size` connections, with deadpool's default (fast) recycling: it does
-    /// not clean up advisory locks, so leaks show.
     /// A pool of `size` connections, all of them open (so that the pool's size and its
     /// connection tasks stay as they are while a test counts them).
     pub async fn open_pool(&self, size: usize) -> Pool {
@@ -74,6 +72,8 @@ impl TestDb {
         pool
     }
 
+    /// A pool of at most `size` connections, with deadpool's default (fast) recycling: it does
+    /// not clean up advisory locks, so leaks show.
     pub fn pool(&self, size: usize) -> Pool {
         let config: tokio_postgres::Config = self.url().parse().unwrap();
         let manager = Manager::from_config(
@@ -306,4 +306,26 @@ pub async fn wait_for_alive_tasks(tasks: &tokio::runtime::RuntimeMetrics, alive:
         "{} tasks alive, expected {alive}",
         tasks.num_alive_tasks()
     );
+}
+
+/// How many of pglock's advisory lock statements are prepared on `client`'s backend, as
+/// `(checking, plain)`: the checking forms call `pg_backend_pid()`, the plain ones, for a
+/// connection verified as direct, do not (see src/backend.rs).
+pub async fn prepared_lock_statements(client: &Client) -> (usize, usize) {
+    let texts: Vec<String> = client
+        .query_typed(
+            "SELECT statement FROM pg_prepared_statements \
+             WHERE statement LIKE '%advisory%' AND statement NOT LIKE '%pg_prepared_statements%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let checking = texts
+        .iter()
+        .filter(|text| text.contains("pg_backend_pid()"))
+        .count();
+    (checking, texts.len() - checking)
 }

@@ -24,6 +24,7 @@ mod support_selftest;
 mod timeouts;
 mod tls;
 mod tracing_events;
+mod verification;
 
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]

@@ -11,7 +11,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls};
 
 use crate::bouncer::{PgBouncer, PoolMode};
-use crate::harness::{connect, TestDb};
+use crate::harness::{connect, prepared_lock_statements, TestDb};
 
 /// A deadpool pool of at most `size` client connections to PgBouncer.
 fn pool_through(bouncer: &PgBouncer, db: &TestDb, size: usize) -> Pool {
@@ -130,6 +130,35 @@ async fn session_locks_work_in_session_mode() {
     let guard = lock.try_lock().await.unwrap().expect("free again");
     drop(guard);
     drop(pool);
+    bouncer.stop();
+    db.assert_no_locks().await;
+}
+
+/// PgBouncer gives its clients cancel keys of its own, so pglock never verifies a connection
+/// through it as direct (src/backend.rs): every statement keeps checking the backend and the
+/// standby state, even in session mode, where the server connection happens not to change.
+#[tokio::test]
+async fn session_mode_keeps_the_checking_statements() {
+    let db = TestDb::new("pgb_checks").await;
+    let Some(bouncer) = PgBouncer::start(PoolMode::Session, 1).await else {
+        return;
+    };
+    let session = Arc::new(
+        pglock::Session::connect(&bouncer.url(&db.app))
+            .await
+            .unwrap(),
+    );
+    let lock = AdvisoryLock::new(&session, db.key());
+    for _ in 0..3 {
+        AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+            .await
+            .unwrap();
+        drop(lock.lock().await.unwrap());
+    }
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(prepared_lock_statements(session.client()).await, (3, 0));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    drop((lock, session));
     bouncer.stop();
     db.assert_no_locks().await;
 }

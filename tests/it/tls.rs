@@ -232,8 +232,15 @@ async fn verify_full_connects_sessions_and_pools() {
     );
     assert!(uses_tls(&session).await);
     let key = db.key();
-    let guard = AdvisoryLock::new(&session, key).lock().await.unwrap();
-    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    for _ in 0..2 {
+        let guard = AdvisoryLock::new(&session, key).lock().await.unwrap();
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
+    // Verified as direct through the TLS connection's cancel key (src/backend.rs).
+    assert_eq!(
+        crate::harness::prepared_lock_statements(session.client()).await,
+        (3, 3)
+    );
 
     // A pool, by IP address (the certificate names 127.0.0.1 as well).
     let pool =

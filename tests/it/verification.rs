@@ -1,0 +1,133 @@
+//! A connection's first lock verifies it as direct to a primary's backend; from then on pglock
+//! sends the plain statements there, and a connection it cannot verify keeps the checking ones
+//! (see src/backend.rs). Behind PgBouncer: `pgbouncer::session_mode_keeps_the_checking_statements`;
+//! on a standby: `errors::a_hot_standby_is_refused`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, LockScope, Session};
+
+use crate::harness::{prepared_lock_statements, TestDb};
+
+/// The first lock on a session uses the checking statements and verifies the session; the next
+/// ones use the plain statements, and they lock, exclude and release as the others do.
+#[tokio::test]
+async fn a_direct_session_is_verified_by_its_first_lock() {
+    let db = TestDb::new("verify_session").await;
+    let session = db.session().await;
+    let other = db.session().await;
+    let key = db.key();
+    let lock = AdvisoryLock::new(&session, key);
+
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(prepared_lock_statements(session.client()).await, (3, 0));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    // The lock, its unlock and the combined unlock-then-lock, in their plain forms.
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(prepared_lock_statements(session.client()).await, (3, 3));
+    assert_eq!(
+        db.holders(key).await,
+        [AdvisoryLockGuard::backend_pid(&guard)]
+    );
+    assert!(AdvisoryLock::new(&other, key)
+        .try_lock()
+        .await
+        .unwrap()
+        .is_none());
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    assert!(db.holders(key).await.is_empty());
+
+    // A lock + drop loop: each drop's unlock rides in the next lock's plain combined statement.
+    for _ in 0..5 {
+        let guard = lock.lock().await.unwrap();
+        assert_eq!(db.holders(key).await.len(), 1);
+        drop(guard);
+    }
+    crate::harness::session_cleaned_up(&session, key).await;
+    assert!(db.holders(key).await.is_empty());
+
+    // The other kinds of acquisition, plain too: with a timeout, shared, transaction-scoped.
+    let guard = lock
+        .try_lock_for(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(lock.try_lock_for(Duration::from_millis(50)).await.is_err());
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    let shared = lock.lock_shared().await.unwrap();
+    AdvisoryLockGuard::unlock(shared).await.unwrap();
+    let in_transaction = AdvisoryLock::new(&session, key)
+        .scope(LockScope::Transaction)
+        .lock()
+        .await
+        .unwrap();
+    AdvisoryLockGuard::commit(in_transaction).await.unwrap();
+    let (checking, plain) = prepared_lock_statements(session.client()).await;
+    assert_eq!(checking, 3, "no checking statement after the first");
+    assert!(plain >= 6, "{plain} plain statements");
+
+    drop((lock, session, other));
+    db.assert_no_locks().await;
+}
+
+/// On a pool, what pglock learned about a connection outlives the checkout: another lock of
+/// the same source finds the connection verified and sends the plain statements at once.
+#[tokio::test]
+async fn a_pooled_connection_stays_verified_across_checkouts() {
+    let db = TestDb::new("verify_pool").await;
+    let source = ConnectionSource::from(db.open_pool(1).await);
+    let (first, second) = (db.key(), db.key());
+
+    let guard = AdvisoryLock::new(source.clone(), first)
+        .lock()
+        .await
+        .unwrap();
+    assert_eq!(prepared_lock_statements(&guard).await, (3, 0));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    let guard = AdvisoryLock::new(source.clone(), second)
+        .lock()
+        .await
+        .unwrap();
+    assert_eq!(prepared_lock_statements(&guard).await, (3, 3));
+    assert_eq!(
+        db.holders(second).await,
+        [AdvisoryLockGuard::backend_pid(&guard)]
+    );
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    drop(source);
+    db.assert_no_locks().await;
+}
+
+/// `always_check_backend` keeps the checking statements, on a session and on a pool.
+#[tokio::test]
+async fn always_check_backend_keeps_the_checking_statements() {
+    let db = TestDb::new("verify_never").await;
+    let key = db.key();
+    let session = Arc::new(
+        Session::connect(&db.url())
+            .await
+            .unwrap()
+            .always_check_backend(),
+    );
+    let source = ConnectionSource::from(db.open_pool(1).await).always_check_backend();
+    let on_session = AdvisoryLock::new(&session, key);
+    let on_pool = AdvisoryLock::new(source, db.key());
+    for _ in 0..3 {
+        let guard = on_session.lock().await.unwrap();
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        drop(on_session.lock().await.unwrap());
+        let guard = on_pool.lock().await.unwrap();
+        assert_eq!(prepared_lock_statements(&guard).await.1, 0);
+        drop(guard);
+    }
+    let guard = on_session.lock().await.unwrap();
+    assert_eq!(prepared_lock_statements(session.client()).await, (3, 0));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    drop((on_session, on_pool, session));
+    db.assert_no_locks().await;
+}
