@@ -240,13 +240,28 @@ impl Session {
     ///
     /// pglock normally checks, with the first lock it takes on a connection, that the
     /// connection is direct to a primary's backend: the backend that runs the statement is the
-    /// one the login announced, and the server is not a standby. Neither can change while a
-    /// direct connection lives, so from then on it sends the plain statements. Every
-    /// connection pooler pglock knows of gives its clients cancel keys of its own, so behind a
-    /// pooler that check fails and the statements keep checking the standby state and the
-    /// backend themselves. Use this behind a proxy that passes the server's own cancel key on
-    /// to its clients and may still run their statements on another backend or server (say, a
-    /// proxy that balances `SELECT` statements over replicas). See `docs/design.md`.
+    /// one the login announced (in its cancel key), and the server is not a standby. Neither
+    /// can change while a direct connection lives, so from then on it sends the plain
+    /// statements. A pooler that may serve one client from several backends, such as
+    /// PgBouncer, gives its clients cancel keys of its own, so behind it that check fails and
+    /// the statements keep checking the standby state and the backend themselves. Use this
+    /// behind a proxy that passes the server's own cancel key on to its clients and may still
+    /// run their statements on another backend or server (say, a proxy that balances `SELECT`
+    /// statements over replicas). See "Checked in every statement until the connection is
+    /// verified" in `docs/design.md`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pglock::Result<()> {
+    /// use pglock::{AdvisoryLock, Session};
+    ///
+    /// let session = Session::connect("postgres://postgres@balancer.internal/app")
+    ///     .await?
+    ///     .always_check_backend();
+    /// let guard = AdvisoryLock::new(session, "nightly-report").lock().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn always_check_backend(mut self) -> Self {
         self.always_check = true;
         self
@@ -335,7 +350,9 @@ impl Session {
     }
 
     fn cached(&self, sql: &'static str) -> Option<Statement> {
-        find_prepared(self.statements.lock().unwrap().iter(), sql)
+        // Newest first: once the session is verified, its plain statements come after the
+        // checking ones of its first lock, which it no longer uses.
+        find_prepared(self.statements.lock().unwrap().iter().rev(), sql)
     }
 }
 

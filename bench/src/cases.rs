@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use pglock::{AdvisoryLock, AdvisoryLockGuard, CohortLock, LockSet, Session};
+use pglock::{AdvisoryLock, AdvisoryLockGuard, CohortLock, ConnectionSource, LockSet, Session};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::alloc::live_bytes;
@@ -147,11 +147,18 @@ pub static CASES: &[Case] = &[
         raw_lock_unlock
     ),
     case!(
-        "raw_with_pglock_sql",
+        "raw_with_checking_sql",
         "1 uncontended",
         Some("raw_lock_unlock"),
         None,
-        raw_with_pglock_sql
+        raw_with_checking_sql
+    ),
+    case!(
+        "pglock_session_checking_lock_unlock",
+        "1 uncontended",
+        Some("raw_lock_unlock"),
+        None,
+        session_checking_lock_unlock
     ),
     case!(
         "sqlx_lock_release",
@@ -182,11 +189,11 @@ pub static CASES: &[Case] = &[
         raw_lock_pipelined_unlock
     ),
     case!(
-        "raw_pipelined_with_pglock_sql",
+        "raw_pipelined_with_checking_sql",
         "2 lock+drop",
         Some("raw_lock_unlock"),
         None,
-        raw_pipelined_with_pglock_sql
+        raw_pipelined_with_checking_sql
     ),
     case!(
         "raw_lock_combined_unlock",
@@ -217,11 +224,11 @@ pub static CASES: &[Case] = &[
         raw_contended_8
     ),
     case!(
-        "raw_contended_8_with_pglock_sql",
+        "raw_contended_8_with_checking_sql",
         "3 contended 8x8",
         Some("raw_contended_8"),
         None,
-        raw_contended_8_with_pglock_sql
+        raw_contended_8_with_checking_sql
     ),
     case!(
         "pglock_pool_contended_8",
@@ -376,26 +383,32 @@ impl Env {
 
     /// A session whose statements are already prepared.
     async fn session(&self) -> Arc<Session> {
-        let session = Arc::new(Session::connect(&self.url).await.unwrap());
-        let guard = AdvisoryLock::new(&session, self.key())
-            .lock()
-            .await
-            .unwrap();
-        AdvisoryLockGuard::unlock(guard).await.unwrap();
-        session
+        warmed(Session::connect(&self.url).await.unwrap(), self.key()).await
     }
 
-    /// A pool of `size` connections, all open and with pglock's statements prepared.
+    /// A session that never drops its per-statement checks (as behind a pooler), its
+    /// statements prepared.
+    async fn checking_session(&self) -> Arc<Session> {
+        let session = Session::connect(&self.url).await.unwrap();
+        warmed(session.always_check_backend(), self.key()).await
+    }
+
+    /// A pool of `size` connections, all open and with pglock's statements prepared (in
+    /// deadpool's statement cache: the checking ones, then the plain ones once the connection is
+    /// verified).
     async fn pool(&self, size: usize) -> Pool {
         let pool = pool(&self.url, size);
+        let source = ConnectionSource::from(&pool);
         let keys = self.keys(size);
-        let guards = futures_util::future::join_all(
-            keys.iter()
-                .map(|k| async { AdvisoryLock::new(&pool, *k).lock().await.unwrap() }),
-        )
-        .await;
-        for guard in guards {
-            AdvisoryLockGuard::unlock(guard).await.unwrap();
+        for _ in 0..2 {
+            let guards =
+                futures_util::future::join_all(keys.iter().map(|k| async {
+                    AdvisoryLock::new(source.clone(), *k).lock().await.unwrap()
+                }))
+                .await;
+            for guard in guards {
+                AdvisoryLockGuard::unlock(guard).await.unwrap();
+            }
         }
         pool
     }
@@ -479,7 +492,19 @@ async fn raw_lock_unlock(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, start.stop())
 }
 
-/// pglock's session-lock statements for an `int8` key, prepared by hand.
+/// A session after two locks of `key`: the first verifies the connection as direct, the
+/// second prepares the plain statements it then uses.
+async fn warmed(session: Session, key: i64) -> Arc<Session> {
+    let session = Arc::new(session);
+    for _ in 0..2 {
+        let guard = AdvisoryLock::new(&session, key).lock().await.unwrap();
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
+    session
+}
+
+/// pglock's checking session-lock statements for an `int8` key (what it sends on a connection
+/// it has not verified as direct, such as one through a pooler), prepared by hand.
 struct PglockStatements {
     lock: Statement,
     unlock: Statement,
@@ -505,10 +530,12 @@ impl PglockStatements {
     }
 }
 
-/// Diagnostic: the raw loop, sending pglock's own statements (the standby check and backend
-/// pid on the lock, the release guarded by the backend pid that was granted the lock).
-/// Separates what the server spends on pglock's SQL from what the library spends.
-async fn raw_with_pglock_sql(env: &Env, d: Duration) -> Sample {
+/// Diagnostic: the raw loop, sending pglock's checking statements (the standby check and
+/// backend pid on the lock, the release guarded by the backend pid that was granted the lock),
+/// which pglock sends on a connection it has not verified as direct. Shows what the checks
+/// cost the server. (On a verified connection pglock sends the plain statements of
+/// `raw_lock_unlock`.)
+async fn raw_with_checking_sql(env: &Env, d: Duration) -> Sample {
     let raw = env.raw().await;
     let client = &raw.client;
     let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
@@ -562,6 +589,15 @@ async fn session_lock_unlock(env: &Env, d: Duration) -> Sample {
     lock_unlock(AdvisoryLock::new(&env.session().await, env.key()), d).await
 }
 
+/// Diagnostic: pglock on a session that keeps the checking statements, as behind a pooler.
+async fn session_checking_lock_unlock(env: &Env, d: Duration) -> Sample {
+    lock_unlock(
+        AdvisoryLock::new(&env.checking_session().await, env.key()),
+        d,
+    )
+    .await
+}
+
 async fn pool_lock_unlock(env: &Env, d: Duration) -> Sample {
     lock_unlock(AdvisoryLock::new(&env.pool(2).await, env.key()), d).await
 }
@@ -587,7 +623,7 @@ async fn raw_lock_pipelined_unlock(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, elapsed)
 }
 
-async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
+async fn raw_pipelined_with_checking_sql(env: &Env, d: Duration) -> Sample {
     let raw = &env.raw().await;
     let client = &raw.client;
     let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
@@ -611,36 +647,31 @@ async fn raw_pipelined_with_pglock_sql(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, elapsed)
 }
 
+/// The wire's limit for scenario 2 as pglock reaches it: the unlock of one cycle and the lock
+/// of the next in one statement, the plain combined statement pglock sends on a verified
+/// connection.
 async fn raw_lock_combined_unlock(env: &Env, d: Duration) -> Sample {
     let raw = &env.raw().await;
     let client = &raw.client;
-    let PglockStatements { lock, unlock } = PglockStatements::prepare(client).await;
     let combined = client
         .prepare(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
-             pg_advisory_lock($3::int8) IS NOT NULL END, pg_backend_pid(), u.released \
-             FROM (SELECT CASE WHEN pg_backend_pid() = $2::int4 THEN pg_advisory_unlock($1::int8) END \
-             AS released OFFSET 0) AS u",
+            "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.released \
+             FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u",
         )
         .await
         .unwrap();
     let key = env.key();
     let start = Stopwatch::start();
-    let row = client.query_one(&lock, &[&key]).await.unwrap();
-    let mut pid: i32 = row.get(1);
+    client.query_one(&raw.lock, &[&key]).await.unwrap();
     let mut ops = 1;
     while start.elapsed() < d {
-        let row = client
-            .query_one(&combined, &[&key, &pid, &key])
-            .await
-            .unwrap();
-        let released: Option<bool> = row.get(2);
+        let row = client.query_one(&combined, &[&key]).await.unwrap();
+        let released: Option<bool> = row.get(1);
         assert_eq!(released, Some(true));
-        pid = row.get(1);
         ops += 1;
     }
     let elapsed = start.stop();
-    client.query_one(&unlock, &[&key, &pid]).await.unwrap();
+    client.query_one(&raw.unlock, &[&key]).await.unwrap();
     Sample::new(ops, elapsed)
 }
 
@@ -712,10 +743,9 @@ async fn raw_contended_8(env: &Env, d: Duration) -> Sample {
     .await
 }
 
-/// Diagnostic: the raw contended loop, sending pglock's own statements (see
-/// `raw_with_pglock_sql`), to separate what the server spends on pglock's SQL under contention
-/// from what the library spends.
-async fn raw_contended_8_with_pglock_sql(env: &Env, d: Duration) -> Sample {
+/// Diagnostic: the raw contended loop, sending pglock's checking statements (see
+/// `raw_with_checking_sql`), to show what the checks cost the server under contention.
+async fn raw_contended_8_with_checking_sql(env: &Env, d: Duration) -> Sample {
     let key = env.key();
     let mut raw8 = Vec::new();
     for _ in 0..8 {
