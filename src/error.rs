@@ -124,8 +124,9 @@ pub enum Error {
     /// pglock sees it when a statement for the lock answers from another backend than the one
     /// that granted the lock (the release then releases nothing: the lock may stay held on the
     /// proxy's server connection until that connection closes), or when a statement pglock
-    /// prepared on the connection is missing on the server (SQLSTATE 26000). See
-    /// `docs/pgbouncer.md`.
+    /// prepared on a connection it could not verify as direct is missing on the server
+    /// (SQLSTATE 26000; on a verified connection that only means the statements were
+    /// deallocated, and pglock prepares them again). See `docs/pgbouncer.md`.
     #[error("the PostgreSQL backend of this connection changed between statements for advisory lock {key}{}: the connection goes through a transaction-pooling proxy (such as PgBouncer with pool_mode=transaction), where session locks do not hold; use LockScope::Transaction with ConnectionSource::behind_transaction_pooler(), or connect directly or through a session-pooling port (see docs/pgbouncer.md)", backend_suffix(*.granted_on, *.now_on))]
     BackendChanged {
         /// The key of the lock concerned.

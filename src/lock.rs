@@ -317,6 +317,7 @@ impl AdvisoryLock {
             },
             _ => None,
         };
+        let mut deallocated = false;
         loop {
             let (conn, prior) = match next.take() {
                 Some(claimed) => claimed,
@@ -327,6 +328,12 @@ impl AdvisoryLock {
                 // The unlock before ours failed, and that connection is being closed: start
                 // again on a fresh one.
                 Attempted::Retry => trace::prior_release_failed(self.key),
+                // Once: a server that refuses the statements again is not deallocating them.
+                Attempted::Deallocated(error) if deallocated => return Err(error),
+                Attempted::Deallocated(_) => {
+                    trace::statements_deallocated(self.key);
+                    deallocated = true;
+                }
             }
         }
     }
@@ -560,6 +567,13 @@ impl AdvisoryLock {
                     if attempt.combined_in_doubt {
                         // Refused before running: the dropped guard's unlock did not run either.
                         attempt.settle_unknown();
+                    } else if matches!(checks, Checks::Verified(_))
+                        && self.scope == LockScope::Session
+                    {
+                        // A connection verified as direct keeps its backend: the statements
+                        // were deallocated (`DEALLOCATE`, `DISCARD ALL`), and starting again,
+                        // preparing anew, hides no misconfiguration.
+                        return Ok(Attempted::Deallocated(Error::from_postgres(Some(key), e)));
                     }
                     return Err(Error::from_postgres(Some(key), e));
                 }
@@ -704,6 +718,11 @@ enum Attempted {
     /// The connection was claimed from the parking and the unlock before ours failed: the
     /// connection is being closed, and the acquisition must start again on another.
     Retry,
+    /// The server refused the statement as not prepared, on a connection verified as direct:
+    /// the statements were deallocated, nothing ran, and the acquisition starts again (on the
+    /// same session, or on another pooled connection, this one being closed). The error is
+    /// what to report if it happens again.
+    Deallocated(Error),
 }
 
 /// The acquiring statement: prepared on the connection, or sent unprepared (behind a

@@ -18,6 +18,8 @@
 //! | `advisory lock acquisition abandoned` | DEBUG | `key`, `scope` |
 //! | `advisory lock leaked on purpose` | DEBUG | `key`, `backend_pid` |
 //! | `backend changed under advisory lock` | WARN | `key`, `error` |
+//! | `the unlock queued before this acquisition failed; ...` | DEBUG | `key` |
+//! | `pglock's prepared statements were deallocated on a direct connection; ...` | DEBUG | `key` |
 //! | `advisory lock lost` | WARN | `key`, `backend_pid`, `reason` |
 //! | `leadership acquired` | INFO | `name`, `key`, `term`, `backend_pid` |
 //! | `leadership lost` | WARN | `name`, `key`, `term`, `reason` |
@@ -189,5 +191,13 @@ pub(crate) fn prior_release_failed(key: AdvisoryKey) {
         target: TARGET,
         key = %key,
         "the unlock queued before this acquisition failed; closing that connection and acquiring on another"
+    );
+}
+
+pub(crate) fn statements_deallocated(key: AdvisoryKey) {
+    tracing::debug!(
+        target: TARGET,
+        key = %key,
+        "pglock's prepared statements were deallocated on a direct connection; preparing them again"
     );
 }

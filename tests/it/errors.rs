@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, Session, WaitStrategy};
+use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, Error, Session, WaitStrategy};
 
 use crate::harness::TestDb;
 use crate::support::{StopMode, ThrowawayCluster};
@@ -351,50 +351,65 @@ async fn a_statement_error_of_protected_work_is_not_a_lost_connection() {
 }
 
 /// pglock remembers the statements it prepared on each pooled connection across checkouts. If
-/// someone deallocates them (`DEALLOCATE ALL` on a pooled connection), the next acquisition on
-/// that connection is refused before anything runs: it reports the typed error (the same as for
-/// a backend that changed under a transaction pooler, which looks the same to the client), and
-/// pglock closes that connection, so the acquisition after it works.
+/// someone deallocates them (`DEALLOCATE ALL` on a pooled connection), the server refuses the
+/// next acquisition's statement before running it. On a connection verified as direct
+/// (src/backend.rs) that can only mean the statements are gone: pglock closes that connection
+/// and acquires on a fresh one, at once. On a connection it could not verify, the same refusal
+/// may be a backend that changed under a transaction pooler, so it reports the typed error, and
+/// the acquisition after it works.
 #[tokio::test]
-async fn deallocated_statements_on_a_pooled_connection_fail_once() {
+async fn deallocated_statements_on_a_pooled_connection() {
     let db = TestDb::new("deallocated_pool").await;
-    let pool = db.pool(1);
-    let key = db.key();
-    let lock = AdvisoryLock::new(&pool, key);
-    for try_first in [false, true] {
-        let acquire = || async {
-            if try_first {
-                lock.try_lock().await.map(|guard| guard.expect("free"))
-            } else {
-                lock.lock().await
-            }
+    for verified in [true, false] {
+        let pool = db.pool(1);
+        let source = ConnectionSource::from(&pool);
+        let source = if verified {
+            source
+        } else {
+            source.always_check_backend()
         };
-        // Twice: the first lock on a connection verifies it (src/backend.rs), and the second
-        // prepares the statements it uses from then on.
-        let mut first_pid = 0;
-        for _ in 0..2 {
-            let guard = acquire().await.unwrap();
-            first_pid = AdvisoryLockGuard::backend_pid(&guard);
+        let key = db.key();
+        let lock = AdvisoryLock::new(source, key);
+        for try_first in [false, true] {
+            let acquire = || async {
+                if try_first {
+                    lock.try_lock().await.map(|guard| guard.expect("free"))
+                } else {
+                    lock.lock().await
+                }
+            };
+            // Twice: the first lock on a connection verifies it, and the second prepares the
+            // statements it uses from then on.
+            let mut first_pid = 0;
+            for _ in 0..2 {
+                let guard = acquire().await.unwrap();
+                first_pid = AdvisoryLockGuard::backend_pid(&guard);
+                AdvisoryLockGuard::unlock(guard).await.unwrap();
+            }
+            // The same (only) connection, behind pglock's back.
+            let object = pool.get().await.unwrap();
+            object.batch_execute("DEALLOCATE ALL").await.unwrap();
+            drop(object);
+            let guard = if verified {
+                acquire().await.expect("acquired again at once")
+            } else {
+                fails_once_then_acquires(&db, acquire).await
+            };
+            assert_ne!(
+                AdvisoryLockGuard::backend_pid(&guard),
+                first_pid,
+                "acquired on a fresh connection"
+            );
+            assert_eq!(db.holders(key).await.len(), 1);
             AdvisoryLockGuard::unlock(guard).await.unwrap();
+            db.assert_no_locks().await;
         }
-        // The same (only) connection, behind pglock's back.
-        let object = pool.get().await.unwrap();
-        object.batch_execute("DEALLOCATE ALL").await.unwrap();
-        drop(object);
-        let guard = fails_once_then_acquires(&db, acquire).await;
-        assert_ne!(
-            AdvisoryLockGuard::backend_pid(&guard),
-            first_pid,
-            "acquired on a fresh connection"
-        );
-        assert_eq!(db.holders(key).await.len(), 1);
-        AdvisoryLockGuard::unlock(guard).await.unwrap();
-        db.assert_no_locks().await;
     }
 }
 
-/// After its statements were deallocated behind pglock's back: the next acquisition is refused
-/// with the typed error and takes nothing, and the one after it is granted (its guard returned).
+/// After its statements were deallocated behind pglock's back, on a connection pglock could
+/// not verify as direct: the next acquisition is refused with the typed error and takes
+/// nothing, and the one after it is granted (its guard returned).
 async fn fails_once_then_acquires<F, Fut>(db: &TestDb, acquire: F) -> AdvisoryLockGuard
 where
     F: Fn() -> Fut,
@@ -406,24 +421,44 @@ where
     acquire().await.unwrap()
 }
 
-/// The same on a shared session: it forgets its statements and prepares them again.
+/// The same on a shared session: it forgets its statements and prepares them again, on the
+/// same session.
 #[tokio::test]
-async fn deallocated_statements_on_a_session_fail_once() {
+async fn deallocated_statements_on_a_session() {
     let db = TestDb::new("deallocated_session").await;
-    let session = db.session().await;
-    let key = db.key();
-    let lock = AdvisoryLock::new(&session, key);
-    // Twice, as on a pool.
-    for _ in 0..2 {
-        AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
-            .await
-            .unwrap();
+    for verified in [true, false] {
+        let session = Session::connect(&db.url()).await.unwrap();
+        let session = if verified {
+            session
+        } else {
+            session.always_check_backend()
+        };
+        let session = std::sync::Arc::new(session);
+        let key = db.key();
+        let lock = AdvisoryLock::new(&session, key);
+        for _ in 0..2 {
+            AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+                .await
+                .unwrap();
+        }
+        session.batch_execute("DEALLOCATE ALL").await.unwrap();
+        let guard = if verified {
+            lock.lock().await.expect("acquired again at once")
+        } else {
+            fails_once_then_acquires(&db, || lock.lock()).await
+        };
+        assert_eq!(db.holders(key).await, [session_pid(&session).await]);
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        db.assert_no_locks().await;
     }
-    session.batch_execute("DEALLOCATE ALL").await.unwrap();
-    let guard = fails_once_then_acquires(&db, || lock.lock()).await;
-    assert_eq!(db.holders(key).await.len(), 1);
-    AdvisoryLockGuard::unlock(guard).await.unwrap();
-    db.assert_no_locks().await;
+}
+
+async fn session_pid(session: &Session) -> i32 {
+    session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// A held lock whose unlock statement was deallocated (through the guard's own connection) is
