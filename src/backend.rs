@@ -23,9 +23,10 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 
+use deadpool_postgres::StatementCache;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use tokio_postgres::Client;
@@ -53,13 +54,53 @@ impl Verification {
 
     /// Records the verdict from a checking statement's answer: it ran on backend `ran_on`, on a
     /// standby when `on_standby`. The connection is direct when `ran_on` is the backend its login
-    /// announced.
-    pub(crate) fn learn(&self, client: &Client, ran_on: i32, on_standby: bool) {
+    /// announced. Returns whether it is.
+    pub(crate) fn learn(&self, client: &Client, ran_on: i32, on_standby: bool) -> bool {
         if self.is_pending() {
             let direct = !on_standby && announced_pid(client) == Some(ran_on);
             let _ = self.0.set(direct.then_some(ran_on));
         }
+        matches!(self.checks(), Checks::Verified(_))
     }
+
+    /// Takes over a verdict reached on the same connection before (see [`recall_pooled`]).
+    pub(crate) fn adopt_direct(&self, pid: i32) {
+        let _ = self.0.set(Some(pid));
+    }
+}
+
+/// The pooled connections verified as direct, by their deadpool statement cache: each
+/// connection of a deadpool pool has its own, which lives exactly as long as it does.
+///
+/// A `ConnectionSource` remembers what it learned about each connection itself, but every
+/// `AdvisoryLock::new(&pool, ...)` builds a new source: without this, a lock made for one
+/// acquisition (one per request, say) would always find its connection unverified. The weak
+/// reference keeps the cache's allocation, so no other connection's cache can take its address
+/// while the entry exists; entries whose connection is gone are swept as new ones come.
+static DIRECT_POOLED: Mutex<Vec<(Weak<StatementCache>, i32)>> = Mutex::new(Vec::new());
+
+/// Records that the pooled connection owning `cache` is direct to backend `pid`.
+pub(crate) fn remember_pooled(cache: &Arc<StatementCache>, pid: i32) {
+    let mut direct = DIRECT_POOLED.lock().unwrap();
+    if direct.len() == direct.capacity() {
+        direct.retain(|(cache, _)| cache.strong_count() > 0);
+    }
+    if !direct
+        .iter()
+        .any(|(known, _)| known.as_ptr() == Arc::as_ptr(cache))
+    {
+        direct.push((Arc::downgrade(cache), pid));
+    }
+}
+
+/// The backend of the pooled connection owning `cache`, if it was verified as direct.
+pub(crate) fn recall_pooled(cache: &Arc<StatementCache>) -> Option<i32> {
+    DIRECT_POOLED
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(known, _)| known.as_ptr() == Arc::as_ptr(cache))
+        .map(|(_, pid)| *pid)
 }
 
 /// The process id the server announced at login, in the cancel key (`BackendKeyData`).

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
-use crate::backend::Verification;
+use crate::backend::{self, Verification};
 use crate::batch::TryLockQueue;
 use crate::error::{redact_url, Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
@@ -558,6 +558,12 @@ impl ConnectionSource {
             SourceKind::Pool(pool, prepared) => {
                 let object = pool.get().await?;
                 let remembered = prepared.of(Object::id(&object));
+                if remembered.backend.is_pending() && self.may_verify() {
+                    // Verified through another source of the pool (another lock's).
+                    if let Some(pid) = backend::recall_pooled(&object.statement_cache) {
+                        remembered.backend.adopt_direct(pid);
+                    }
+                }
                 Ok(Conn::pooled(object, remembered, prepared.clone()))
             }
             SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
@@ -881,6 +887,15 @@ impl Conn {
         match self {
             Conn::Pooled(pooled) => &pooled.remembered.backend,
             Conn::Session(session) => &session.backend,
+        }
+    }
+
+    /// Records the verdict of a checking statement's answer (see [`Verification::learn`]); a
+    /// pooled connection found direct is remembered for every source of its pool.
+    pub(crate) fn learn_backend(&self, ran_on: i32, on_standby: bool) {
+        let direct = self.verification().learn(self.client(), ran_on, on_standby);
+        if let (true, Conn::Pooled(pooled)) = (direct, self) {
+            backend::remember_pooled(&pooled.object().statement_cache, ran_on);
         }
     }
 

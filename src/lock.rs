@@ -517,8 +517,9 @@ impl AdvisoryLock {
                 Ok((granted, pid)) => {
                     if checks == Checks::InStatement && self.source.may_verify() {
                         let conn = attempt.slot.as_ref().expect("idle attempt").conn();
-                        conn.verification()
-                            .learn(conn.client(), pid, granted.is_none());
+                        if conn.verification().is_pending() {
+                            conn.learn_backend(pid, granted.is_none());
+                        }
                     }
                     match granted {
                         Some(true) => {

@@ -11,15 +11,6 @@ use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error};
 
 use crate::harness::{drop_after_polls, session_cleaned_up, TestDb};
 
-/// The statement the backend `pid` is running.
-async fn running_statement(db: &TestDb, pid: i32) -> String {
-    db.admin()
-        .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The lock's holder drops its guard and asks again at once while another session waits: the
 /// waiter is granted the key first (the release comes first in the statement), and the holder
 /// waits behind it in the same statement that released.
@@ -44,7 +35,7 @@ async fn waiter_goes_first(db: &TestDb, lock: AdvisoryLock, key: AdvisoryKey) {
     assert_eq!(db.waiters(key).await, vec![pid]);
     assert_eq!(db.holders(key).await, vec![waiter_pid]);
     // One statement released the old grant and now waits for the new one.
-    let sql = running_statement(db, pid).await;
+    let sql = db.statement_of(pid).await;
     assert!(
         sql.contains("pg_advisory_unlock") && sql.contains("pg_advisory_lock("),
         "{sql}"

@@ -114,6 +114,15 @@ impl TestDb {
         AdvisoryKey::Single(rand::thread_rng().gen())
     }
 
+    /// The statement the backend `pid` is running, or ran last when idle.
+    pub async fn statement_of(&self, pid: i32) -> String {
+        self.admin
+            .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// The advisory locks of this test's sessions: `(pid, key, mode, granted)`.
     pub async fn locks(&self) -> Vec<(i32, AdvisoryKey, String, bool)> {
         self.admin

@@ -102,6 +102,35 @@ async fn a_pooled_connection_stays_verified_across_checkouts() {
     db.assert_no_locks().await;
 }
 
+/// A lock made for one acquisition (one per request, say) builds a new source each time; the
+/// pooled connection it gets was verified through another lock, and it sends the plain
+/// statements at once. A source that always checks does not take that verdict over.
+#[tokio::test]
+async fn a_lock_made_per_acquisition_finds_its_pooled_connection_verified() {
+    let db = TestDb::new("verify_per_request").await;
+    let pool = db.open_pool(1).await;
+    let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    for _ in 0..3 {
+        let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+        assert_eq!(AdvisoryLockGuard::backend_pid(&guard), pid);
+        assert_eq!(
+            db.statement_of(pid).await,
+            "SELECT pg_advisory_lock($1::int8) IS NOT NULL"
+        );
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
+    let checking = ConnectionSource::from(&pool).always_check_backend();
+    let guard = AdvisoryLock::new(checking, db.key()).lock().await.unwrap();
+    assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    drop(pool);
+    db.assert_no_locks().await;
+}
+
 /// `always_check_backend` keeps the checking statements, on a session and on a pool.
 #[tokio::test]
 async fn always_check_backend_keeps_the_checking_statements() {
