@@ -26,7 +26,6 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Statement;
 
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
@@ -209,17 +208,22 @@ async fn send_batches(session: Arc<Session>) {
 async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     let conn = Conn::Session(session.clone());
     let form = Form::of(requests[0].key);
+    let checks = conn.verification().checks();
     let statements = async {
-        let batch = conn.prepare(sql::try_lock_batch(form)).await?;
+        let batch = conn.prepare(sql::try_lock_batch(form, checks)).await?;
         let unlock = conn
             .prepare(statement(
                 Op::Unlock,
                 LockMode::Exclusive,
                 LockScope::Session,
                 form,
-                Checks::InStatement,
+                checks,
             ))
             .await?;
+        let unlock = PreparedUnlock {
+            statement: unlock,
+            checks,
+        };
         Ok::<_, tokio_postgres::Error>((batch, unlock))
     };
     let Ok((batch, unlock)) = statements.await else {
@@ -241,7 +245,18 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     let result = conn.client().query(&batch, &params).await;
     in_flight.answered = true;
     match result {
-        Ok(rows) => answer(&conn, requests, &rows, &unlock).await,
+        Ok(rows) => {
+            if checks == Checks::InStatement && session.may_verify() {
+                // Any row tells: every row ran on the same backend, in the same statement.
+                if let Some((granted, ran_on)) = rows
+                    .first()
+                    .map(|row| (row.get::<_, Option<bool>>(1), row.get(2)))
+                {
+                    conn.learn_backend(ran_on, granted.is_none());
+                }
+            }
+            answer(&conn, requests, &rows, &unlock).await
+        }
         Err(_) => {
             let undone = undo(&conn, &requests).await;
             for (Request { claim, reply, .. }, undone) in requests.into_iter().zip(undone) {
@@ -262,9 +277,9 @@ async fn answer(
     conn: &Conn,
     requests: Vec<Request>,
     rows: &[tokio_postgres::Row],
-    unlock: &Statement,
+    unlock: &PreparedUnlock,
 ) {
-    let answers = by_index(rows, requests.len());
+    let answers = by_index(rows, requests.len(), unlock.checks);
     let mut unanswered = Vec::new();
     for (request, answer) in requests.into_iter().zip(answers) {
         let answer = match answer {
@@ -273,10 +288,7 @@ async fn answer(
                 request.claim.take(),
                 LockMode::Exclusive,
                 backend_pid,
-                Some(PreparedUnlock {
-                    statement: unlock.clone(),
-                    checks: Checks::InStatement,
-                }),
+                Some(unlock.clone()),
             )),
             Some((Some(false), backend_pid)) => {
                 drop(request.claim.take());
@@ -371,7 +383,9 @@ impl Answer {
 /// The statement is sent unprepared (`query_typed`: parse, bind and execute in one message), so
 /// that it can be queued at once even on a connection where it was never prepared; its parsing
 /// is shared by all its keys. `unlocks` are `(key, pid of the granting backend, reservation)`:
-/// each reservation is dropped once the statement is queued, as a single unlock's is.
+/// each reservation is dropped once the statement is queued, as a single unlock's is. It is
+/// always the checking form, guarded by each key's granting pid: the guards of one session may
+/// have been granted before and after it was verified, and that form serves them all.
 pub(crate) fn unlock_together(
     conn: Conn,
     mode: LockMode,
@@ -462,8 +476,13 @@ impl KeyArrays {
 }
 
 /// A batch statement's rows `(index, flag, backend_pid)` in the order of its keys (`index` is
-/// a key's 1-based place in the arrays); `None` for a key without a row.
-fn by_index(rows: &[tokio_postgres::Row], keys: usize) -> Vec<Option<(Option<bool>, i32)>> {
+/// a key's 1-based place in the arrays), read as `checks` says (the plain forms report no pid);
+/// `None` for a key without a row.
+fn by_index(
+    rows: &[tokio_postgres::Row],
+    keys: usize,
+    checks: Checks,
+) -> Vec<Option<(Option<bool>, i32)>> {
     let mut by_index = vec![None; keys];
     for row in rows {
         let index: i64 = row.get(0);
@@ -471,7 +490,10 @@ fn by_index(rows: &[tokio_postgres::Row], keys: usize) -> Vec<Option<(Option<boo
             .ok()
             .and_then(|i| by_index.get_mut(i))
         {
-            *slot = Some((row.get(1), row.get(2)));
+            *slot = Some(match checks {
+                Checks::InStatement => (row.get(1), row.get(2)),
+                Checks::Verified(pid) => (row.get(1), pid),
+            });
         }
     }
     by_index
@@ -485,7 +507,8 @@ fn report_unlocks(
 ) {
     match result {
         Ok(rows) => {
-            let outcomes = by_index(&rows, keys.len());
+            // The batched unlock always checks (see `unlock_together`).
+            let outcomes = by_index(&rows, keys.len(), Checks::InStatement);
             for ((key, granted_on), outcome) in keys.iter().zip(pids).zip(outcomes) {
                 let result = match outcome {
                     Some((released, now_on)) => unlock_outcome(*key, *granted_on, now_on, released),

@@ -327,6 +327,11 @@ impl Session {
         self.behind_pooler
     }
 
+    /// Whether a statement's answer may verify this session as direct (see `backend`).
+    pub(crate) fn may_verify(&self) -> bool {
+        !(self.behind_pooler || self.always_check)
+    }
+
     /// Offers the answer of a release queued on this session to the next acquisition on it.
     pub(crate) fn offer_release(&self, release: Weak<ReleaseInFlight>) {
         *self.offered_release.lock().unwrap() = release;
@@ -537,11 +542,11 @@ impl ConnectionSource {
     /// Whether an acquisition may verify its connection as direct (see `backend`): never behind
     /// a declared pooler, or when the checks are asked for in every statement.
     pub(crate) fn may_verify(&self) -> bool {
-        let declared = match &self.kind {
-            SourceKind::Pool(..) => false,
-            SourceKind::Session(session) => session.behind_pooler || session.always_check,
+        let session_may = match &self.kind {
+            SourceKind::Pool(..) => true,
+            SourceKind::Session(session) => session.may_verify(),
         };
-        !(declared || self.behind_pooler || self.always_check)
+        session_may && !(self.behind_pooler || self.always_check)
     }
 
     /// Whether the connections go through a transaction pooler (declared on the source or on

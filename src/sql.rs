@@ -369,20 +369,23 @@ fn build_unlock_then(op: Op, mode: LockMode, form: Form, checks: Checks) -> Stri
     }
 }
 
-/// The batch statement for keys of `form`: one row per key, `(index, granted, backend_pid)`,
-/// where `index` is the key's 1-based place in the arrays and `granted` is NULL on a standby (as
-/// in the single statement, see [`statement`]).
-pub(crate) fn try_lock_batch(form: Form) -> &'static str {
-    static SINGLE: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+/// The batch statement for keys of `form` with `checks`: one row per key, `(index, granted,
+/// backend_pid)`, where `index` is the key's 1-based place in the arrays and `granted` is NULL
+/// on a standby (as in the single statement, see [`statement`]); `(index, granted)` in the plain
+/// form.
+pub(crate) fn try_lock_batch(form: Form, checks: Checks) -> &'static str {
+    static SQL: [&str; 4] = [
+        "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
          ELSE pg_try_advisory_lock(t.k) END, pg_backend_pid() \
-         FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)";
-    static PAIR: &str = "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
+         FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)",
+        "SELECT t.i, CASE WHEN pg_is_in_recovery() THEN NULL \
          ELSE pg_try_advisory_lock(t.a, t.b) END, pg_backend_pid() \
-         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)";
-    match form {
-        Form::Single => SINGLE,
-        Form::Pair => PAIR,
-    }
+         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)",
+        "SELECT t.i, pg_try_advisory_lock(t.k) FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)",
+        "SELECT t.i, pg_try_advisory_lock(t.a, t.b) \
+         FROM unnest($1::int4[], $2::int4[]) WITH ORDINALITY AS t(a, b, i)",
+    ];
+    SQL[2 * checks.index() + usize::from(form == Form::Pair)]
 }
 
 /// The statement that releases several keys of `form` in `mode` at once, each only on the
@@ -474,8 +477,15 @@ mod tests {
             }
         }
         for form in [Form::Single, Form::Pair] {
-            let sql = try_lock_batch(form);
-            assert!(sql.contains("unnest($1") && seen.insert(sql), "{sql}");
+            for checks in CHECKS {
+                let sql = try_lock_batch(form, checks);
+                assert!(sql.contains("unnest($1") && seen.insert(sql), "{sql}");
+                assert_eq!(
+                    sql.contains("pg_backend_pid()"),
+                    checks == Checks::InStatement,
+                    "{sql}"
+                );
+            }
             for mode in [LockMode::Exclusive, LockMode::Shared] {
                 let sql = unlock_batch(mode, form);
                 assert!(sql.contains("unnest($1") && seen.insert(sql), "{sql}");

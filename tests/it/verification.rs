@@ -160,3 +160,32 @@ async fn always_check_backend_keeps_the_checking_statements() {
     drop((on_session, on_pool, session));
     db.assert_no_locks().await;
 }
+
+/// A `LockSet`'s batches verify their session too, and then ask in the plain form; the guards
+/// they hand out release with the plain unlock.
+#[tokio::test]
+async fn a_lock_set_verifies_its_session_and_batches_plainly() {
+    let db = TestDb::new("verify_lock_set").await;
+    let session = db.session().await;
+    let set = pglock::LockSet::from_sessions([session.clone()]).unwrap();
+    let plain_batch =
+        "SELECT t.i, pg_try_advisory_lock(t.k) FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)";
+    let first = set.try_lock(db.key()).await.unwrap().expect("free");
+    assert!(db
+        .statement_of(AdvisoryLockGuard::backend_pid(&first))
+        .await
+        .contains("pg_backend_pid()"));
+    let keys = [db.key(), db.key(), db.key()];
+    let guards = futures_util::future::join_all(keys.iter().map(|key| set.try_lock(*key))).await;
+    let pid = AdvisoryLockGuard::backend_pid(&first);
+    assert_eq!(db.statement_of(pid).await, plain_batch);
+    for (key, guard) in keys.iter().zip(guards) {
+        let guard = guard.unwrap().expect("free");
+        assert_eq!(db.holders(*key).await, [pid]);
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        assert!(db.holders(*key).await.is_empty());
+    }
+    AdvisoryLockGuard::unlock(first).await.unwrap();
+    drop((set, session));
+    db.assert_no_locks().await;
+}
