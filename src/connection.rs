@@ -677,10 +677,9 @@ pub(crate) struct Remembered {
 }
 
 /// How many statements are remembered per pooled connection: an acquiring statement, its
-/// unlock and the combined one, for two kinds of acquisition (say `lock` and `try_lock`). (The
-/// first acquisition on a connection prepares the checking forms, which the plain ones displace
-/// once it is verified.)
-const PER_CONNECTION: usize = 6;
+/// unlock and the combined one, in their checking and plain forms, for two kinds of acquisition
+/// (say `lock` and `try_lock`).
+const PER_CONNECTION: usize = 12;
 
 /// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
 /// (unique within a pool, never reused).

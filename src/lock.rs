@@ -360,15 +360,19 @@ impl AdvisoryLock {
         mode: LockMode,
         deadline: Deadline,
     ) -> Option<(DeferredUnlock, Statement, Checks)> {
-        // The checks of the dropped guard's unlock, whose combined form was prepared with it.
-        let checks = deferred.checks();
-        let statement =
+        // The connection's checks; else, while the plain forms are not prepared there, those of
+        // the dropped guard's unlock, whose combined form was prepared with it.
+        let combined = |checks| {
             (deferred.key == self.key && deferred.mode == mode && self.scope == LockScope::Session)
                 .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key), checks))
                 .flatten()
-                .and_then(|sql| deferred.conn().cached(sql));
+                .and_then(|sql| deferred.conn().cached(sql))
+                .map(|statement| (statement, checks))
+        };
+        let statement = combined(deferred.conn().verification().checks())
+            .or_else(|| combined(deferred.checks()));
         match statement {
-            Some(statement) => Some((deferred, statement, checks)),
+            Some((statement, checks)) => Some((deferred, statement, checks)),
             None => {
                 deferred.send_alone();
                 None
@@ -652,22 +656,31 @@ impl AdvisoryLock {
             // scope was refused above, so there is no unlock statement to prepare).
             LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
             LockScope::Session => {
-                // In one round trip: the acquiring statement, its unlock, and the two combined,
-                // for the next acquisition on the connection after a guard's drop.
+                // In one round trip: the acquiring statement, its unlock, and the combined one,
+                // for the next acquisition on the connection after a guard's drop. On a
+                // connection not verified yet, their plain forms too: this acquisition's answer
+                // may verify it, and the next one, a dropped guard's included, then finds them.
                 let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
-                let combined = async {
-                    match unlock_then(op, mode, form, checks) {
-                        Some(sql) => conn.prepare(sql).await.map(drop),
-                        None => Ok(()),
-                    }
-                };
-                let (a, u, c) = futures_util::future::join3(
+                let mut others: Vec<&'static str> =
+                    unlock_then(op, mode, form, checks).into_iter().collect();
+                if checks == Checks::InStatement
+                    && conn.verification().is_pending()
+                    && self.source.may_verify()
+                {
+                    let plain = Checks::Verified(0);
+                    others.push(statement(op, mode, self.scope, form, plain));
+                    others.push(statement(Op::Unlock, mode, self.scope, form, plain));
+                    others.extend(unlock_then(op, mode, form, plain));
+                }
+                let (a, u, others) = futures_util::future::join3(
                     conn.prepare(acquire_sql),
                     conn.prepare(unlock_sql),
-                    combined,
+                    futures_util::future::join_all(others.into_iter().map(|sql| conn.prepare(sql))),
                 )
                 .await;
-                c.map_err(map)?;
+                for prepared in others {
+                    prepared.map_err(map)?;
+                }
                 let unlock = PreparedUnlock {
                     statement: u.map_err(map)?,
                     checks,

@@ -152,19 +152,19 @@ async fn a_hot_standby_is_refused() {
         .get(0);
     assert!(promoted);
     let lock = AdvisoryLock::new(&session, "migrations");
-    let guard = lock.lock().await.expect("a primary now");
-    assert_eq!(advisory_locks().await, 1);
-    let key = AdvisoryLockGuard::key(&guard);
-    AdvisoryLockGuard::unlock(guard).await.unwrap();
-    drop(lock.lock().await.unwrap());
-    crate::harness::session_cleaned_up(&session, key).await;
-    assert_eq!(
-        crate::harness::prepared_lock_statements(session.client())
+    let observer = crate::harness::connect(&cluster.url()).await;
+    for _ in 0..2 {
+        let guard = lock.lock().await.expect("a primary now");
+        let pid = AdvisoryLockGuard::backend_pid(&guard);
+        let sql: String = observer
+            .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
             .await
-            .1,
-        0,
-        "still the checking statements"
-    );
+            .unwrap()
+            .get(0);
+        assert!(sql.contains("pg_is_in_recovery()"), "still checking: {sql}");
+        assert_eq!(advisory_locks().await, 1);
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+    }
     drop(lock);
     assert_eq!(advisory_locks().await, 0);
 }

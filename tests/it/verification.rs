@@ -10,8 +10,13 @@ use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, LockScope, Sessi
 
 use crate::harness::{prepared_lock_statements, TestDb};
 
-/// The first lock on a session uses the checking statements and verifies the session; the next
-/// ones use the plain statements, and they lock, exclude and release as the others do.
+/// The plain statements, as the server sees them.
+const PLAIN_LOCK: &str = "SELECT pg_advisory_lock($1::int8) IS NOT NULL";
+const PLAIN_COMBINED: &str = "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.released \
+     FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u";
+
+/// The first lock on a session runs the checking statement and verifies the session; the next
+/// ones run the plain statements, and they lock, exclude and release as the others do.
 #[tokio::test]
 async fn a_direct_session_is_verified_by_its_first_lock() {
     let db = TestDb::new("verify_session").await;
@@ -21,16 +26,13 @@ async fn a_direct_session_is_verified_by_its_first_lock() {
     let lock = AdvisoryLock::new(&session, key);
 
     let guard = lock.lock().await.unwrap();
-    assert_eq!(prepared_lock_statements(session.client()).await, (3, 0));
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
     AdvisoryLockGuard::unlock(guard).await.unwrap();
 
-    // The lock, its unlock and the combined unlock-then-lock, in their plain forms.
     let guard = lock.lock().await.unwrap();
-    assert_eq!(prepared_lock_statements(session.client()).await, (3, 3));
-    assert_eq!(
-        db.holders(key).await,
-        [AdvisoryLockGuard::backend_pid(&guard)]
-    );
+    assert_eq!(db.statement_of(pid).await, PLAIN_LOCK);
+    assert_eq!(db.holders(key).await, [pid]);
     assert!(AdvisoryLock::new(&other, key)
         .try_lock()
         .await
@@ -39,41 +41,69 @@ async fn a_direct_session_is_verified_by_its_first_lock() {
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     assert!(db.holders(key).await.is_empty());
 
-    // A lock + drop loop: each drop's unlock rides in the next lock's plain combined statement.
-    for _ in 0..5 {
-        let guard = lock.lock().await.unwrap();
-        assert_eq!(db.holders(key).await.len(), 1);
-        drop(guard);
-    }
-    crate::harness::session_cleaned_up(&session, key).await;
-    assert!(db.holders(key).await.is_empty());
-
     // The other kinds of acquisition, plain too: with a timeout, shared, transaction-scoped.
     let guard = lock
         .try_lock_for(Duration::from_secs(5))
         .await
         .unwrap()
         .expect("free");
+    assert!(!db.statement_of(pid).await.contains("pg_backend_pid()"));
     assert!(lock.try_lock_for(Duration::from_millis(50)).await.is_err());
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     let shared = lock.lock_shared().await.unwrap();
+    assert_eq!(
+        db.statement_of(pid).await,
+        "SELECT pg_advisory_lock_shared($1::int8) IS NOT NULL"
+    );
     AdvisoryLockGuard::unlock(shared).await.unwrap();
     let in_transaction = AdvisoryLock::new(&session, key)
         .scope(LockScope::Transaction)
         .lock()
         .await
         .unwrap();
+    assert_eq!(
+        db.statement_of(pid).await,
+        "SELECT pg_advisory_xact_lock($1::int8) IS NOT NULL"
+    );
     AdvisoryLockGuard::commit(in_transaction).await.unwrap();
-    let (checking, plain) = prepared_lock_statements(session.client()).await;
-    assert_eq!(checking, 3, "no checking statement after the first");
-    assert!(plain >= 6, "{plain} plain statements");
 
     drop((lock, session, other));
     db.assert_no_locks().await;
 }
 
+/// A `lock` + drop loop from a connection's first lock on: the second cycle already sends the
+/// plain combined statement (the first acquisition prepared the plain forms beside the checking
+/// ones), and every cycle holds the key once.
+#[tokio::test]
+async fn a_lock_and_drop_loop_reaches_the_plain_combined_statement() {
+    let db = TestDb::new("verify_drop_loop").await;
+    let session = db.session().await;
+    let pool = db.pool(1);
+    for lock in [
+        AdvisoryLock::new(&session, db.key()),
+        AdvisoryLock::new(&pool, db.key()),
+    ] {
+        let guard = lock.lock().await.unwrap();
+        let pid = AdvisoryLockGuard::backend_pid(&guard);
+        let key = AdvisoryLockGuard::key(&guard);
+        assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
+        drop(guard);
+        for _ in 0..5 {
+            let guard = lock.lock().await.unwrap();
+            assert_eq!(db.statement_of(pid).await, PLAIN_COMBINED);
+            assert_eq!(
+                db.locks().await,
+                [(pid, key, "ExclusiveLock".to_owned(), true)]
+            );
+            drop(guard);
+        }
+        drop(lock);
+        db.assert_no_locks().await;
+    }
+}
+
 /// On a pool, what pglock learned about a connection outlives the checkout: another lock of
-/// the same source finds the connection verified and sends the plain statements at once.
+/// the same source finds the connection verified and runs the plain statements at once.
 #[tokio::test]
 async fn a_pooled_connection_stays_verified_across_checkouts() {
     let db = TestDb::new("verify_pool").await;
@@ -84,18 +114,16 @@ async fn a_pooled_connection_stays_verified_across_checkouts() {
         .lock()
         .await
         .unwrap();
-    assert_eq!(prepared_lock_statements(&guard).await, (3, 0));
+    let pid = AdvisoryLockGuard::backend_pid(&guard);
+    assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
     AdvisoryLockGuard::unlock(guard).await.unwrap();
 
     let guard = AdvisoryLock::new(source.clone(), second)
         .lock()
         .await
         .unwrap();
-    assert_eq!(prepared_lock_statements(&guard).await, (3, 3));
-    assert_eq!(
-        db.holders(second).await,
-        [AdvisoryLockGuard::backend_pid(&guard)]
-    );
+    assert_eq!(db.statement_of(pid).await, PLAIN_LOCK);
+    assert_eq!(db.holders(second).await, [pid]);
     AdvisoryLockGuard::unlock(guard).await.unwrap();
 
     drop(source);
@@ -116,10 +144,7 @@ async fn a_lock_made_per_acquisition_finds_its_pooled_connection_verified() {
     for _ in 0..3 {
         let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
         assert_eq!(AdvisoryLockGuard::backend_pid(&guard), pid);
-        assert_eq!(
-            db.statement_of(pid).await,
-            "SELECT pg_advisory_lock($1::int8) IS NOT NULL"
-        );
+        assert_eq!(db.statement_of(pid).await, PLAIN_LOCK);
         AdvisoryLockGuard::unlock(guard).await.unwrap();
     }
     let checking = ConnectionSource::from(&pool).always_check_backend();
