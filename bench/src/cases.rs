@@ -394,8 +394,7 @@ impl Env {
     }
 
     /// A pool of `size` connections, all open and with pglock's statements prepared (in
-    /// deadpool's statement cache: the checking ones, then the plain ones once the connection is
-    /// verified).
+    /// deadpool's statement cache, the checking and the plain ones) and verified.
     async fn pool(&self, size: usize) -> Pool {
         let pool = pool(&self.url, size);
         let source = ConnectionSource::from(&pool);
@@ -492,8 +491,8 @@ async fn raw_lock_unlock(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, start.stop())
 }
 
-/// A session after two locks of `key`: the first verifies the connection as direct, the
-/// second prepares the plain statements it then uses.
+/// A session after two locks of `key`: the first verifies the connection as direct (and
+/// prepares the plain statements), the second runs them.
 async fn warmed(session: Session, key: i64) -> Arc<Session> {
     let session = Arc::new(session);
     for _ in 0..2 {

@@ -378,8 +378,8 @@ async fn deallocated_statements_on_a_pooled_connection() {
                     lock.lock().await
                 }
             };
-            // Twice: the first lock on a connection verifies it, and the second prepares the
-            // statements it uses from then on.
+            // Twice: the first lock on a connection verifies it, and the second runs the plain
+            // statements it uses from then on (the ones to deallocate).
             let mut first_pid = 0;
             for _ in 0..2 {
                 let guard = acquire().await.unwrap();
