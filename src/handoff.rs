@@ -30,13 +30,15 @@
 //! which is when the dropping task next yields. On a shared session, the unlocks of every
 //! guard dropped meanwhile go out with it, together (`batch::unlock_together`).
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 
+use futures_util::task::AtomicWaker;
 use tokio::runtime::Handle;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use crate::batch;
 use crate::connection::{Conn, Reservation, Session};
@@ -375,7 +377,39 @@ impl DeferredSlot {
 /// guard instead cost an allocation and Tokio's bookkeeping on every `lock` + drop cycle,
 /// about a point of that loop's rate.
 #[derive(Default)]
-pub(crate) struct FlushBell(Mutex<Option<Arc<Notify>>>);
+pub(crate) struct FlushBell(Mutex<Option<Arc<Bell>>>);
+
+/// What wakes one flusher: a flag and the flusher's waker. Rung once per dropped guard, so kept
+/// to two atomic operations and a wake-up (`Notify` takes a lock and walks a waiter list).
+#[derive(Default)]
+struct Bell {
+    rung: AtomicBool,
+    flusher: AtomicWaker,
+}
+
+impl Bell {
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.flusher.wake();
+    }
+
+    /// Waits for the next ring (or returns at once if one came since the last wait).
+    async fn rung(&self) {
+        poll_fn(|cx| {
+            if self.rung.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.flusher.register(cx.waker());
+            // A ring between the check and the registration found no waker to wake.
+            if self.rung.swap(false, Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
 
 /// What a flusher serves.
 trait Flushed: Send + Sync + 'static {
@@ -391,10 +425,10 @@ impl FlushBell {
         let new = {
             let mut bell = self.0.lock().unwrap();
             if let Some(bell) = &*bell {
-                bell.notify_one();
+                bell.ring();
                 return;
             }
-            let new = Arc::new(Notify::new());
+            let new = Arc::new(Bell::default());
             *bell = Some(new.clone());
             new
         };
@@ -410,14 +444,14 @@ impl FlushBell {
     /// Ends the flusher: called as its owner goes.
     fn stop(&self) {
         if let Some(bell) = self.0.lock().unwrap().take() {
-            bell.notify_one();
+            bell.ring();
         }
     }
 }
 
 struct Flusher<T: Flushed> {
     owner: Weak<T>,
-    bell: Arc<Notify>,
+    bell: Arc<Bell>,
 }
 
 impl<T: Flushed> Flusher<T> {
@@ -429,7 +463,7 @@ impl<T: Flushed> Flusher<T> {
                 Some(owner) => owner.flush(),
                 None => return,
             }
-            self.bell.notified().await;
+            self.bell.rung().await;
         }
     }
 }
