@@ -246,16 +246,14 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     in_flight.answered = true;
     match result {
         Ok(rows) => {
+            let answers = by_index(&rows, requests.len(), checks);
             if checks == Checks::InStatement && session.may_verify() {
-                // Any row tells: every row ran on the same backend, in the same statement.
-                if let Some((granted, ran_on)) = rows
-                    .first()
-                    .map(|row| (row.get::<_, Option<bool>>(1), row.get(2)))
-                {
-                    conn.learn_backend(ran_on, granted.is_none());
+                // Any key's answer tells: they all ran on one backend, in one statement.
+                if let Some((granted, ran_on)) = answers.iter().flatten().next() {
+                    conn.learn_backend(*ran_on, granted.is_none());
                 }
             }
-            answer(&conn, requests, &rows, &unlock).await
+            answer(&conn, requests, answers, &unlock).await
         }
         Err(_) => {
             let undone = undo(&conn, &requests).await;
@@ -272,14 +270,13 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
     }
 }
 
-/// Hands each request its answer from the batch's rows.
+/// Hands each request its answer from the batch's rows, read by key ([`by_index`]).
 async fn answer(
     conn: &Conn,
     requests: Vec<Request>,
-    rows: &[tokio_postgres::Row],
+    answers: Vec<Option<(Option<bool>, i32)>>,
     unlock: &PreparedUnlock,
 ) {
-    let answers = by_index(rows, requests.len(), unlock.checks);
     let mut unanswered = Vec::new();
     for (request, answer) in requests.into_iter().zip(answers) {
         let answer = match answer {

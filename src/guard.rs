@@ -396,8 +396,9 @@ impl fmt::Debug for AdvisoryLockGuard {
 /// How a lock is given back.
 #[derive(Clone)]
 pub(crate) enum Release {
-    /// `pg_advisory_unlock` with this prepared statement (session scope), on the backend with
-    /// this pid only; the mode names the statement again if the server lost it.
+    /// `pg_advisory_unlock` with this prepared statement (session scope), for the lock granted
+    /// by the backend with this pid (the checking form runs only there); the mode names the
+    /// statement again if the server lost it.
     Unlock(PreparedUnlock, i32, LockMode),
     /// `COMMIT` (transaction scope).
     Commit,
