@@ -667,6 +667,7 @@ impl AdvisoryLock {
                     && conn.verification().is_pending()
                     && self.source.may_verify()
                 {
+                    // The texts of the plain forms do not depend on the pid.
                     let plain = Checks::Verified(0);
                     others.push(statement(op, mode, self.scope, form, plain));
                     others.push(statement(Op::Unlock, mode, self.scope, form, plain));
