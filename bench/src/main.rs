@@ -12,12 +12,22 @@
 
 mod alloc;
 mod cases;
+mod cycles;
 mod report;
 
 use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("cycles") {
+        // One loop, for callgrind (see `bench/instructions.sh`).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(cycles::main(&args[1..]));
+        return;
+    }
     if args.first().map(String::as_str) == Some("contender") {
         // The second process of scenario 4.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -41,7 +51,9 @@ fn main() {
             "--threads" => config.threads = value().parse().expect("--threads N"),
             "--help" | "-h" => {
                 println!(
-                    "usage: pglock-bench [--rounds N] [--sample-ms MS] [--threads N] [--json FILE] [--only SUBSTRING]"
+                    "usage: pglock-bench [--rounds N] [--sample-ms MS] [--threads N] [--json FILE] [--only SUBSTRING]\n\
+                     \x20      pglock-bench cycles LOOP N   (for callgrind; LOOP one of {:?})",
+                    cycles::LOOPS
                 );
                 return;
             }
