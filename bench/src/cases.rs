@@ -283,16 +283,16 @@ pub static CASES: &[Case] = &[
 ];
 
 /// A plain tokio-postgres client with the statements a fair baseline prepares once.
-struct Raw {
-    client: Client,
+pub(crate) struct Raw {
+    pub(crate) client: Client,
     select_1: Statement,
-    lock: Statement,
-    unlock: Statement,
+    pub(crate) lock: Statement,
+    pub(crate) unlock: Statement,
     try_lock: Statement,
 }
 
 impl Raw {
-    async fn connect(url: &str) -> Raw {
+    pub(crate) async fn connect(url: &str) -> Raw {
         let client = connect(url).await;
         let select_1 = client.prepare("SELECT 1").await.unwrap();
         let lock = client
@@ -338,7 +338,7 @@ async fn connect(url: &str) -> Client {
     client
 }
 
-fn pool(url: &str, size: usize) -> Pool {
+pub(crate) fn pool(url: &str, size: usize) -> Pool {
     let config: tokio_postgres::Config = url.parse().expect("DATABASE_URL");
     let manager = Manager::from_config(
         config,
@@ -646,19 +646,18 @@ async fn raw_pipelined_with_checking_sql(env: &Env, d: Duration) -> Sample {
     Sample::new(ops, elapsed)
 }
 
+/// The plain combined statement pglock sends in a `lock` + drop loop on a verified connection:
+/// the unlock of one cycle, then the lock of the next.
+pub(crate) const PLAIN_COMBINED: &str = "SELECT pg_advisory_lock($1::int8) IS NOT NULL, \
+     u.released FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u";
+
 /// The wire's limit for scenario 2 as pglock reaches it: the unlock of one cycle and the lock
 /// of the next in one statement, the plain combined statement pglock sends on a verified
 /// connection.
 async fn raw_lock_combined_unlock(env: &Env, d: Duration) -> Sample {
     let raw = &env.raw().await;
     let client = &raw.client;
-    let combined = client
-        .prepare(
-            "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.released \
-             FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u",
-        )
-        .await
-        .unwrap();
+    let combined = client.prepare(PLAIN_COMBINED).await.unwrap();
     let key = env.key();
     let start = Stopwatch::start();
     client.query_one(&raw.lock, &[&key]).await.unwrap();

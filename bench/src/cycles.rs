@@ -9,7 +9,8 @@
 //! counted cycles are all alike.
 
 use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, Session};
-use tokio_postgres::NoTls;
+
+use crate::cases::{pool, Raw, PLAIN_COMBINED};
 
 /// The loops, by name: what `cycles` accepts.
 pub const LOOPS: &[&str] = &[
@@ -38,12 +39,7 @@ pub async fn main(args: &[String]) {
             pglock_loop(AdvisoryLock::new(session, KEY), name, cycles).await;
         }
         "pool-lock-unlock" | "pool-lock-drop" => {
-            let config: tokio_postgres::Config = url.parse().expect("DATABASE_URL");
-            let manager = deadpool_postgres::Manager::new(config, NoTls);
-            let pool = deadpool_postgres::Pool::builder(manager)
-                .max_size(2)
-                .build()
-                .expect("pool");
+            let pool = pool(&url, 2);
             pglock_loop(
                 AdvisoryLock::new(ConnectionSource::from(pool), KEY),
                 name,
@@ -79,26 +75,14 @@ async fn pglock_loop(lock: AdvisoryLock, name: &str, cycles: usize) {
 /// Raw tokio-postgres: `lock` then `unlock`, two statements; or the plain combined statement
 /// pglock sends in a `lock` + drop loop, one per cycle.
 async fn raw(url: &str, name: &str, cycles: usize) {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let lock = client
-        .prepare("SELECT pg_advisory_lock($1::int8)")
-        .await
-        .expect("prepare");
-    let unlock = client
-        .prepare("SELECT pg_advisory_unlock($1::int8)")
-        .await
-        .expect("prepare");
-    let combined = client
-        .prepare(
-            "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.released \
-             FROM (SELECT pg_advisory_unlock($1::int8) AS released OFFSET 0) AS u",
-        )
-        .await
-        .expect("prepare");
+    let Raw {
+        client,
+        lock,
+        unlock,
+        ..
+    } = Raw::connect(url).await;
     if name == "raw-combined" {
+        let combined = client.prepare(PLAIN_COMBINED).await.expect("prepare");
         client.query_one(&lock, &[&KEY]).await.expect("lock");
         for _ in 0..cycles {
             let row = client.query_one(&combined, &[&KEY]).await.expect("cycle");

@@ -19,23 +19,18 @@ use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("cycles") {
+    let current_thread = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    match args.first().map(String::as_str) {
         // One loop, for callgrind (see `bench/instructions.sh`).
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(cycles::main(&args[1..]));
-        return;
-    }
-    if args.first().map(String::as_str) == Some("contender") {
+        Some("cycles") => return current_thread().block_on(cycles::main(&args[1..])),
         // The second process of scenario 4.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(cases::contender_main(&args[1..]));
-        return;
+        Some("contender") => return current_thread().block_on(cases::contender_main(&args[1..])),
+        _ => {}
     }
     let mut config = report::Config::default();
     let mut it = args.iter();
@@ -63,15 +58,13 @@ fn main() {
     // One runtime thread by default: on a small machine the server's backends need the other
     // cores, and a single thread keeps the client's CPU figures free of cross-thread wakeups.
     let runtime = if config.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.threads)
             .enable_all()
             .build()
-    }
-    .expect("runtime");
+            .expect("runtime")
+    };
     runtime.block_on(report::run(config));
 }
