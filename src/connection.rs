@@ -93,9 +93,9 @@ impl fmt::Debug for Canceller {
 pub struct Session {
     client: Client,
     statements: Mutex<Vec<(&'static str, Statement)>>,
-    /// Keys pglock holds here; `true` while an abandoned acquisition of the key is being
-    /// cleaned up (a new acquisition of that key waits for `cleaned`).
-    held: Mutex<HashMap<AdvisoryKey, bool, KeyHash>>,
+    /// Keys pglock holds here, and which of them are being cleaned up (a new acquisition of
+    /// such a key waits for `cleaned`).
+    held: Mutex<HashMap<AdvisoryKey, KeyState, KeyHash>>,
     cleaned: tokio::sync::Notify,
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
@@ -982,9 +982,10 @@ impl Conn {
         loop {
             let cleaned = {
                 let mut held = session.held.lock().unwrap();
-                match held.get(&key) {
-                    Some(false) => return Err(Error::AlreadyHeld { key }),
-                    Some(true) => {
+                match held.get_mut(&key) {
+                    Some(KeyState::Held) => return Err(Error::AlreadyHeld { key }),
+                    Some(KeyState::Cleaning { waited }) => {
+                        *waited = true;
                         // Registered while the map is locked: the cleanup notifies only after
                         // it has updated the map, so the notification cannot be missed.
                         let mut cleaned = Box::pin(session.cleaned.notified());
@@ -999,7 +1000,7 @@ impl Conn {
                             }
                             *in_transaction = true;
                         }
-                        held.insert(key, false);
+                        held.insert(key, KeyState::Held);
                         return Ok(Reservation {
                             session: Some(session.clone()),
                             key,
@@ -1038,10 +1039,16 @@ impl Reservation {
     /// Undoes [`mark_cleaning`](Self::mark_cleaning): an acquisition takes the key over.
     pub(crate) fn mark_held(&self) {
         if let Some(session) = &self.session {
-            session.held.lock().unwrap().insert(self.key, false);
+            let state = session
+                .held
+                .lock()
+                .unwrap()
+                .insert(self.key, KeyState::Held);
             // Whoever waited for the cleanup finds the key held again (`AlreadyHeld`), as if
             // this acquisition had reserved it first.
-            session.cleaned.notify_waiters();
+            if state.is_some_and(KeyState::waited) {
+                session.cleaned.notify_waiters();
+            }
         }
     }
 
@@ -1049,20 +1056,41 @@ impl Reservation {
     /// [`Error::AlreadyHeld`]: the lock's owner is gone and only cleanup is left.
     pub(crate) fn mark_cleaning(&self) {
         if let Some(session) = &self.session {
-            session.held.lock().unwrap().insert(self.key, true);
+            let mut held = session.held.lock().unwrap();
+            let state = held.entry(self.key).or_insert(KeyState::Held);
+            if *state == KeyState::Held {
+                *state = KeyState::Cleaning { waited: false };
+            }
         }
+    }
+}
+
+/// A key pglock holds on a shared session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyState {
+    /// Held by a guard or an acquisition: a new acquisition fails with `AlreadyHeld`.
+    Held,
+    /// Being cleaned up (a dropped guard's unlock not sent yet, an abandoned acquisition's
+    /// undo): a new acquisition waits for `Session::cleaned`, and says so in `waited`, so that
+    /// the common case, with nobody waiting, notifies nobody.
+    Cleaning { waited: bool },
+}
+
+impl KeyState {
+    fn waited(self) -> bool {
+        self == KeyState::Cleaning { waited: true }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(session) = &self.session {
-            let was_cleaning = session.held.lock().unwrap().remove(&self.key) == Some(true);
+            let state = session.held.lock().unwrap().remove(&self.key);
             if self.scope == LockScope::Transaction {
                 *session.in_transaction.lock().unwrap() = false;
             }
             // Only an acquisition of a key being cleaned up waits (see `Conn::reserve`).
-            if was_cleaning {
+            if state.is_some_and(KeyState::waited) {
                 session.cleaned.notify_waiters();
             }
         }
