@@ -361,8 +361,13 @@ impl DeferredSlot {
     /// Every deferred unlock, to send them together.
     fn take_all(&self) -> Vec<DeferredUnlock> {
         let mut slot = self.unlocks.lock().unwrap();
+        // `more` fills only behind `first`: usually the acquisition that claimed `first` took
+        // everything, and the flusher finds nothing.
+        let Some(first) = slot.first.take() else {
+            return Vec::new();
+        };
         let mut all = std::mem::take(&mut slot.more);
-        all.extend(slot.first.take());
+        all.push(first);
         all
     }
 }
@@ -493,7 +498,10 @@ impl Flushed for Session {
     }
 
     fn flush(&self) {
-        send_together(self.deferred_unlock.take_all());
+        let unlocks = self.deferred_unlock.take_all();
+        if !unlocks.is_empty() {
+            send_together(unlocks);
+        }
     }
 }
 
