@@ -267,18 +267,30 @@ impl AdvisoryLock {
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
+        if trace::acquisitions_traced() {
+            // Boxed: the span and the clock would otherwise enlarge every acquisition's future.
+            return Box::pin(self.acquire_traced(mode, deadline)).await;
+        }
+        let result = self.acquire_untraced(mode, deadline).await;
+        if let Err(error @ Error::BackendChanged { .. }) = &result {
+            trace::backend_changed(self.key, error);
+        }
+        result
+    }
+
+    /// An acquisition in its DEBUG span, with its outcome's event.
+    async fn acquire_traced(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        use tracing::Instrument;
         let timer = trace::Timer::start();
-        // The span wraps the acquisition only when a subscriber wants it, so that the common
-        // case does not pay for moving the future into an instrumented wrapper.
         let span = trace::acquire_span(self.key, mode, self.scope);
-        let result = if span.is_disabled() {
-            self.acquire_untraced(mode, deadline).await
-        } else {
-            use tracing::Instrument;
-            self.acquire_untraced(mode, deadline)
-                .instrument(span.clone())
-                .await
-        };
+        let result = self
+            .acquire_untraced(mode, deadline)
+            .instrument(span.clone())
+            .await;
         span.in_scope(|| trace::acquired(self.key, mode, self.scope, &result, &timer));
         result
     }
@@ -517,7 +529,7 @@ impl AdvisoryLock {
                 // anything it holds; dropping the attempt lets it go.
                 return Ok(Attempted::Retry);
             }
-            match answer.map(|row| checks.acquired(&row)) {
+            match answer {
                 Ok((granted, pid)) => {
                     if checks == Checks::InStatement && self.source.may_verify() {
                         let conn = attempt.slot.as_ref().expect("idle attempt").conn();
@@ -803,13 +815,14 @@ fn may_hold_after(error: &tokio_postgres::Error, scope: LockScope) -> bool {
 }
 
 impl Attempt {
-    /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits it.
+    /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits its
+    /// answer: whether the lock was granted (`None` on a standby), and the backend's pid.
     async fn run(
         &mut self,
         statement: &Acquire,
         lock_timeout: Option<String>,
         may_wait: bool,
-    ) -> Result<Row, tokio_postgres::Error> {
+    ) -> Result<(Option<bool>, i32), tokio_postgres::Error> {
         let begin = self.scope == LockScope::Transaction && !self.in_transaction;
         self.in_transaction |= begin;
         let key = self.key;
@@ -879,10 +892,12 @@ impl Attempt {
             Some(released) => released.await.unwrap_or(false),
             None => true,
         };
+        let mut acquired = None;
         if let Some((_, granted_on)) = combined {
             match &result {
                 Ok(row) => {
-                    let (_, ran_on, released) = self.checks.unlocked_then_acquired(row);
+                    let (granted, ran_on, released) = self.checks.unlocked_then_acquired(row);
+                    acquired = Some((granted, ran_on));
                     let released = unlock_outcome(key, granted_on, ran_on, released);
                     trace::released(key, granted_on, "drop", &released, true);
                     // On a shared session the failure is only reported, as for an unlock sent
@@ -904,7 +919,7 @@ impl Attempt {
         self.in_flight = false;
         self.may_wait = false;
         self.prior_release_failed = !prior_ok;
-        result
+        result.map(|row| acquired.unwrap_or_else(|| self.checks.acquired(&row)))
     }
 
     fn into_guard(
