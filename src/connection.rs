@@ -101,7 +101,7 @@ pub struct Session {
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
     /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
-    pub(crate) deferred_unlock: DeferredSlot,
+    pub(crate) deferred_unlock: Arc<DeferredSlot>,
     /// `try_lock` requests waiting for this session's next batch (see `batch`).
     pub(crate) try_locks: TryLockQueue,
     canceller: Canceller,
@@ -181,8 +181,11 @@ impl Session {
         HealthCheck::default().configure_client(&mut config);
         let (client, connection) = config.connect(tls.clone()).await?;
         let (closed_tx, closed_rx) = watch::channel(None);
+        // The task that drives the connection also sends the unlocks that dropped guards defer.
+        let deferred_unlock = Arc::new(DeferredSlot::default());
+        let driven = deferred_unlock.clone().drive(connection);
         let task = tokio::spawn(async move {
-            let detail = match connection.await {
+            let detail = match driven.await {
                 Ok(()) => "the server closed the connection".to_owned(),
                 Err(error) => error.to_string(),
             };
@@ -192,6 +195,7 @@ impl Session {
         // session, only one that a dead network path keeps longer.
         let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
+        session.deferred_unlock = deferred_unlock;
         session.canceller = Canceller::new(tls);
         session.connection_task = Some(task);
         session.closed = Some(closed_rx);
@@ -210,7 +214,7 @@ impl Session {
             cleaned: tokio::sync::Notify::new(),
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
-            deferred_unlock: DeferredSlot::default(),
+            deferred_unlock: Arc::default(),
             try_locks: TryLockQueue::default(),
             canceller: Canceller::default(),
             connection_task: None,

@@ -22,8 +22,9 @@
 //!
 //! A dropped guard's session unlock need not even travel alone. While the dropping task runs
 //! on, it is only recorded ([`DeferredUnlock`]), on the shared session or in the parking, and
-//! a task is woken to send it: the one flusher of the session or of the parking (see
-//! [`FlushBell`]). If the next acquisition on the connection comes first and
+//! a task is woken to send it: the task that drives the session's connection, when pglock
+//! runs it ([`DeferredSlot::drive`]), or else the one flusher of the session or of the parking
+//! (see [`FlushBell`]). If the next acquisition on the connection comes first and
 //! asks for the same key in the same mode (the loop above), it claims the unlock and sends one
 //! statement that releases and then acquires (`sql::unlock_then`): one message each way per
 //! cycle instead of two. Otherwise the task sends the unlock as soon as the runtime runs it,
@@ -41,7 +42,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::batch;
-use crate::connection::{Conn, Reservation, Session};
+use crate::connection::{Conn, Reservation};
 use crate::guard::{release_in_background_traced, Release};
 use crate::sql::{Checks, Form, PreparedUnlock};
 use crate::{AdvisoryKey, LockMode};
@@ -231,9 +232,9 @@ impl DeferredUnlock {
         }
         match self.conn() {
             Conn::Session(session) => {
-                let session = session.clone();
-                session.deferred_unlock.push(self);
-                session.deferred_unlock.bell.ring(&session, runtime);
+                let slot = session.deferred_unlock.clone();
+                slot.push(self);
+                slot.bell.ring(&slot, runtime);
             }
             Conn::Pooled(_) => self.send_alone(),
         }
@@ -305,7 +306,8 @@ impl Drop for DeferredUnlock {
 /// A shared session's deferred unlocks: usually one (a `lock` + drop loop), more when several
 /// guards of the session are dropped before the dropping task yields.
 ///
-/// The session's flusher sends them (see [`FlushBell`]).
+/// The task that drives the session's connection sends them, when pglock runs that task
+/// ([`drive`](Self::drive)); otherwise a flusher of their own does (see [`FlushBell`]).
 #[derive(Default)]
 pub(crate) struct DeferredSlot {
     unlocks: Mutex<DeferredUnlocks>,
@@ -319,6 +321,21 @@ struct DeferredUnlocks {
     more: Vec<DeferredUnlock>,
 }
 
+/// Ends [`DeferredSlot::drive`]'s listening, however the task ends (the connection closed, the
+/// session dropped, the runtime shut down): a later drop then starts a flusher, and what was
+/// deferred before is sent now (on a closed connection it fails, which frees its key).
+struct StopListening<'a> {
+    slot: &'a DeferredSlot,
+    bell: &'a Arc<Bell>,
+}
+
+impl Drop for StopListening<'_> {
+    fn drop(&mut self) {
+        self.slot.bell.stop_listening(self.bell);
+        self.slot.flush();
+    }
+}
+
 impl DeferredSlot {
     fn push(&self, deferred: DeferredUnlock) {
         let mut slot = self.unlocks.lock().unwrap();
@@ -326,6 +343,35 @@ impl DeferredSlot {
             None => slot.first = Some(deferred),
             Some(_) => slot.more.push(deferred),
         }
+    }
+
+    /// Drives `connection`, a session's connection future, and sends this slot's deferred
+    /// unlocks whenever a dropped guard rings, from the same task.
+    ///
+    /// A flusher task of its own would be woken by every drop, and on a current-thread runtime
+    /// polled before the connection task that writes the next acquisition's statement: Tokio's
+    /// bookkeeping for a task that usually finds nothing to send (the acquisition claimed the
+    /// unlock), on the critical path of each `lock` + drop cycle. The connection task is woken
+    /// by that statement anyway, so the two wake-ups make one poll, and the unlock, when it has
+    /// to go alone, is written in that very poll.
+    pub(crate) async fn drive<F: Future>(self: Arc<Self>, connection: F) -> F::Output {
+        let bell = self.bell.listen();
+        let _stop = StopListening {
+            slot: &self,
+            bell: &bell,
+        };
+        let mut connection = std::pin::pin!(connection);
+        poll_fn(|cx| {
+            // Registered on every poll (a ring's wake-up takes the waker), and before the flag
+            // is read, so that a ring in between wakes this task again.
+            bell.flusher.register(cx.waker());
+            // Read before it is swapped: most polls are the connection's, with nothing rung.
+            if bell.rung.load(Ordering::Relaxed) && bell.rung.swap(false, Ordering::Acquire) {
+                self.flush();
+            }
+            connection.as_mut().poll(cx)
+        })
+        .await
     }
 
     /// Ends the flusher: called as the session goes.
@@ -377,7 +423,7 @@ impl DeferredSlot {
 /// unlock, or an idle connection to return to the pool).
 ///
 /// One long-lived task (the flusher) per session or parking, started by the first deferral
-/// and woken by each: it sends whatever is pending when it runs, which on a current-thread
+/// and woken by each, unless another task listens instead ([`listen`](Self::listen)): it sends whatever is pending when it runs, which on a current-thread
 /// runtime is once the tasks that deferred them have yielded. A task spawned per dropped
 /// guard instead cost an allocation and Tokio's bookkeeping on every `lock` + drop cycle,
 /// about a point of that loop's rate.
@@ -446,6 +492,25 @@ impl FlushBell {
         runtime.spawn(flusher.run());
     }
 
+    /// A bell that a task other than a flusher answers (see [`DeferredSlot::drive`]): rings
+    /// wake that task, and no flusher is started while it listens.
+    fn listen(&self) -> Arc<Bell> {
+        let bell = Arc::new(Bell::default());
+        *self.0.lock().unwrap() = Some(bell.clone());
+        bell
+    }
+
+    /// Forgets `bell`, if it is still the one rung: the next ring starts a flusher.
+    fn stop_listening(&self, bell: &Arc<Bell>) {
+        let mut current = self.0.lock().unwrap();
+        if current
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, bell))
+        {
+            *current = None;
+        }
+    }
+
     /// Ends the flusher: called as its owner goes.
     fn stop(&self) {
         if let Some(bell) = self.0.lock().unwrap().take() {
@@ -480,25 +545,18 @@ impl<T: Flushed> Drop for Flusher<T> {
         let Some(owner) = self.owner.upgrade() else {
             return;
         };
-        let mut bell = owner.bell().0.lock().unwrap();
-        if bell
-            .as_ref()
-            .is_some_and(|bell| Arc::ptr_eq(bell, &self.bell))
-        {
-            *bell = None;
-        }
-        drop(bell);
+        owner.bell().stop_listening(&self.bell);
         owner.flush();
     }
 }
 
-impl Flushed for Session {
+impl Flushed for DeferredSlot {
     fn bell(&self) -> &FlushBell {
-        &self.deferred_unlock.bell
+        &self.bell
     }
 
     fn flush(&self) {
-        let unlocks = self.deferred_unlock.take_all();
+        let unlocks = self.take_all();
         if !unlocks.is_empty() {
             send_together(unlocks);
         }

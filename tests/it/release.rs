@@ -1,10 +1,11 @@
 //! Release paths: drop, explicit unlock, panics, a vanished runtime, a killed backend.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use pglock::{AdvisoryLock, AdvisoryLockGuard, Error};
+use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, Session};
 
-use crate::harness::{wait_for_alive_tasks, TestDb};
+use crate::harness::{session_cleaned_up, wait_for_alive_tasks, TestDb};
 
 #[tokio::test]
 async fn drop_releases_and_pool_connection_is_reused_clean() {
@@ -124,26 +125,81 @@ fn guards_dropped_as_their_runtime_shuts_down_are_released() {
     }
 }
 
-#[tokio::test]
-async fn a_session_sends_dropped_unlocks_from_one_task_that_ends_with_it() {
-    let db = TestDb::new("flusher_task").await;
-    let tasks = tokio::runtime::Handle::current().metrics();
-    let session = db.session().await;
-    let with_session = tasks.num_alive_tasks();
-    let lock = AdvisoryLock::new(&session, db.key());
+/// Twenty rounds of a `lock` + drop whose unlock is combined with the next lock, then of one
+/// whose unlock must be sent alone (another key follows).
+async fn drop_loop(db: &TestDb, session: &Arc<Session>) {
+    let lock = AdvisoryLock::new(session, db.key());
     for _ in 0..20 {
         drop(lock.lock().await.unwrap());
-        // Another key, so that the unlock is sent, not combined with the next lock.
-        drop(AdvisoryLock::new(&session, db.key()).lock().await.unwrap());
+        drop(AdvisoryLock::new(session, db.key()).lock().await.unwrap());
     }
+}
+
+#[tokio::test]
+async fn a_connected_session_sends_dropped_unlocks_from_its_connection_task() {
+    let db = TestDb::new("driver_task").await;
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let before = tasks.num_alive_tasks();
+    let session = db.session().await;
+    // The connection's task, and no other.
+    assert_eq!(tasks.num_alive_tasks(), before + 1);
+    drop_loop(&db, &session).await;
+    db.assert_no_locks().await;
+    // Each drop rings the connection's task again, which sends the unlock without waiting for
+    // any further acquisition.
+    for _ in 0..5 {
+        let key = db.key();
+        drop(AdvisoryLock::new(&session, key).lock().await.unwrap());
+        session_cleaned_up(&session, key).await;
+        db.assert_no_locks().await;
+    }
+    assert_eq!(tasks.num_alive_tasks(), before + 1, "no flusher task");
+    drop(session);
+    wait_for_alive_tasks(&tasks, before).await;
+}
+
+#[tokio::test]
+async fn a_session_from_a_client_sends_dropped_unlocks_from_one_task_that_ends_with_it() {
+    let db = TestDb::new("flusher_task").await;
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let session = Arc::new(Session::from_client(client));
+    let with_session = tasks.num_alive_tasks();
+    drop_loop(&db, &session).await;
     db.assert_no_locks().await;
     // However many guards were dropped: one task to send their unlocks, beside the
-    // connection's.
+    // connection's (which pglock does not run here).
     wait_for_alive_tasks(&tasks, with_session + 1).await;
-    drop(lock);
     drop(session);
-    // Both end with the session.
+    // The flusher ends with the session, and the connection with its client.
     wait_for_alive_tasks(&tasks, with_session - 1).await;
+}
+
+#[tokio::test]
+async fn a_guard_dropped_after_its_sessions_connection_ended_frees_its_key() {
+    // The task that drove the connection, and sent deferred unlocks, is over: the drop must
+    // not wait for it. Its unlock fails on the closed connection, and the key is free again
+    // on the session, whose next acquisition reports the closed connection.
+    let db = TestDb::new("driver_ended").await;
+    let session = db.session().await;
+    let key = db.key();
+    let guard = AdvisoryLock::new(&session, key).lock().await.unwrap();
+    db.terminate_and_wait(AdvisoryLockGuard::backend_pid(&guard))
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !session.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client sees its connection closed");
+    drop(guard);
+    session_cleaned_up(&session, key).await;
+    let error = AdvisoryLock::new(&session, key).lock().await.unwrap_err();
+    assert!(matches!(error, Error::ConnectionLost { .. }), "{error}");
 }
 
 #[tokio::test]
