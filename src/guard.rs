@@ -77,10 +77,12 @@ pub struct AdvisoryLockGuard {
     /// Dropped after the release is queued (fields drop after `Drop::drop`), or handed to the
     /// deferred unlock, which drops it once sent.
     reservation: Option<Reservation>,
-    /// The health check asked for on the lock, if any.
-    health: Option<HealthCheck>,
-    /// This guard's place in its connection's loss monitor, from the first `loss_signal()`.
-    loss: OnceLock<Registration>,
+    /// The health check asked for on the lock, if any (shared with the lock: a guard is moved
+    /// through every layer of an acquisition, so it is kept small).
+    health: Option<Arc<HealthCheck>>,
+    /// This guard's place in its connection's loss monitor, from the first `loss_signal()`
+    /// (boxed, as most guards never ask).
+    loss: OnceLock<Box<Registration>>,
     /// Where a drop parks the pooled connection while its unlock is in flight, for the next
     /// acquisition of the same lock (see `handoff`).
     parking: Option<Arc<Parking>>,
@@ -109,8 +111,8 @@ impl AdvisoryLockGuard {
         }
     }
 
-    pub(crate) fn with_health_check(mut self, health: Option<HealthCheck>) -> Self {
-        self.health = health;
+    pub(crate) fn with_health_check(mut self, health: Option<&Arc<HealthCheck>>) -> Self {
+        self.health = health.cloned();
         self
     }
 
@@ -205,14 +207,14 @@ impl AdvisoryLockGuard {
                 .conn
                 .as_ref()
                 .expect("a guard holds its connection until released");
-            Registration::new(
+            Box::new(Registration::new(
                 conn,
                 self.key,
                 self.mode,
                 self.scope,
                 self.backend_pid,
-                self.health,
-            )
+                self.health.as_deref().copied(),
+            ))
         })
     }
 

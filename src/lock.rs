@@ -66,7 +66,7 @@ pub struct AdvisoryLock {
     key: AdvisoryKey,
     scope: LockScope,
     wait: WaitStrategy,
-    health: Option<HealthCheck>,
+    health: Option<Arc<HealthCheck>>,
     /// The pooled connection of the last dropped guard, while its unlock is in flight (pool
     /// sources only; shared by clones).
     parking: Option<Arc<Parking>>,
@@ -121,7 +121,7 @@ impl AdvisoryLock {
     /// [`loss_signal`](AdvisoryLockGuard::loss_signal) or
     /// [`is_lost`](AdvisoryLockGuard::is_lost) is first called.
     pub fn health_check(mut self, health: HealthCheck) -> Self {
-        self.health = Some(health);
+        self.health = Some(Arc::new(health));
         self
     }
 
@@ -541,7 +541,7 @@ impl AdvisoryLock {
                         Some(true) => {
                             let guard = attempt.into_guard(mode, pid, unlock);
                             let guard = guard
-                                .with_health_check(self.health)
+                                .with_health_check(self.health.as_ref())
                                 .with_parking(self.parking.as_ref());
                             return Ok(Attempted::Done(Some(guard)));
                         }
