@@ -271,11 +271,7 @@ impl AdvisoryLock {
             // Boxed: the span and the clock would otherwise enlarge every acquisition's future.
             return Box::pin(self.acquire_traced(mode, deadline)).await;
         }
-        let result = self.acquire_untraced(mode, deadline).await;
-        if let Err(error @ Error::BackendChanged { .. }) = &result {
-            trace::backend_changed(self.key, error);
-        }
-        result
+        self.acquire_untraced(mode, deadline).await
     }
 
     /// An acquisition in its DEBUG span, with its outcome's event.
@@ -335,19 +331,32 @@ impl AdvisoryLock {
                 Some(claimed) => claimed,
                 None => (self.source.checkout().await?, Prior::None),
             };
-            match self.acquire_on(conn, prior, mode, deadline).await? {
+            let attempted = match self.acquire_on(conn, prior, mode, deadline).await {
+                Ok(attempted) => attempted,
+                Err(error) => return Err(self.reported(error)),
+            };
+            match attempted {
                 Attempted::Done(guard) => return Ok(guard),
                 // The unlock before ours failed, and that connection is being closed: start
                 // again on a fresh one.
                 Attempted::Retry => trace::prior_release_failed(self.key),
                 // Once: a server that refuses the statements again is not deallocating them.
-                Attempted::Deallocated(error) if deallocated => return Err(error),
+                Attempted::Deallocated(error) if deallocated => return Err(self.reported(error)),
                 Attempted::Deallocated(_) => {
                     trace::statements_deallocated(self.key);
                     deallocated = true;
                 }
             }
         }
+    }
+
+    /// `error`, once a backend that changed under the acquisition is reported (at WARN: a
+    /// pooler in the wrong mode, which the operator should hear of).
+    fn reported(&self, error: Error) -> Error {
+        if let Error::BackendChanged { .. } = &error {
+            trace::backend_changed(self.key, &error);
+        }
+        error
     }
 
     /// The acquiring statement's kind for `deadline` and the lock's wait strategy.

@@ -98,7 +98,8 @@ pub(crate) fn acquired(
             wait_ms = timer.wait_ms(),
             "advisory lock busy"
         ),
-        Err(error @ Error::BackendChanged { .. }) => backend_changed(key, error),
+        // Reported as it happened, at WARN, whether a subscriber wants DEBUG events or not.
+        Err(Error::BackendChanged { .. }) => {}
         Err(error) => tracing::debug!(
             target: TARGET,
             key = %key,

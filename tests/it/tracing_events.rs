@@ -53,9 +53,21 @@ impl Visit for Fields<'_> {
     }
 }
 
+thread_local! {
+    /// Set by a test that wants only WARN and ERROR events on its thread (a current-thread
+    /// runtime runs all its tasks there), as an application filtering pglock's DEBUG out.
+    static WARN_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Subscriber for Recorder {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
+    /// "Sometimes" for every call site, so that `enabled` is asked at each event and span, and
+    /// may answer for the calling thread.
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        !WARN_ONLY.with(|warn_only| warn_only.get()) || *metadata.level() <= tracing::Level::WARN
     }
 
     fn new_span(&self, span: &Attributes<'_>) -> Id {
@@ -332,5 +344,64 @@ async fn loss_and_leadership_are_traced() {
     assert_eq!(released.field("term"), term.to_string());
 
     drop(pool);
+    db.assert_no_locks().await;
+}
+
+/// A connection's backend that changed under an acquisition is reported once, at WARN: to a
+/// subscriber that filters pglock's DEBUG events out (no `acquire` span is even built then), as
+/// to one that takes them all.
+#[tokio::test]
+async fn a_changed_backend_is_reported_once_at_warn_even_without_debug() {
+    let recorder = recorder();
+    let db = TestDb::new("tracing_backend_changed").await;
+    // Never verified, so a deallocated statement reads as a pooler that moved the session.
+    let session = Arc::new(
+        pglock::Session::connect(&db.url())
+            .await
+            .unwrap()
+            .always_check_backend(),
+    );
+    let key = db.key();
+    let key_text = key.to_string();
+    let lock = AdvisoryLock::new(&session, key);
+    AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+        .await
+        .unwrap();
+    let acquire_spans = || {
+        recorder
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, fields)| {
+                name == "acquire" && fields.get("key").map(String::as_str) == Some(&key_text)
+            })
+            .count()
+    };
+    let warnings = || recorder.find("backend changed under advisory lock", &key_text);
+    for (round, warn_only) in [(1, true), (2, false)] {
+        let spans_before = acquire_spans();
+        session.batch_execute("DEALLOCATE ALL").await.unwrap();
+        WARN_ONLY.with(|flag| flag.set(warn_only));
+        let error = lock.lock().await.unwrap_err();
+        WARN_ONLY.with(|flag| flag.set(false));
+        assert!(
+            matches!(error, pglock::Error::BackendChanged { .. }),
+            "{error:?}"
+        );
+        let found = warnings();
+        assert_eq!(found.len(), round, "one warning per failed acquisition");
+        assert_eq!(found[round - 1].level, tracing::Level::WARN);
+        let spans = acquire_spans() - spans_before;
+        assert_eq!(
+            spans,
+            usize::from(!warn_only),
+            "an acquire span only with DEBUG on"
+        );
+        // The next acquisition prepares the statements again and is granted.
+        AdvisoryLockGuard::unlock(lock.lock().await.unwrap())
+            .await
+            .unwrap();
+    }
     db.assert_no_locks().await;
 }
