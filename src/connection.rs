@@ -183,14 +183,13 @@ impl Session {
         let (closed_tx, closed_rx) = watch::channel(None);
         // The task that drives the connection also sends the unlocks that dropped guards defer.
         let deferred_unlock = Arc::new(DeferredSlot::default());
-        let driven = deferred_unlock.clone().drive(connection);
-        let task = tokio::spawn(async move {
-            let detail = match driven.await {
+        let task = tokio::spawn(deferred_unlock.clone().drive(connection, move |ended| {
+            let detail = match ended {
                 Ok(()) => "the server closed the connection".to_owned(),
                 Err(error) => error.to_string(),
             };
             closed_tx.send_replace(Some(detail));
-        });
+        }));
         // Best effort: a server or pooler that refuses these settings still gives a usable
         // session, only one that a dead network path keeps longer.
         let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;

@@ -354,14 +354,21 @@ impl DeferredSlot {
     /// unlock), on the critical path of each `lock` + drop cycle. The connection task is woken
     /// by that statement anyway, so the two wake-ups make one poll, and the unlock, when it has
     /// to go alone, is written in that very poll.
-    pub(crate) async fn drive<F: Future>(self: Arc<Self>, connection: F) -> F::Output {
+    ///
+    /// `ended` gets the connection's output (one state machine fewer than awaiting this in
+    /// another, on every poll of the connection).
+    pub(crate) async fn drive<F: Future>(
+        self: Arc<Self>,
+        connection: F,
+        ended: impl FnOnce(F::Output),
+    ) {
         let bell = self.bell.listen();
         let _stop = StopListening {
             slot: &self,
             bell: &bell,
         };
         let mut connection = std::pin::pin!(connection);
-        poll_fn(|cx| {
+        let output_of_connection = poll_fn(|cx| {
             // Registered on every poll (a ring's wake-up takes the waker), and before the flag
             // is read, so that a ring in between wakes this task again.
             bell.flusher.register(cx.waker());
@@ -371,7 +378,8 @@ impl DeferredSlot {
             }
             connection.as_mut().poll(cx)
         })
-        .await
+        .await;
+        ended(output_of_connection)
     }
 
     /// Ends the flusher: called as the session goes.
