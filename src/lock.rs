@@ -905,7 +905,8 @@ impl Attempt {
         if let Some((_, granted_on)) = combined {
             match &result {
                 Ok(row) => {
-                    let (granted, ran_on, released) = self.checks.unlocked_then_acquired(row);
+                    let (granted, ran_on, released) =
+                        self.checks.unlocked_then_acquired(row, may_wait);
                     acquired = Some((granted, ran_on));
                     let released = unlock_outcome(key, granted_on, ran_on, released);
                     trace::released(key, granted_on, "drop", &released, true);
@@ -928,7 +929,7 @@ impl Attempt {
         self.in_flight = false;
         self.may_wait = false;
         self.prior_release_failed = !prior_ok;
-        result.map(|row| acquired.unwrap_or_else(|| self.checks.acquired(&row)))
+        result.map(|row| acquired.unwrap_or_else(|| self.checks.acquired(&row, may_wait)))
     }
 
     fn into_guard(

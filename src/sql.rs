@@ -67,10 +67,13 @@ impl Checks {
     }
 
     /// An acquiring statement's answer: whether the lock was granted (`None` on a standby) and
-    /// the backend that ran the statement.
-    pub(crate) fn acquired(self, row: &Row) -> (Option<bool>, i32) {
+    /// the backend that ran the statement. `blocking`: the statement waits for the lock (not a
+    /// `try`), so that its plain form, `void IS NOT NULL`, can only answer `true`, and the
+    /// column need not be read.
+    pub(crate) fn acquired(self, row: &Row, blocking: bool) -> (Option<bool>, i32) {
         match self {
             Checks::InStatement => (row.get(0), row.get(1)),
+            Checks::Verified(pid) if blocking => (Some(true), pid),
             Checks::Verified(pid) => (row.get(0), pid),
         }
     }
@@ -84,11 +87,16 @@ impl Checks {
         }
     }
 
-    /// The combined statement's answer ([`unlock_then`]): the acquisition's, then the
-    /// unlock's released column.
-    pub(crate) fn unlocked_then_acquired(self, row: &Row) -> (Option<bool>, i32, Option<bool>) {
+    /// The combined statement's answer ([`unlock_then`]): the acquisition's (`blocking` as for
+    /// [`acquired`](Self::acquired)), then the unlock's released column.
+    pub(crate) fn unlocked_then_acquired(
+        self,
+        row: &Row,
+        blocking: bool,
+    ) -> (Option<bool>, i32, Option<bool>) {
         match self {
             Checks::InStatement => (row.get(0), row.get(1), row.get(2)),
+            Checks::Verified(pid) if blocking => (Some(true), pid, row.get(1)),
             Checks::Verified(pid) => (row.get(0), pid, row.get(1)),
         }
     }
