@@ -311,6 +311,9 @@ impl Drop for DeferredUnlock {
 #[derive(Default)]
 pub(crate) struct DeferredSlot {
     unlocks: Mutex<DeferredUnlocks>,
+    /// Whether `unlocks` holds any, kept under its lock: read first, so that an acquisition
+    /// with nothing deferred before it (a `lock` + `unlock` loop) takes no lock.
+    occupied: AtomicBool,
     bell: FlushBell,
 }
 
@@ -343,6 +346,13 @@ impl DeferredSlot {
             None => slot.first = Some(deferred),
             Some(_) => slot.more.push(deferred),
         }
+        self.occupied.store(true, Ordering::Release);
+    }
+
+    /// Whether a deferred unlock may be waiting. A `false` may be stale only against a push on
+    /// another thread that has not returned yet, which the caller could not have waited for.
+    fn occupied(&self) -> bool {
+        self.occupied.load(Ordering::Acquire)
     }
 
     /// Drives `connection`, a session's connection future, and sends this slot's deferred
@@ -391,8 +401,13 @@ impl DeferredSlot {
     /// key in that mode, if any, and sends every other one now, so that they travel ahead of
     /// the acquisition's statement (which may wait in the server's queue).
     pub(crate) fn take_for(&self, key: AdvisoryKey, mode: LockMode) -> Option<DeferredUnlock> {
+        if !self.occupied() {
+            return None;
+        }
         let mut slot = self.unlocks.lock().unwrap();
         let first = slot.first.take()?;
+        // Emptied below, under the lock.
+        self.occupied.store(false, Ordering::Release);
         if slot.more.is_empty() {
             drop(slot);
             if first.key == key && first.mode == mode {
@@ -414,12 +429,17 @@ impl DeferredSlot {
 
     /// Every deferred unlock, to send them together.
     fn take_all(&self) -> Vec<DeferredUnlock> {
+        // Usually the acquisition that claimed the unlock took everything, and the flusher
+        // finds nothing.
+        if !self.occupied() {
+            return Vec::new();
+        }
         let mut slot = self.unlocks.lock().unwrap();
-        // `more` fills only behind `first`: usually the acquisition that claimed `first` took
-        // everything, and the flusher finds nothing.
+        // `more` fills only behind `first`.
         let Some(first) = slot.first.take() else {
             return Vec::new();
         };
+        self.occupied.store(false, Ordering::Release);
         let mut all = std::mem::take(&mut slot.more);
         all.push(first);
         all
