@@ -451,8 +451,9 @@ impl DeferredSlot {
 /// unlock, or an idle connection to return to the pool).
 ///
 /// One long-lived task (the flusher) per session or parking, started by the first deferral
-/// and woken by each, unless another task listens instead ([`listen`](Self::listen)): it sends whatever is pending when it runs, which on a current-thread
-/// runtime is once the tasks that deferred them have yielded. A task spawned per dropped
+/// and woken by each, unless another task listens instead ([`listen`](Self::listen)): it
+/// sends whatever is pending when it runs, which on a current-thread runtime is once the tasks
+/// that deferred them have yielded. A task spawned per dropped
 /// guard instead cost an allocation and Tokio's bookkeeping on every `lock` + drop cycle,
 /// about a point of that loop's rate.
 #[derive(Default)]
