@@ -379,11 +379,7 @@ impl DeferredSlot {
         };
         let mut connection = std::pin::pin!(connection);
         let output_of_connection = poll_fn(|cx| {
-            // Registered on every poll (a ring's wake-up takes the waker), and before the flag
-            // is read, so that a ring in between wakes this task again.
-            bell.flusher.register(cx.waker());
-            // Read before it is swapped: most polls are the connection's, with nothing rung.
-            if bell.rung.load(Ordering::Relaxed) && bell.rung.swap(false, Ordering::Acquire) {
+            if bell.rang(cx) {
                 self.flush();
             }
             connection.as_mut().poll(cx)
@@ -473,15 +469,20 @@ impl Bell {
         self.flusher.wake();
     }
 
+    /// Whether the bell rang since the last check, once the next ring is sure to wake the task
+    /// of `cx`: registered on every check, since a ring's wake-up takes the waker, and before
+    /// the flag is read, so that a ring in between is seen here or wakes the task again.
+    #[inline]
+    fn rang(&self, cx: &Context<'_>) -> bool {
+        self.flusher.register(cx.waker());
+        // Read before it is swapped: most checks (the connection task's polls) find nothing.
+        self.rung.load(Ordering::Relaxed) && self.rung.swap(false, Ordering::Acquire)
+    }
+
     /// Waits for the next ring (or returns at once if one came since the last wait).
     async fn rung(&self) {
         poll_fn(|cx| {
-            if self.rung.swap(false, Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            self.flusher.register(cx.waker());
-            // A ring between the check and the registration found no waker to wake.
-            if self.rung.swap(false, Ordering::Acquire) {
+            if self.rang(cx) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -586,6 +587,7 @@ impl Flushed for DeferredSlot {
 
     fn flush(&self) {
         let unlocks = self.take_all();
+        // Usually empty (the acquisition claimed the unlock): not worth a call.
         if !unlocks.is_empty() {
             send_together(unlocks);
         }
