@@ -345,6 +345,31 @@ impl Session {
         std::mem::take(&mut *self.offered_release.lock().unwrap())
     }
 
+    /// Whether nothing is left on the session for the next acquisition to send or read before
+    /// its own statement: no deferred unlock, no offered release still unanswered. A release
+    /// offered just after this says so is harmless: unadopted, it is spawned when its answer
+    /// comes.
+    pub(crate) fn has_nothing_pending(&self) -> bool {
+        !self.deferred_unlock.occupied() && self.offered_release.lock().unwrap().strong_count() == 0
+    }
+
+    /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up
+    /// already; `None` otherwise (see [`Conn::reserve`], which waits or fails then).
+    pub(crate) fn try_reserve(self: &Arc<Self>, key: AdvisoryKey) -> Option<Reservation> {
+        let mut held = self.held.lock().unwrap();
+        match held.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(KeyState::Held);
+                Some(Reservation {
+                    session: Some(self.clone()),
+                    key,
+                    scope: LockScope::Session,
+                })
+            }
+        }
+    }
+
     async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(statement) = self.cached(sql) {
             return Ok(statement);
@@ -579,6 +604,14 @@ impl ConnectionSource {
     }
 
     /// Whether tasks wait for a connection of the pool (or are opening one).
+    /// The shared session this source is, if it is one.
+    pub(crate) fn session(&self) -> Option<&Arc<Session>> {
+        match &self.kind {
+            SourceKind::Session(session) => Some(session),
+            SourceKind::Pool(..) => None,
+        }
+    }
+
     pub(crate) fn pool_has_waiters(&self) -> bool {
         match &self.kind {
             SourceKind::Pool(pool, _) => pool.status().waiting > 0,
@@ -976,11 +1009,7 @@ impl Conn {
     /// same key is still being cleaned up.
     pub(crate) async fn reserve(&self, key: AdvisoryKey, scope: LockScope) -> Result<Reservation> {
         let Conn::Session(session) = self else {
-            return Ok(Reservation {
-                session: None,
-                key,
-                scope,
-            });
+            return Ok(Reservation::none(key, scope));
         };
         loop {
             let cleaned = {
@@ -1028,6 +1057,17 @@ pub(crate) struct Reservation {
     session: Option<Arc<Session>>,
     key: AdvisoryKey,
     scope: LockScope,
+}
+
+impl Reservation {
+    /// The reservation of a pooled connection, which holds nothing but its own locks.
+    pub(crate) fn none(key: AdvisoryKey, scope: LockScope) -> Self {
+        Reservation {
+            session: None,
+            key,
+            scope,
+        }
+    }
 }
 
 impl Reservation {

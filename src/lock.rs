@@ -271,7 +271,117 @@ impl AdvisoryLock {
             // Boxed: the span and the clock would otherwise enlarge every acquisition's future.
             return Box::pin(self.acquire_traced(mode, deadline)).await;
         }
-        self.acquire_untraced(mode, deadline).await
+        let (mut attempt, acquire_statement, unlock) = match self.start_direct(mode, deadline) {
+            Start::Direct(attempt, statement, unlock) => (attempt, statement, unlock),
+            Start::General(claimed) => {
+                return self.acquire_untraced(mode, deadline, claimed, false).await
+            }
+        };
+        // The common case, written out flat: on a CPU shared with the server, which evicts the
+        // client's code at every round trip, each line of code a cycle runs is fetched again.
+        let may_wait = attempt.may_wait;
+        let params = KeyParams::new(self.key);
+        // Set before the first poll, which sends the statement (see `Attempt::run`).
+        attempt.in_flight = true;
+        let answer = client_conn(&attempt.slot)
+            .client()
+            .query_one(&acquire_statement, params.with(None).as_slice())
+            .await;
+        attempt.in_flight = false;
+        attempt.may_wait = false;
+        let row = match answer {
+            Ok(row) => row,
+            Err(error) => {
+                attempt.failed(error)?;
+                // Deallocated: start again, preparing anew, once.
+                drop(attempt);
+                trace::statements_deallocated(self.key);
+                // Boxed, as a rare path.
+                return Box::pin(self.acquire_untraced(mode, deadline, None, true)).await;
+            }
+        };
+        match attempt.checks.acquired(&row, may_wait) {
+            (Some(true), pid) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+            (Some(false), _) => Ok(None),
+            (None, _) => Err(Error::ReadOnlyStandby),
+        }
+    }
+
+    /// An acquisition that starts with nothing to send or read before its own statement, on a
+    /// connection verified as direct where its statements are prepared: the attempt ready to
+    /// send, its statement, and the unlock a guard will need. Otherwise the general path takes
+    /// over, on the connection claimed from the parking if one was.
+    ///
+    /// Only `lock` and `try_lock` qualify: a timeout or a polling wait takes the general path.
+    fn start_direct(&self, mode: LockMode, deadline: Deadline) -> Start {
+        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct.
+        let op = self.op(deadline);
+        if self.scope != LockScope::Session
+            || self.source.behind_pooler()
+            || !(op == Op::Lock || matches!(deadline, Deadline::Now))
+        {
+            return Start::General(None);
+        }
+        let conn = match (&self.parking, self.source.session()) {
+            (None, Some(session)) if session.has_nothing_pending() => {
+                Conn::Session(session.clone())
+            }
+            (Some(parking), None) if !self.source.pool_has_waiters() => {
+                match parking.claim_idle() {
+                    Some(conn) => conn,
+                    None => return Start::General(None),
+                }
+            }
+            _ => return Start::General(None),
+        };
+        let checks = conn.verification().checks();
+        let form = Form::of(self.key);
+        let prepared = match checks {
+            Checks::Verified(_) => {
+                let acquire = conn.cached(statement(op, mode, self.scope, form, checks));
+                let unlock = conn.cached(statement(Op::Unlock, mode, self.scope, form, checks));
+                // A guard's drop may need the combined statement later: `prepare` prepares it
+                // with the others when it is missing.
+                let combined = match unlock_then(op, mode, form, checks) {
+                    Some(sql) => conn.cached(sql).is_some(),
+                    None => true,
+                };
+                acquire.zip(unlock).filter(|_| combined)
+            }
+            Checks::InStatement => None,
+        };
+        let reservation = match (&prepared, &conn) {
+            (None, _) => None,
+            (Some(_), Conn::Session(session)) => session.try_reserve(self.key),
+            (Some(_), Conn::Pooled(_)) => Some(Reservation::none(self.key, self.scope)),
+        };
+        let (Some((acquire, unlock)), Some(reservation)) = (prepared, reservation) else {
+            return Start::General(conn.is_pooled().then_some(conn));
+        };
+        let may_wait = op == Op::Lock;
+        let canceller = may_wait.then(|| self.source.canceller(&conn));
+        let mut attempt = Attempt::new(ConnSlot::new(conn), reservation, self, mode, checks);
+        attempt.canceller = canceller;
+        attempt.may_wait = may_wait;
+        let unlock = PreparedUnlock {
+            statement: unlock,
+            checks,
+        };
+        Start::Direct(attempt, acquire, unlock)
+    }
+
+    /// The guard of a granted attempt, with this lock's health check and parking.
+    fn granted(
+        &self,
+        attempt: Attempt,
+        mode: LockMode,
+        pid: i32,
+        unlock: Option<PreparedUnlock>,
+    ) -> AdvisoryLockGuard {
+        attempt
+            .into_guard(mode, pid, unlock)
+            .with_health_check(self.health.as_ref())
+            .with_parking(self.parking.as_ref())
     }
 
     /// An acquisition in its DEBUG span, with its outcome's event.
@@ -284,17 +394,22 @@ impl AdvisoryLock {
         let timer = trace::Timer::start();
         let span = trace::acquire_span(self.key, mode, self.scope);
         let result = self
-            .acquire_untraced(mode, deadline)
+            .acquire_untraced(mode, deadline, None, false)
             .instrument(span.clone())
             .await;
         span.in_scope(|| trace::acquired(self.key, mode, self.scope, &result, &timer));
         result
     }
 
+    /// The general path: any source, scope, wait and connection state. `claimed` is a
+    /// connection already claimed from the parking, with nothing pending on it; `deallocated`
+    /// says the statements were found deallocated once already.
     async fn acquire_untraced(
         &self,
         mode: LockMode,
         deadline: Deadline,
+        claimed: Option<Conn>,
+        mut deallocated: bool,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let behind_pooler = self.source.behind_pooler();
         if behind_pooler && self.scope == LockScope::Session {
@@ -303,6 +418,7 @@ impl AdvisoryLock {
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
         let mut next = match (&self.parking, self.scope) {
+            _ if claimed.is_some() => claimed.map(|conn| (conn, Prior::None)),
             // Tasks wait for a connection of the pool: the parked one goes to them first (once
             // its release is confirmed), and this acquisition queues for the pool behind them.
             (Some(parking), LockScope::Session) if self.source.pool_has_waiters() => {
@@ -325,7 +441,6 @@ impl AdvisoryLock {
             },
             _ => None,
         };
-        let mut deallocated = false;
         loop {
             let (conn, prior) = match next.take() {
                 Some(claimed) => claimed,
@@ -490,24 +605,10 @@ impl AdvisoryLock {
             Conn::Session(session) => session.take_offered_release(),
             Conn::Pooled(_) => offered,
         };
-        let mut attempt = Attempt {
-            slot: Some(slot),
-            offered,
-            adopted: None,
-            in_flight: false,
-            may_wait: false,
-            in_transaction: false,
-            key,
-            scope: self.scope,
-            canceller: None,
-            reservation: Some(reservation),
-            mode,
-            prior_release,
-            prior_release_failed: false,
-            combined,
-            combined_in_doubt: false,
-            checks,
-        };
+        let mut attempt = Attempt::new(slot, reservation, self, mode, checks);
+        attempt.offered = offered;
+        attempt.prior_release = prior_release;
+        attempt.combined = combined;
         let mut pause = match self.wait {
             WaitStrategy::Poll { initial, .. } => initial,
             WaitStrategy::Block => Duration::ZERO,
@@ -548,10 +649,7 @@ impl AdvisoryLock {
                     }
                     match granted {
                         Some(true) => {
-                            let guard = attempt.into_guard(mode, pid, unlock);
-                            let guard = guard
-                                .with_health_check(self.health.as_ref())
-                                .with_parking(self.parking.as_ref());
+                            let guard = self.granted(attempt, mode, pid, unlock);
                             return Ok(Attempted::Done(Some(guard)));
                         }
                         Some(false) => {
@@ -583,32 +681,7 @@ impl AdvisoryLock {
                     attempt.end_transaction().await;
                     return Ok(Attempted::Done(None));
                 }
-                Err(e) if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) => {
-                    // The server refused the statement before running it, so nothing was taken.
-                    // Either the backend changed under a transaction pooler (what the error
-                    // reports) or the statements were deallocated: in both cases what pglock
-                    // remembers as prepared there is wrong, and the next acquisition must not
-                    // fail the same way.
-                    client_conn(&attempt.slot).forget_statements();
-                    if attempt.combined_in_doubt {
-                        // Refused before running: the dropped guard's unlock did not run either.
-                        attempt.settle_unknown();
-                    } else if matches!(checks, Checks::Verified(_))
-                        && self.scope == LockScope::Session
-                    {
-                        // A connection verified as direct keeps its backend: the statements
-                        // were deallocated (`DEALLOCATE`, `DISCARD ALL`), and starting again,
-                        // preparing anew, hides no misconfiguration.
-                        return Ok(Attempted::Deallocated(Error::from_postgres(Some(key), e)));
-                    }
-                    return Err(Error::from_postgres(Some(key), e));
-                }
-                Err(e) => {
-                    if attempt.combined_in_doubt || may_hold_after(&e, self.scope) {
-                        attempt.settle_unknown();
-                    }
-                    return Err(Error::from_postgres(Some(key), e));
-                }
+                Err(e) => return attempt.failed(e),
             }
             // Busy after a single attempt: give up, or pause and poll again.
             let now = Instant::now();
@@ -715,6 +788,15 @@ impl AdvisoryLock {
             ),
         })
     }
+}
+
+/// How an acquisition starts: see [`AdvisoryLock::start_direct`].
+enum Start {
+    /// Nothing to send or read before the acquiring statement, which is prepared: the attempt
+    /// ready to send it, the statement, and the unlock its guard will use.
+    Direct(Attempt, Statement, PreparedUnlock),
+    /// The general path, on the connection claimed from the parking, if one was.
+    General(Option<Conn>),
 }
 
 /// What a dropped guard left on the connection an acquisition starts on.
@@ -824,6 +906,62 @@ fn may_hold_after(error: &tokio_postgres::Error, scope: LockScope) -> bool {
 }
 
 impl Attempt {
+    /// An attempt on `slot`'s connection, holding `reservation`, with nothing sent yet.
+    fn new(
+        slot: ConnSlot,
+        reservation: Reservation,
+        lock: &AdvisoryLock,
+        mode: LockMode,
+        checks: Checks,
+    ) -> Self {
+        Attempt {
+            slot: Some(slot),
+            offered: Weak::new(),
+            adopted: None,
+            in_flight: false,
+            may_wait: false,
+            in_transaction: false,
+            key: lock.key,
+            scope: lock.scope,
+            canceller: None,
+            reservation: Some(reservation),
+            mode,
+            prior_release: None,
+            prior_release_failed: false,
+            combined: None,
+            combined_in_doubt: false,
+            checks,
+        }
+    }
+
+    /// Ends the attempt after its acquiring statement failed with `error`, other than by a lock
+    /// timeout: returns the error, after handing the connection to a cleanup when a lock may be
+    /// held; or [`Attempted::Deallocated`] when the statements were deallocated on a connection
+    /// verified as direct, for the acquisition to start again.
+    fn failed(&mut self, error: tokio_postgres::Error) -> Result<Attempted> {
+        if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+            // The server refused the statement before running it, so nothing was taken. Either
+            // the backend changed under a transaction pooler (what the error reports) or the
+            // statements were deallocated: in both cases what pglock remembers as prepared
+            // there is wrong, and the next acquisition must not fail the same way.
+            client_conn(&self.slot).forget_statements();
+            if self.combined_in_doubt {
+                // Refused before running: the dropped guard's unlock did not run either.
+                self.settle_unknown();
+            } else if matches!(self.checks, Checks::Verified(_)) && self.scope == LockScope::Session
+            {
+                // A connection verified as direct keeps its backend: the statements were
+                // deallocated (`DEALLOCATE`, `DISCARD ALL`), and starting again, preparing
+                // anew, hides no misconfiguration.
+                let error = Error::from_postgres(Some(self.key), error);
+                return Ok(Attempted::Deallocated(error));
+            }
+        } else if self.combined_in_doubt || may_hold_after(&error, self.scope) {
+            self.settle_unknown();
+        }
+        Err(Error::from_postgres(Some(self.key), error))
+    }
+
     /// Sends the acquiring statement (after `BEGIN` when a transaction is due) and awaits its
     /// answer: whether the lock was granted (`None` on a standby), and the backend's pid.
     async fn run(
