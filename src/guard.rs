@@ -248,8 +248,16 @@ impl AdvisoryLockGuard {
     /// If the future is dropped before it completes, the release still happens in the
     /// background, as when the guard is dropped.
     pub async fn unlock(mut this: Self) -> Result<()> {
-        let release = this.release_kind(Release::Commit);
-        this.release_now(release).await
+        let slot = this.begin_release();
+        // A session unlock without the `Release` it would take: the hot path of a `lock` +
+        // `unlock` cycle.
+        let result = match (this.scope, &this.unlock) {
+            (LockScope::Session, Some(unlock)) => {
+                unlock_session(slot.conn(), unlock, this.backend_pid, this.mode, this.key).await
+            }
+            _ => release(slot.conn(), &Release::Commit, this.key).await,
+        };
+        this.end_release(slot, "unlock", result)
     }
 
     /// Commits the transaction of a transaction-scoped lock, which releases the lock.
@@ -316,16 +324,27 @@ impl AdvisoryLockGuard {
     }
 
     async fn release_now(&mut self, how: Release) -> Result<()> {
+        let slot = self.begin_release();
+        let result = release(slot.conn(), &how, self.key).await;
+        self.end_release(slot, how.name(), result)
+    }
+
+    /// The guard's connection, to release the lock on, once the loss monitor stops watching.
+    fn begin_release(&mut self) -> ConnSlot {
         self.stop_watching();
         let conn = self
             .conn
             .take()
             .expect("a guard holds its connection until released");
-        // If this future is dropped mid-way, the slot closes a pooled connection: the release
-        // request was already queued, and closing ends the session in any case.
-        let slot = ConnSlot::new(conn);
-        let result = release(slot.conn(), &how, self.key).await;
-        trace::released(self.key, self.backend_pid, how.name(), &result, false);
+        // If the release's future is dropped mid-way, the slot closes a pooled connection: the
+        // release request was already queued, and closing ends the session in any case.
+        ConnSlot::new(conn)
+    }
+
+    /// Reports how the release went, and sends the connection on: parked for the lock's next
+    /// acquisition, back to its pool, or closed when the release failed.
+    fn end_release(&mut self, slot: ConnSlot, how: &'static str, result: Result<()>) -> Result<()> {
+        trace::released(self.key, self.backend_pid, how, &result, false);
         match &self.parking {
             Some(parking) if result.is_ok() => match Handle::try_current() {
                 Ok(runtime) => parking.park_idle(slot.into_conn(), &runtime),
@@ -427,7 +446,6 @@ impl Release {
 /// than the one that granted the lock releases nothing and fails with
 /// [`Error::BackendChanged`].
 pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
-    let client = conn.client();
     match release {
         // Boxed: their futures are larger than the session unlock's, and every release future
         // (one per dropped guard) would otherwise be as large.
@@ -435,31 +453,43 @@ pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) ->
             Box::pin(end_transaction_or_undo(conn, release, key)).await
         }
         Release::Unlock(unlock, granted_on, mode) => {
-            let (statement, checks) = (&unlock.statement, unlock.checks);
-            let params = KeyParams::new(key);
-            let params = params.with(checks.pid_param(granted_on));
-            // The hot path: written out rather than through `again_if_cancelled`, which costs
-            // it a few hundred instructions. Once is enough here: after the last request of an
-            // abandoned wait's cleanup, at most one stray cancel can still be on its way.
-            let mut result = client.query_one(statement, params.as_slice()).await;
-            if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
-            {
-                result = client.query_one(statement, params.as_slice()).await;
-            }
-            let row = match result {
-                Err(e)
-                    if e.code()
-                        == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
-                {
-                    Box::pin(unlock_unprepared(conn, key, *mode, *granted_on, checks)).await
-                }
-                result => result,
-            }
-            .map_err(|e| Error::from_postgres(Some(key), e))?;
-            let (ran_on, released) = checks.unlocked(&row);
-            unlock_outcome(key, *granted_on, ran_on, released)
+            unlock_session(conn, unlock, *granted_on, *mode, key).await
         }
     }
+}
+
+/// The session unlock `unlock` on `conn`, of the lock in `mode` granted by the backend with pid
+/// `granted_on`: see [`release`].
+async fn unlock_session(
+    conn: &Conn,
+    unlock: &PreparedUnlock,
+    granted_on: i32,
+    mode: LockMode,
+    key: AdvisoryKey,
+) -> Result<()> {
+    let client = conn.client();
+    let (statement, checks) = (&unlock.statement, unlock.checks);
+    let params = KeyParams::new(key);
+    let params = params.with(checks.pid_param(&granted_on));
+    // The hot path: written out rather than through `again_if_cancelled`, which costs it a few
+    // hundred instructions. Once is enough here: after the last request of an abandoned wait's
+    // cleanup, at most one stray cancel can still be on its way.
+    let mut result = client.query_one(statement, params.as_slice()).await;
+    if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
+    {
+        result = client.query_one(statement, params.as_slice()).await;
+    }
+    let row = match result {
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
+        {
+            Box::pin(unlock_unprepared(conn, key, mode, granted_on, checks)).await
+        }
+        result => result,
+    }
+    .map_err(|e| Error::from_postgres(Some(key), e))?;
+    let (ran_on, released) = checks.unlocked(&row);
+    unlock_outcome(key, granted_on, ran_on, released)
 }
 
 /// What a guarded session unlock's answer means: the backend it ran on (`now_on`) and its
