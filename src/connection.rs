@@ -345,12 +345,10 @@ impl Session {
         std::mem::take(&mut *self.offered_release.lock().unwrap())
     }
 
-    /// Whether nothing is left on the session for the next acquisition to send or read before
-    /// its own statement: no deferred unlock, no offered release still unanswered. A release
-    /// offered just after this says so is harmless: unadopted, it is spawned when its answer
-    /// comes.
-    pub(crate) fn has_nothing_pending(&self) -> bool {
-        !self.deferred_unlock.occupied() && self.offered_release.lock().unwrap().strong_count() == 0
+    /// Whether no release offered on the session waits for its answer to be read. One offered
+    /// just after this says so is harmless: unadopted, it is spawned when its answer comes.
+    pub(crate) fn offered_release_answered(&self) -> bool {
+        self.offered_release.lock().unwrap().strong_count() == 0
     }
 
     /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up

@@ -139,20 +139,6 @@ impl Parking {
         }
     }
 
-    /// Takes the parked connection if it is idle (its unlock confirmed) and open: an
-    /// acquisition with nothing to send or read before its own statement. Anything else stays
-    /// parked, for [`claim`](Self::claim).
-    pub(crate) fn claim_idle(&self) -> Option<Conn> {
-        let mut parked = self.parked.lock().unwrap();
-        match &*parked {
-            Some(Claimed::Idle(conn)) if !conn.client().is_closed() => match parked.take() {
-                Some(Claimed::Idle(conn)) => Some(conn),
-                _ => unreachable!("matched as idle under the same lock"),
-            },
-            _ => None,
-        }
-    }
-
     /// Lets the parked connection go back to the pool as soon as it is released: an idle one
     /// at once, one with its unlock in flight when its release task confirms it, one with its
     /// unlock deferred once that is sent (now).
@@ -365,7 +351,7 @@ impl DeferredSlot {
 
     /// Whether a deferred unlock may be waiting. A `false` may be stale only against a push on
     /// another thread that has not returned yet, which the caller could not have waited for.
-    pub(crate) fn occupied(&self) -> bool {
+    fn occupied(&self) -> bool {
         self.occupied.load(Ordering::Acquire)
     }
 

@@ -281,16 +281,35 @@ impl AdvisoryLock {
         // client's code at every round trip, each line of code a cycle runs is fetched again.
         let may_wait = attempt.may_wait;
         let params = KeyParams::new(self.key);
+        // A dropped guard's unlock of the key may ride in the statement (see `Attempt::run`);
+        // on a verified connection the combined statement takes the key alone, as this one.
+        let combined = attempt.combined.take();
+        let statement = combined
+            .as_ref()
+            .map_or(&acquire_statement, |(combined, _)| combined);
         // Set before the first poll, which sends the statement (see `Attempt::run`).
         attempt.in_flight = true;
         let answer = client_conn(&attempt.slot)
             .client()
-            .query_one(&acquire_statement, params.with(None).as_slice())
+            .query_one(statement, params.with(None).as_slice())
             .await;
         attempt.in_flight = false;
         attempt.may_wait = false;
-        let row = match answer {
-            Ok(row) => row,
+        let read = match combined {
+            None => None,
+            Some((_, granted_on)) => {
+                let (read, prior_ok) = attempt.read_combined(&answer, granted_on, may_wait);
+                if !prior_ok {
+                    // Marked to be closed, which ends whatever it holds: start again elsewhere.
+                    drop(attempt);
+                    trace::prior_release_failed(self.key);
+                    return Box::pin(self.acquire_untraced(mode, deadline, None, false)).await;
+                }
+                read
+            }
+        };
+        let (granted, pid) = match answer {
+            Ok(row) => read.unwrap_or_else(|| attempt.checks.acquired(&row, may_wait)),
             Err(error) => {
                 attempt.failed(error)?;
                 // Deallocated: start again, preparing anew, once.
@@ -300,17 +319,18 @@ impl AdvisoryLock {
                 return Box::pin(self.acquire_untraced(mode, deadline, None, true)).await;
             }
         };
-        match attempt.checks.acquired(&row, may_wait) {
-            (Some(true), pid) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
-            (Some(false), _) => Ok(None),
-            (None, _) => Err(Error::ReadOnlyStandby),
+        match granted {
+            Some(true) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+            Some(false) => Ok(None),
+            None => Err(Error::ReadOnlyStandby),
         }
     }
 
-    /// An acquisition that starts with nothing to send or read before its own statement, on a
-    /// connection verified as direct where its statements are prepared: the attempt ready to
-    /// send, its statement, and the unlock a guard will need. Otherwise the general path takes
-    /// over, on the connection claimed from the parking if one was.
+    /// An acquisition that starts with at most a dropped guard's unlock of the same key before
+    /// its own statement, which it sends in that statement, on a connection verified as direct
+    /// where its statements are prepared: the attempt ready to send, its statement, and the
+    /// unlock a guard will need. Otherwise the general path takes over, on the connection
+    /// claimed on the way if one was.
     ///
     /// Only `lock` and `try_lock` qualify: a timeout or a polling wait takes the general path.
     fn start_direct(&self, mode: LockMode, deadline: Deadline) -> Start {
@@ -322,47 +342,80 @@ impl AdvisoryLock {
         {
             return Start::General(None);
         }
-        let conn = match (&self.parking, self.source.session()) {
-            (None, Some(session)) if session.has_nothing_pending() => {
-                Conn::Session(session.clone())
-            }
-            (Some(parking), None) if !self.source.pool_has_waiters() => {
-                match parking.claim_idle() {
-                    Some(conn) => conn,
-                    None => return Start::General(None),
+        let (conn, combined) = match (&self.parking, self.source.session()) {
+            (None, Some(session)) if session.offered_release_answered() => {
+                let conn = Conn::Session(session.clone());
+                match session.deferred_unlock.take_for(self.key, mode) {
+                    None => (conn, None),
+                    Some(deferred) => match self.combinable(deferred, mode, deadline) {
+                        Some(combined) => (conn, Some(combined)),
+                        // Sent alone: the general path waits until that has freed the key.
+                        None => return Start::General(None),
+                    },
                 }
             }
+            // With tasks waiting for the pool, the general path lets the parked connection go.
+            (Some(parking), None) if !self.source.pool_has_waiters() => match parking.claim() {
+                Some(Claimed::Deferred(deferred)) => {
+                    match self.combinable(deferred, mode, deadline) {
+                        Some(combined) => (combined.0.conn().share(), Some(combined)),
+                        // Sent alone, which parked the connection again with the unlock in
+                        // flight: claim it that way.
+                        None => return Start::General(parking.claim().and_then(in_flight)),
+                    }
+                }
+                Some(Claimed::Idle(conn)) => (conn, None),
+                claimed => return Start::General(claimed.and_then(in_flight)),
+            },
             _ => return Start::General(None),
         };
         let checks = conn.verification().checks();
         let form = Form::of(self.key);
-        let prepared = match checks {
-            Checks::Verified(_) => {
+        let prepared = match (checks, &combined) {
+            (Checks::Verified(_), Some((.., combined_checks))) if *combined_checks != checks => {
+                None
+            }
+            (Checks::Verified(_), _) => {
                 let acquire = conn.cached(statement(op, mode, self.scope, form, checks));
                 let unlock = conn.cached(statement(Op::Unlock, mode, self.scope, form, checks));
                 // A guard's drop may need the combined statement later: `prepare` prepares it
                 // with the others when it is missing.
-                let combined = match unlock_then(op, mode, form, checks) {
-                    Some(sql) => conn.cached(sql).is_some(),
-                    None => true,
-                };
-                acquire.zip(unlock).filter(|_| combined)
+                let combined_prepared = combined.is_some()
+                    || match unlock_then(op, mode, form, checks) {
+                        Some(sql) => conn.cached(sql).is_some(),
+                        None => true,
+                    };
+                acquire.zip(unlock).filter(|_| combined_prepared)
             }
-            Checks::InStatement => None,
+            (Checks::InStatement, _) => None,
         };
-        let reservation = match (&prepared, &conn) {
-            (None, _) => None,
-            (Some(_), Conn::Session(session)) => session.try_reserve(self.key),
-            (Some(_), Conn::Pooled(_)) => Some(Reservation::none(self.key, self.scope)),
+        let prior = |combined: Option<(DeferredUnlock, Statement, Checks)>| {
+            combined.map_or(Prior::None, |(deferred, statement, checks)| {
+                Prior::Deferred(deferred, statement, checks)
+            })
         };
-        let (Some((acquire, unlock)), Some(reservation)) = (prepared, reservation) else {
-            return Start::General(conn.is_pooled().then_some(conn));
+        let Some((acquire, unlock)) = prepared else {
+            return Start::General(Some((conn, prior(combined))));
+        };
+        let (reservation, combined) = match (combined, &conn) {
+            // The key's reservation passes from the dropped guard's unlock to this acquisition.
+            (Some((deferred, statement, _)), _) => {
+                let (reservation, granted_on) = deferred.into_combined();
+                let reservation = reservation.expect("a deferred unlock keeps its reservation");
+                (reservation, Some((statement, granted_on)))
+            }
+            (None, Conn::Session(session)) => match session.try_reserve(self.key) {
+                Some(reservation) => (reservation, None),
+                None => return Start::General(Some((conn, Prior::None))),
+            },
+            (None, Conn::Pooled(_)) => (Reservation::none(self.key, self.scope), None),
         };
         let may_wait = op == Op::Lock;
         let canceller = may_wait.then(|| self.source.canceller(&conn));
         let mut attempt = Attempt::new(ConnSlot::new(conn), reservation, self, mode, checks);
         attempt.canceller = canceller;
         attempt.may_wait = may_wait;
+        attempt.combined = combined;
         let unlock = PreparedUnlock {
             statement: unlock,
             checks,
@@ -401,14 +454,14 @@ impl AdvisoryLock {
         result
     }
 
-    /// The general path: any source, scope, wait and connection state. `claimed` is a
-    /// connection already claimed from the parking, with nothing pending on it; `deallocated`
-    /// says the statements were found deallocated once already.
+    /// The general path: any source, scope, wait and connection state. `claimed` is the
+    /// connection [`start_direct`](Self::start_direct) claimed, if it did; `deallocated` says
+    /// the statements were found deallocated once already.
     async fn acquire_untraced(
         &self,
         mode: LockMode,
         deadline: Deadline,
-        claimed: Option<Conn>,
+        claimed: Option<(Conn, Prior)>,
         mut deallocated: bool,
     ) -> Result<Option<AdvisoryLockGuard>> {
         let behind_pooler = self.source.behind_pooler();
@@ -418,7 +471,7 @@ impl AdvisoryLock {
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
         let mut next = match (&self.parking, self.scope) {
-            _ if claimed.is_some() => claimed.map(|conn| (conn, Prior::None)),
+            _ if claimed.is_some() => claimed,
             // Tasks wait for a connection of the pool: the parked one goes to them first (once
             // its release is confirmed), and this acquisition queues for the pool behind them.
             (Some(parking), LockScope::Session) if self.source.pool_has_waiters() => {
@@ -795,8 +848,9 @@ enum Start {
     /// Nothing to send or read before the acquiring statement, which is prepared: the attempt
     /// ready to send it, the statement, and the unlock its guard will use.
     Direct(Attempt, Statement, PreparedUnlock),
-    /// The general path, on the connection claimed from the parking, if one was.
-    General(Option<Conn>),
+    /// The general path, on the connection claimed on the way, with what its last guard left
+    /// there, if one was.
+    General(Option<(Conn, Prior)>),
 }
 
 /// What a dropped guard left on the connection an acquisition starts on.
@@ -1010,29 +1064,33 @@ impl Attempt {
                 begin,
             ))),
         };
-        let mut statement = std::pin::pin!(statement);
-        // Taken over on the first statement only (a polling wait sends several).
-        self.adopted = ReleaseInFlight::adopt(&std::mem::take(&mut self.offered));
-        let adopted = &mut self.adopted;
-        let result = poll_fn(|cx| {
-            if let Some(release) = adopted {
-                if release.as_mut().poll(cx).is_ready() {
-                    *adopted = None;
+        let result = {
+            let mut statement = std::pin::pin!(statement);
+            // Taken over on the first statement only (a polling wait sends several).
+            self.adopted = ReleaseInFlight::adopt(&std::mem::take(&mut self.offered));
+            let adopted = &mut self.adopted;
+            let result = poll_fn(|cx| {
+                if let Some(release) = adopted {
+                    if release.as_mut().poll(cx).is_ready() {
+                        *adopted = None;
+                    }
                 }
-            }
-            statement.as_mut().poll(cx)
-        })
-        .await;
-        // The release was queued before the statement, so its answer is in: this returns at once.
-        poll_fn(|cx| match adopted {
-            Some(release) => {
-                ready!(release.as_mut().poll(cx));
-                *adopted = None;
-                Poll::Ready(())
-            }
-            None => Poll::Ready(()),
-        })
-        .await;
+                statement.as_mut().poll(cx)
+            })
+            .await;
+            // The release was queued before the statement, so its answer is in: this returns
+            // at once.
+            poll_fn(|cx| match adopted {
+                Some(release) => {
+                    ready!(release.as_mut().poll(cx));
+                    *adopted = None;
+                    Poll::Ready(())
+                }
+                None => Poll::Ready(()),
+            })
+            .await;
+            result
+        };
         let mut prior_ok = match prior_release {
             // The unlock was queued before our statement, so it has answered by now; its task
             // may just not have reported yet.
@@ -1041,25 +1099,8 @@ impl Attempt {
         };
         let mut acquired = None;
         if let Some((_, granted_on)) = combined {
-            match &result {
-                Ok(row) => {
-                    let (granted, ran_on, released) =
-                        self.checks.unlocked_then_acquired(row, may_wait);
-                    acquired = Some((granted, ran_on));
-                    let released = unlock_outcome(key, granted_on, ran_on, released);
-                    trace::released(key, granted_on, "drop", &released, true);
-                    // On a shared session the failure is only reported, as for an unlock sent
-                    // alone; a pooled connection is closed, as after a failed parked unlock.
-                    prior_ok = released.is_ok() || !client_conn(&self.slot).is_pooled();
-                }
-                // Whether the unlock ran is unknown. A pooled connection is closed, which ends
-                // both locks, and the acquisition starts again on another (as after a failed
-                // parked unlock); on a shared session the caller undoes whatever may be held.
-                Err(_) if client_conn(&self.slot).is_pooled() => prior_ok = false,
-                Err(_) => self.combined_in_doubt = true,
-            }
-        }
-        if !prior_ok {
+            (acquired, prior_ok) = self.read_combined(&result, granted_on, may_wait);
+        } else if !prior_ok {
             // The session may hold the key twice, or hold it for nobody: only closing the
             // connection ends both for sure.
             client_conn(&self.slot).mark_discard();
@@ -1068,6 +1109,43 @@ impl Attempt {
         self.may_wait = false;
         self.prior_release_failed = !prior_ok;
         result.map(|row| acquired.unwrap_or_else(|| self.checks.acquired(&row, may_wait)))
+    }
+
+    /// Reads the answer of a combined statement, a dropped guard's unlock of the key (granted
+    /// by the backend with pid `granted_on`) then this attempt's acquisition: the acquisition's
+    /// outcome if it ran, and whether the unlock's outcome leaves the connection usable (if not,
+    /// it is marked to be closed).
+    fn read_combined(
+        &mut self,
+        result: &Result<Row, tokio_postgres::Error>,
+        granted_on: i32,
+        may_wait: bool,
+    ) -> (Option<(Option<bool>, i32)>, bool) {
+        let (acquired, prior_ok) = match result {
+            Ok(row) => {
+                let (granted, ran_on, released) = self.checks.unlocked_then_acquired(row, may_wait);
+                let released = unlock_outcome(self.key, granted_on, ran_on, released);
+                trace::released(self.key, granted_on, "drop", &released, true);
+                // On a shared session the failure is only reported, as for an unlock sent
+                // alone; a pooled connection is closed, as after a failed parked unlock.
+                let ok = released.is_ok() || !client_conn(&self.slot).is_pooled();
+                (Some((granted, ran_on)), ok)
+            }
+            // Whether the unlock ran is unknown. A pooled connection is closed, which ends both
+            // locks, and the acquisition starts again on another (as after a failed parked
+            // unlock); on a shared session the caller undoes whatever may be held.
+            Err(_) if client_conn(&self.slot).is_pooled() => (None, false),
+            Err(_) => {
+                self.combined_in_doubt = true;
+                (None, true)
+            }
+        };
+        if !prior_ok {
+            // The session may hold the key twice, or hold it for nobody: only closing the
+            // connection ends both for sure.
+            client_conn(&self.slot).mark_discard();
+        }
+        (acquired, prior_ok)
     }
 
     fn into_guard(

@@ -208,3 +208,47 @@ async fn tasks_sharing_a_session_keep_mutual_exclusion() {
     db.assert_no_locks().await;
     assert!(!session.holds(key));
 }
+
+/// The dropped guard's unlock, carried by the next acquisition, finds the key no longer held
+/// (something released every lock of the session behind the guard's back). On a pool the
+/// connection is closed, since what it holds is no longer known, and the acquisition starts
+/// again on another; a shared session only reports it, and the acquisition holds the key once.
+#[tokio::test]
+async fn a_carried_unlock_that_finds_the_key_free() {
+    let db = TestDb::new("combined_not_held").await;
+    let key = db.key();
+    let session = db.session().await;
+    let pool = db.pool(1);
+    for (lock, pooled) in [
+        (AdvisoryLock::new(&session, key), false),
+        (AdvisoryLock::new(&pool, key), true),
+    ] {
+        // Verified and prepared, so that the carried unlock takes the plain combined form.
+        for _ in 0..3 {
+            drop(lock.lock().await.unwrap());
+        }
+        let guard = lock.lock().await.unwrap();
+        let pid = AdvisoryLockGuard::backend_pid(&guard);
+        guard
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .await
+            .unwrap();
+        drop(guard);
+        // Asked for again before this task yields: the unlock rides in this statement.
+        let guard = lock.lock().await.unwrap();
+        let now_on = AdvisoryLockGuard::backend_pid(&guard);
+        if pooled {
+            assert_ne!(now_on, pid, "the pooled connection was closed");
+            db.wait_backend_gone(pid).await;
+        } else {
+            assert_eq!(now_on, pid);
+        }
+        assert_eq!(
+            db.locks().await,
+            vec![(now_on, key, "ExclusiveLock".to_owned(), true)]
+        );
+        AdvisoryLockGuard::unlock(guard).await.unwrap();
+        db.assert_no_locks().await;
+    }
+    assert!(!session.holds(key));
+}
