@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use deadpool_postgres::{Object, ObjectId, Pool};
@@ -100,6 +100,9 @@ pub struct Session {
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
+    /// Whether `offered_release` may hold one, read first so that an acquisition with none
+    /// offered before it takes no lock.
+    offered: AtomicBool,
     /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
     pub(crate) deferred_unlock: Arc<DeferredSlot>,
     /// `try_lock` requests waiting for this session's next batch (see `batch`).
@@ -213,6 +216,7 @@ impl Session {
             cleaned: tokio::sync::Notify::new(),
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
+            offered: AtomicBool::new(false),
             deferred_unlock: Arc::default(),
             try_locks: TryLockQueue::default(),
             canceller: Canceller::default(),
@@ -337,18 +341,26 @@ impl Session {
 
     /// Offers the answer of a release queued on this session to the next acquisition on it.
     pub(crate) fn offer_release(&self, release: Weak<ReleaseInFlight>) {
-        *self.offered_release.lock().unwrap() = release;
+        let mut offered = self.offered_release.lock().unwrap();
+        *offered = release;
+        self.offered.store(true, Ordering::Release);
     }
 
     /// Takes the release offered last, if any.
     pub(crate) fn take_offered_release(&self) -> Weak<ReleaseInFlight> {
-        std::mem::take(&mut *self.offered_release.lock().unwrap())
+        if !self.offered.load(Ordering::Acquire) {
+            return Weak::new();
+        }
+        let mut offered = self.offered_release.lock().unwrap();
+        self.offered.store(false, Ordering::Release);
+        std::mem::take(&mut *offered)
     }
 
     /// Whether no release offered on the session waits for its answer to be read. One offered
     /// just after this says so is harmless: unadopted, it is spawned when its answer comes.
     pub(crate) fn offered_release_answered(&self) -> bool {
-        self.offered_release.lock().unwrap().strong_count() == 0
+        !self.offered.load(Ordering::Acquire)
+            || self.offered_release.lock().unwrap().strong_count() == 0
     }
 
     /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up

@@ -314,10 +314,11 @@ impl AdvisoryLockGuard {
         }
     }
 
-    fn release_kind(&self, end_transaction: Release) -> Release {
-        match (&self.scope, &self.unlock) {
+    /// The release this guard needs: its session unlock (taken from it), or `end_transaction`.
+    fn release_kind(&mut self, end_transaction: Release) -> Release {
+        match (&self.scope, self.unlock.take()) {
             (LockScope::Session, Some(unlock)) => {
-                Release::Unlock(unlock.clone(), self.backend_pid, self.mode)
+                Release::Unlock(unlock, self.backend_pid, self.mode)
             }
             _ => end_transaction,
         }

@@ -286,14 +286,15 @@ impl DeferredUnlock {
 
     /// Gives up the parts an acquisition that sends the unlock in its own statement takes
     /// over: the key's reservation (it holds the same key, so the mark of a key being cleaned
-    /// up goes) and the pid to release on.
-    pub(crate) fn into_combined(mut self) -> (Option<Reservation>, i32) {
-        self.statement = None;
+    /// up goes), the pid to release on, and the unlock statement (which the acquisition's guard
+    /// may use in turn: the same key, mode and connection).
+    pub(crate) fn into_combined(mut self) -> (Option<Reservation>, i32, Option<PreparedUnlock>) {
+        let statement = self.statement.take();
         let reservation = self.reservation.take();
         if let Some(reservation) = &reservation {
             reservation.mark_held();
         }
-        (reservation, self.granted_on)
+        (reservation, self.granted_on, statement)
     }
 }
 

@@ -284,9 +284,11 @@ impl AdvisoryLock {
         // A dropped guard's unlock of the key may ride in the statement (see `Attempt::run`);
         // on a verified connection the combined statement takes the key alone, as this one.
         let combined = attempt.combined.take();
-        let statement = combined
-            .as_ref()
-            .map_or(&acquire_statement, |(combined, _)| combined);
+        let statement = match (&combined, &acquire_statement) {
+            (Some((combined, _)), _) => combined,
+            (None, Some(statement)) => statement,
+            (None, None) => unreachable!("a direct start has a statement to send"),
+        };
         // Set before the first poll, which sends the statement (see `Attempt::run`).
         attempt.in_flight = true;
         let answer = client_conn(&attempt.slot)
@@ -371,23 +373,28 @@ impl AdvisoryLock {
         };
         let checks = conn.verification().checks();
         let form = Form::of(self.key);
+        let unlock_sql = || statement(Op::Unlock, mode, self.scope, form, checks);
+        // The acquiring statement (not needed when the combined one is sent) and the unlock a
+        // guard will use (the dropped guard's own, when it makes the same checks).
         let prepared = match (checks, &combined) {
-            (Checks::Verified(_), Some((.., combined_checks))) if *combined_checks != checks => {
-                None
-            }
-            (Checks::Verified(_), _) => {
+            (Checks::InStatement, _) => None,
+            (_, Some((deferred, _, combined_checks))) => match *combined_checks == checks {
+                false => None,
+                true if deferred.checks() == checks => Some((None, None)),
+                true => conn.cached(unlock_sql()).map(|unlock| (None, Some(unlock))),
+            },
+            (_, None) => {
                 let acquire = conn.cached(statement(op, mode, self.scope, form, checks));
-                let unlock = conn.cached(statement(Op::Unlock, mode, self.scope, form, checks));
+                let unlock = conn.cached(unlock_sql());
                 // A guard's drop may need the combined statement later: `prepare` prepares it
                 // with the others when it is missing.
-                let combined_prepared = combined.is_some()
-                    || match unlock_then(op, mode, form, checks) {
-                        Some(sql) => conn.cached(sql).is_some(),
-                        None => true,
-                    };
-                acquire.zip(unlock).filter(|_| combined_prepared)
+                let combined_prepared = match unlock_then(op, mode, form, checks) {
+                    Some(sql) => conn.cached(sql).is_some(),
+                    None => true,
+                };
+                let prepared = acquire.zip(unlock).filter(|_| combined_prepared);
+                prepared.map(|(acquire, unlock)| (Some(acquire), Some(unlock)))
             }
-            (Checks::InStatement, _) => None,
         };
         let prior = |combined: Option<(DeferredUnlock, Statement, Checks)>| {
             combined.map_or(Prior::None, |(deferred, statement, checks)| {
@@ -397,18 +404,24 @@ impl AdvisoryLock {
         let Some((acquire, unlock)) = prepared else {
             return Start::General(Some((conn, prior(combined))));
         };
-        let (reservation, combined) = match (combined, &conn) {
+        let (reservation, combined, unlock) = match (combined, &conn) {
             // The key's reservation passes from the dropped guard's unlock to this acquisition.
             (Some((deferred, statement, _)), _) => {
-                let (reservation, granted_on) = deferred.into_combined();
+                let (reservation, granted_on, dropped_unlock) = deferred.into_combined();
                 let reservation = reservation.expect("a deferred unlock keeps its reservation");
-                (reservation, Some((statement, granted_on)))
+                let unlock = unlock
+                    .or(dropped_unlock.map(|unlock| unlock.statement))
+                    .expect("the dropped guard's unlock, found with the same checks");
+                (reservation, Some((statement, granted_on)), unlock)
             }
             (None, Conn::Session(session)) => match session.try_reserve(self.key) {
-                Some(reservation) => (reservation, None),
+                Some(reservation) => (reservation, None, unlock.expect("looked up")),
                 None => return Start::General(Some((conn, Prior::None))),
             },
-            (None, Conn::Pooled(_)) => (Reservation::none(self.key, self.scope), None),
+            (None, Conn::Pooled(_)) => {
+                let reservation = Reservation::none(self.key, self.scope);
+                (reservation, None, unlock.expect("looked up"))
+            }
         };
         let may_wait = op == Op::Lock;
         let canceller = may_wait.then(|| self.source.canceller(&conn));
@@ -647,7 +660,7 @@ impl AdvisoryLock {
         };
         let (reservation, combined) = match combined {
             Some((deferred, statement, _)) => {
-                let (reservation, granted_on) = deferred.into_combined();
+                let (reservation, granted_on, _) = deferred.into_combined();
                 let reservation = reservation.expect("a deferred unlock keeps its reservation");
                 (reservation, Some((statement, granted_on)))
             }
@@ -845,9 +858,11 @@ impl AdvisoryLock {
 
 /// How an acquisition starts: see [`AdvisoryLock::start_direct`].
 enum Start {
-    /// Nothing to send or read before the acquiring statement, which is prepared: the attempt
-    /// ready to send it, the statement, and the unlock its guard will use.
-    Direct(Attempt, Statement, PreparedUnlock),
+    /// Nothing to send or read before the acquiring statement, which is prepared, but possibly
+    /// a dropped guard's unlock to combine with it: the attempt ready to send (carrying the
+    /// combined statement, if so), the acquiring statement (unless combined), and the unlock
+    /// its guard will use.
+    Direct(Attempt, Option<Statement>, PreparedUnlock),
     /// The general path, on the connection claimed on the way, with what its last guard left
     /// there, if one was.
     General(Option<(Conn, Prior)>),
