@@ -1,7 +1,7 @@
 //! `pglock-bench cycles LOOP N`: runs N cycles of one loop on one connection, on a
 //! current-thread runtime, and exits. Not a benchmark by itself: `bench/instructions.sh` runs it
 //! under callgrind at two values of N, and the difference divided by the difference in N is what
-//! one cycle costs the client, in instructions and instruction-cache misses. Unlike time, those
+//! one cycle costs the client, in instructions and in lines of code run. Unlike time, those
 //! counts do not depend on the machine's load, so they can tell a change of a few hundred
 //! instructions apart on any day.
 //!
