@@ -106,6 +106,16 @@ pub enum Error {
         key: AdvisoryKey,
     },
 
+    /// The server answered one of pglock's lock statements without the row PostgreSQL always
+    /// returns for it: something between pglock and PostgreSQL (a proxy) does not pass the
+    /// answers through. What the statement did is unknown; whatever it may have taken is
+    /// undone (a pooled connection is closed).
+    #[error("the server answered pglock's statement for advisory lock {key} without a row, which PostgreSQL never does: check what sits between this client and PostgreSQL; whatever the statement may have taken is undone")]
+    UnexpectedAnswer {
+        /// The lock's key.
+        key: AdvisoryKey,
+    },
+
     /// This session already holds the key through pglock.
     ///
     /// PostgreSQL would stack the lock, and the first release would then not free it, so pglock

@@ -14,7 +14,7 @@ use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
 use crate::loss::{HealthCheck, LossSignal, Registration};
-use crate::sql::{Checks, Form, KeyParams, Op, PreparedUnlock};
+use crate::sql::{first_row, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
 use crate::{AdvisoryKey, LockMode, LockScope};
 
@@ -475,20 +475,23 @@ async fn unlock_session(
     // The hot path: written out rather than through `again_if_cancelled`, which costs it a few
     // hundred instructions. Once is enough here: after the last request of an abandoned wait's
     // cleanup, at most one stray cancel can still be on its way.
-    let mut result = client.query_one(statement, params.as_slice()).await;
+    let mut result = first_row(client, statement, params.as_slice()).await;
     if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
     {
-        result = client.query_one(statement, params.as_slice()).await;
+        result = first_row(client, statement, params.as_slice()).await;
     }
     let row = match result {
         Err(e)
             if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
         {
-            Box::pin(unlock_unprepared(conn, key, mode, granted_on, checks)).await
+            Box::pin(unlock_unprepared(conn, key, mode, granted_on, checks))
+                .await
+                .map(Some)
         }
         result => result,
     }
-    .map_err(|e| Error::from_postgres(Some(key), e))?;
+    .map_err(|e| Error::from_postgres(Some(key), e))?
+    .ok_or(Error::UnexpectedAnswer { key })?;
     let (ran_on, released) = checks.unlocked(&row);
     unlock_outcome(key, granted_on, ran_on, released)
 }

@@ -19,7 +19,7 @@ use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
 use crate::loss::HealthCheck;
-use crate::sql::{statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
+use crate::sql::{first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
 use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
@@ -291,12 +291,15 @@ impl AdvisoryLock {
         };
         // Set before the first poll, which sends the statement (see `Attempt::run`).
         attempt.in_flight = true;
-        let answer = client_conn(&attempt.slot)
-            .client()
-            .query_one(statement, params.with(None).as_slice())
-            .await;
+        let client = client_conn(&attempt.slot).client();
+        let answer = first_row(client, statement, params.with(None).as_slice()).await;
         attempt.in_flight = false;
         attempt.may_wait = false;
+        let answer = match answer {
+            Ok(Some(row)) => Ok(row),
+            Ok(None) => return Err(attempt.unexpected_answer()),
+            Err(error) => Err(error),
+        };
         let read = match combined {
             None => None,
             Some((_, granted_on)) => {
@@ -1001,6 +1004,14 @@ impl Attempt {
             combined_in_doubt: false,
             checks,
         }
+    }
+
+    /// Ends the attempt after its acquiring statement answered without a row: its outcome is
+    /// unknown, so the connection goes to a cleanup that undoes whatever it may have taken.
+    #[cold]
+    fn unexpected_answer(&mut self) -> Error {
+        self.settle_unknown();
+        Error::UnexpectedAnswer { key: self.key }
     }
 
     /// Ends the attempt after its acquiring statement failed with `error`, other than by a lock

@@ -205,6 +205,26 @@ impl<'a> ParamList<'a> {
     }
 }
 
+/// Runs one of pglock's single-row session-scope statements (a lock, an unlock, or both) and
+/// returns its row as soon as it arrives; `None` if the answer ends without one, which
+/// PostgreSQL never does for these.
+///
+/// The rest of the answer (the command tag, then ready-for-query) is read and dropped by
+/// tokio-postgres's connection task. Reading it here, as `Client::query_one` does, costs the
+/// client about 750 instructions per statement (`bench/instructions.sh`), more than all of
+/// pglock's own work on a `lock` + `unlock` cycle. Nothing in that rest can change what the row
+/// says: an error after it (a cancel request landing just then) aborts the implicit
+/// transaction, which session locks outlive, and a transaction-scoped lock never comes here.
+pub(crate) async fn first_row(
+    client: &tokio_postgres::Client,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let rows = client.query_raw(statement, params.iter().copied()).await?;
+    std::pin::pin!(rows).try_next().await
+}
+
 /// The text of the statement for `op` on a key of `form`, in `mode` and `scope`, with `checks`.
 ///
 /// With [`Checks::InStatement`], every acquiring statement returns `(granted, backend_pid)`,
