@@ -236,6 +236,8 @@ impl AdvisoryLockGuard {
     /// - [`Error::ConnectionLost`] if the connection is gone (so is the lock);
     /// - [`Error::RolledBack`] for a transaction-scoped lock whose transaction had failed:
     ///   PostgreSQL rolled it back instead of committing it;
+    /// - [`Error::UnexpectedAnswer`] if the unlock's answer comes back without its row (never
+    ///   from PostgreSQL itself);
     /// - [`Error::Postgres`] for any other failure.
     ///
     /// On any error a pooled connection is closed rather than returned to the pool, so nothing

@@ -141,7 +141,8 @@ impl AdvisoryLock {
     /// [`Error::PoolExhausted`] and other pool errors, [`Error::ConnectionLost`],
     /// [`Error::Deadlock`] if the server's deadlock detector ends the wait,
     /// [`Error::Cancelled`] if the wait is cancelled on the server, [`Error::ReadOnlyStandby`],
-    /// [`Error::AlreadyHeld`] on a session that holds the key.
+    /// [`Error::AlreadyHeld`] on a session that holds the key, [`Error::UnexpectedAnswer`] if
+    /// the statement's answer comes back without its row (never from PostgreSQL itself).
     ///
     /// # Cancel safety
     ///
