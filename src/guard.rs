@@ -349,10 +349,7 @@ impl AdvisoryLockGuard {
     fn end_release(&mut self, slot: ConnSlot, how: &'static str, result: Result<()>) -> Result<()> {
         trace::released(self.key, self.backend_pid, how, &result, false);
         match &self.parking {
-            Some(parking) if result.is_ok() => match Handle::try_current() {
-                Ok(runtime) => parking.park_idle(slot.into_conn(), &runtime),
-                Err(_) => slot.finish(true),
-            },
+            Some(parking) if result.is_ok() => parking.park_idle(slot.into_conn()),
             _ => slot.finish(result.is_ok()),
         }
         result
@@ -370,8 +367,8 @@ impl Drop for AdvisoryLockGuard {
         // A session unlock on a shared session, or on a pooled connection the next acquisition
         // of the lock may claim, waits for that acquisition (see `handoff::DeferredUnlock`).
         let deferrable = parking.is_some() || matches!(conn, Conn::Session(_));
-        match (release, Handle::try_current()) {
-            (Release::Unlock(unlock, granted_on, mode), Ok(runtime)) if deferrable => {
+        match release {
+            Release::Unlock(unlock, granted_on, mode) if deferrable => {
                 let reservation = self.reservation.take();
                 DeferredUnlock::new(
                     conn,
@@ -382,9 +379,9 @@ impl Drop for AdvisoryLockGuard {
                     reservation,
                     parking,
                 )
-                .defer(&runtime);
+                .defer();
             }
-            (release, _) => release_in_background_traced(
+            release => release_in_background_traced(
                 conn,
                 release,
                 self.key,

@@ -116,10 +116,10 @@ impl Parking {
     /// lock: a `lock` + `unlock` loop then stays on one connection (one backend) instead of
     /// checking out another each time. The connection goes back to the pool as soon as the
     /// releasing task yields, unless an acquisition took it first.
-    pub(crate) fn park_idle(self: &Arc<Self>, conn: Conn, runtime: &Handle) {
+    pub(crate) fn park_idle(self: &Arc<Self>, conn: Conn) {
         let displaced = self.parked.lock().unwrap().replace(Claimed::Idle(conn));
         send_if_deferred(displaced);
-        self.bell.ring(self, runtime);
+        self.bell.ring(self);
     }
 
     /// Takes the parked connection, if one is parked and still open.
@@ -219,7 +219,7 @@ impl DeferredUnlock {
     /// Records the unlock on its session (or in its parking), to be sent once the dropping task
     /// yields unless an acquisition claims it first. Sent at once when there is nowhere to
     /// record it.
-    pub(crate) fn defer(self, runtime: &Handle) {
+    pub(crate) fn defer(self) {
         if let Some(parking) = self.parking.clone() {
             let displaced = parking
                 .parked
@@ -227,14 +227,14 @@ impl DeferredUnlock {
                 .unwrap()
                 .replace(Claimed::Deferred(self));
             send_if_deferred(displaced);
-            parking.bell.ring(&parking, runtime);
+            parking.bell.ring(&parking);
             return;
         }
         match self.conn() {
             Conn::Session(session) => {
                 let slot = session.deferred_unlock.clone();
                 slot.push(self);
-                slot.bell.ring(&slot, runtime);
+                slot.bell.ring(&slot);
             }
             Conn::Pooled(_) => self.send_alone(),
         }
@@ -501,18 +501,26 @@ trait Flushed: Send + Sync + 'static {
 }
 
 impl FlushBell {
-    /// Wakes the flusher of `owner`, or starts one on `runtime` when none runs (not started
-    /// yet, or dropped with its runtime).
-    fn ring<T: Flushed>(&self, owner: &Arc<T>, runtime: &Handle) {
-        let new = {
+    /// Wakes the flusher of `owner`, or starts one on the current runtime when none runs (not
+    /// started yet, or dropped with its runtime). Outside a runtime, with no flusher to wake,
+    /// flushes `owner` at once.
+    fn ring<T: Flushed>(&self, owner: &Arc<T>) {
+        let (new, runtime) = {
             let mut bell = self.0.lock().unwrap();
             if let Some(bell) = &*bell {
                 bell.ring();
                 return;
             }
+            // Looked up only here: a ring that wakes a running flusher (the common case) needs
+            // no runtime handle, whose clone costs a thread-local lookup and an atomic count.
+            let Ok(runtime) = Handle::try_current() else {
+                drop(bell);
+                owner.flush();
+                return;
+            };
             let new = Arc::new(Bell::default());
             *bell = Some(new.clone());
-            new
+            (new, runtime)
         };
         let flusher = Flusher {
             owner: Arc::downgrade(owner),

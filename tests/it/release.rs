@@ -68,6 +68,34 @@ fn drop_after_the_runtime_is_gone() {
     });
 }
 
+/// Guards dropped on a thread outside any runtime while their runtime runs: the task that
+/// sends a session's (or a pool's) deferred unlocks is woken from there and sends them; where
+/// no such task runs yet, the unlock goes at once.
+#[test]
+fn guards_dropped_outside_any_runtime_are_released_by_their_runtime() {
+    let runtime = one_worker_runtime();
+    let db = runtime.block_on(TestDb::new("dropped_off_runtime"));
+    let pool = runtime.block_on(async { db.pool(2) });
+    let session = runtime.block_on(db.session());
+    for _ in 0..3 {
+        let key = db.key();
+        let (on_session, on_pool) = runtime.block_on(async {
+            let on_session = AdvisoryLock::new(&session, key).lock().await.unwrap();
+            let on_pool = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
+            (on_session, on_pool)
+        });
+        std::thread::spawn(move || {
+            assert!(tokio::runtime::Handle::try_current().is_err());
+            drop(on_session);
+            drop(on_pool);
+        })
+        .join()
+        .unwrap();
+        runtime.block_on(db.assert_no_locks());
+        assert!(!session.holds(key));
+    }
+}
+
 #[test]
 fn a_session_outliving_the_runtime_that_dropped_its_guard_still_releases() {
     // The session's connection runs on a long-lived runtime; guards are dropped on short-lived
