@@ -317,7 +317,9 @@ impl AdvisoryLock {
         let (granted, pid) = match answer {
             Ok(row) => read.unwrap_or_else(|| attempt.checks.acquired(&row, may_wait)),
             Err(error) => {
-                attempt.failed(error).map_err(|error| self.reported(error))?;
+                attempt
+                    .failed(error)
+                    .map_err(|error| self.reported(error))?;
                 // Deallocated: start again, preparing anew, once.
                 drop(attempt);
                 trace::statements_deallocated(self.key);
