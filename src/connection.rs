@@ -371,11 +371,7 @@ impl Session {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(vacant) => {
                 vacant.insert(KeyState::Held);
-                Some(Reservation {
-                    session: Some(self.clone()),
-                    key,
-                    scope: LockScope::Session,
-                })
+                Some(Reservation::on(self, key, LockScope::Session))
             }
         }
     }
@@ -1043,11 +1039,7 @@ impl Conn {
                             *in_transaction = true;
                         }
                         held.insert(key, KeyState::Held);
-                        return Ok(Reservation {
-                            session: Some(session.clone()),
-                            key,
-                            scope,
-                        });
+                        return Ok(Reservation::on(session, key, scope));
                     }
                 }
             };
@@ -1070,6 +1062,15 @@ pub(crate) struct Reservation {
 }
 
 impl Reservation {
+    /// The reservation of `key` on `session`, whose held-key map the caller has just marked.
+    fn on(session: &Arc<Session>, key: AdvisoryKey, scope: LockScope) -> Self {
+        Reservation {
+            session: Some(session.clone()),
+            key,
+            scope,
+        }
+    }
+
     /// The reservation of a pooled connection, which holds nothing but its own locks.
     pub(crate) fn none(key: AdvisoryKey, scope: LockScope) -> Self {
         Reservation {
