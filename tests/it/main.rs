@@ -29,4 +29,7 @@ mod verification;
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]
 mod cli;
+// The `pglock` command in front of real Alembic and Celery (a Python venv; see the module).
+#[cfg(feature = "cli")]
+mod e2e_python;
 mod introspect;

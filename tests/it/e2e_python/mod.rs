@@ -1,0 +1,102 @@
+//! End to end with the real clients: `pglock` in front of Alembic and Celery beat, as the
+//! Python services it was made for run it, each test against fresh databases of its own.
+//!
+//! The clients come from a Python venv that `.ci/setup-python` makes from the pinned
+//! `.ci/python-requirements.txt`, in `<repo>/target/ci-python` unless `PGLOCK_PYTHON_VENV` says
+//! otherwise. Without it, the tests skip with a message saying how to make it, except under CI
+//! (`CI` set), where they fail.
+//!
+//! The Python side lives in `tests/fixtures/`: an Alembic project (`alembic/`) and a Celery app
+//! (`celery/`).
+
+mod alembic;
+mod database;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use database::FreshDatabase;
+
+/// The venv of `.ci/setup-python`.
+pub struct Venv {
+    dir: PathBuf,
+}
+
+impl Venv {
+    /// The venv, or `None` after saying on stderr why the test skips. Under CI a missing or
+    /// unfinished venv fails the test instead: `.ci/run` makes it before the tests.
+    pub fn find() -> Option<Venv> {
+        let dir = std::env::var_os("PGLOCK_PYTHON_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-python"));
+        // setup-python writes the stamp last: without it the install did not finish.
+        let complete = dir.join(".pglock-requirements.stamp").is_file()
+            && ["python", "alembic", "celery"]
+                .iter()
+                .all(|tool| dir.join("bin").join(tool).is_file());
+        if complete {
+            return Some(Venv { dir });
+        }
+        let why = format!(
+            "the Python venv {} is missing or unfinished (make it with .ci/setup-python)",
+            dir.display()
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}: .ci/run should have made it");
+        }
+        eprintln!("SKIPPED: {why}");
+        None
+    }
+
+    /// A command run with the venv first on `PATH`, as a service's container runs its tools:
+    /// `alembic` and `celery` are found by name, by the test and by `pglock` alike.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(self.dir.join("bin")).chain(std::env::split_paths(&path)),
+        )
+        .expect("PATH");
+        let mut command = Command::new(program);
+        command
+            .env("PATH", path)
+            .env("VIRTUAL_ENV", &self.dir)
+            // No __pycache__ in tests/fixtures; every line out at once.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `pglock ARGS` in a service whose `DATABASE_URL` is `database` in SQLAlchemy's `form`
+    /// (`postgresql+psycopg2`...), with the venv on `PATH` for the command pglock runs.
+    pub fn pglock(&self, database: &FreshDatabase, form: &str, args: &[&str]) -> Command {
+        let mut command = self.command(env!("CARGO_BIN_EXE_pglock"));
+        if !PGLOCK_READS_DRIVER_FORMS {
+            command
+                .arg("--database-url")
+                .arg(database.url("postgresql"));
+        }
+        command.args(args).env("DATABASE_URL", database.url(form));
+        command
+    }
+}
+
+/// Whether pglock reads SQLAlchemy's URL forms (`postgresql+psycopg2://`...) from
+/// `DATABASE_URL` itself (issue 20, "The URL forms services already have"). Until it does,
+/// [`Venv::pglock`] also gives it the plain `postgresql://` URL of the same database with
+/// `--database-url`, while the Python command beside it reads its own form from
+/// `DATABASE_URL`.
+pub const PGLOCK_READS_DRIVER_FORMS: bool = false;
+
+/// A file or directory of `tests/fixtures/`.
+pub fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
