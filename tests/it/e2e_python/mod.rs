@@ -10,6 +10,7 @@
 //! (`celery/`).
 
 mod alembic;
+mod celery_beat;
 mod database;
 mod process;
 
@@ -93,6 +94,31 @@ impl Venv {
 /// `--database-url`, while the Python command beside it reads its own form from
 /// `DATABASE_URL`.
 pub const PGLOCK_READS_DRIVER_FORMS: bool = false;
+
+/// A scratch directory (schedules, pid files), removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(purpose: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "pglock-e2e-{purpose}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A file or directory of `tests/fixtures/`.
 pub fn fixture(path: &str) -> PathBuf {

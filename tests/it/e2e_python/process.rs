@@ -46,6 +46,10 @@ impl Process {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The lines so far.
     pub fn lines(&self) -> Vec<(Instant, String)> {
         self.lines.lock().unwrap().clone()
@@ -104,6 +108,11 @@ impl Process {
         let mut tree = vec![self.pid];
         tree.extend(descendants(self.pid));
         tree
+    }
+
+    /// Sends `signal` to the process only.
+    pub fn signal(&self, signal: &str) {
+        send(signal, &[self.pid.to_string()]);
     }
 
     /// SIGKILLs the whole tree at once: the process, its descendants, and the process groups
@@ -165,6 +174,11 @@ fn process_group(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(2)?.parse().ok()
 }
 
+/// Whether `pid` runs (a zombie, dead but not yet reaped, does not count).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| fields[0] != "Z")
+}
+
 /// All descendants of `pid` that are alive, from `/proc`.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
@@ -187,4 +201,13 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     found
+}
+
+/// The CPU time (user + system) `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let fields = stat_fields(pid).unwrap_or_else(|| panic!("process {pid} is gone"));
+    // utime and stime are fields 14 and 15, in clock ticks; Linux reports them at 100 a second
+    // (USER_HZ) whatever the kernel's own tick rate.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
