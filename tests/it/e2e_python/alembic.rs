@@ -13,7 +13,7 @@ use crate::harness::TestDb;
 
 use super::database::FreshDatabase;
 use super::process::Process;
-use super::{fixture, Venv};
+use super::{fixture, Scratch, Venv};
 
 /// The `DATABASE_URL` forms of SQLAlchemy's PostgreSQL drivers; instance `i` uses form
 /// `i % 4`, as six services configured by different teams would.
@@ -26,10 +26,9 @@ const DRIVER_FORMS: [&str; 4] = [
 
 const INSTANCES: usize = 6;
 
-/// How long the last migration's backfill keeps its transaction open. Six Python processes
-/// started together reach the database within about a second of each other on a loaded 2-core
-/// machine; with the first one's transaction open for a second more, the others collide with
-/// its uncommitted catalog rows (without the backfill they still do, only not in every run).
+/// How long the last migration's backfill keeps its transaction open: a second, so that the
+/// instances started without a lock, which begin together (env.py's `START_BARRIER`), collide
+/// with its uncommitted catalog rows in every run, however loaded the machine.
 const BACKFILL_SECONDS: &str = "1";
 
 /// A bound to keep a broken run from hanging, not a timing target: six upgrades one after
@@ -51,8 +50,15 @@ impl std::fmt::Debug for Ended {
 /// Starts `alembic upgrade head` in `INSTANCES` processes at once against `database`, each under
 /// `pglock run LOCK` if a lock is given, and waits for all of them.
 async fn upgrade_at_once(venv: &Venv, database: &FreshDatabase, lock: Option<&str>) -> Vec<Ended> {
+    // Without a lock, the instances wait for each other once connected: six Python start-ups
+    // on a loaded 2-core machine can spread over more than the first one's whole migration.
+    let meeting_point = Scratch::new("alembic-barrier");
+    let barrier = format!("{}:{INSTANCES}", meeting_point.dir().display());
     let started: Vec<Process> = (0..INSTANCES)
-        .map(|instance| upgrade(venv, database, instance, lock))
+        .map(|instance| {
+            let barrier = lock.is_none().then_some(barrier.as_str());
+            upgrade(venv, database, instance, lock, barrier)
+        })
         .collect();
     let mut ended = Vec::new();
     for mut process in started {
@@ -63,8 +69,15 @@ async fn upgrade_at_once(venv: &Venv, database: &FreshDatabase, lock: Option<&st
 }
 
 /// `alembic upgrade head` as a service's entry point runs it, in the Alembic project's
-/// directory, with the service's `DATABASE_URL`.
-fn upgrade(venv: &Venv, database: &FreshDatabase, instance: usize, lock: Option<&str>) -> Process {
+/// directory, with the service's `DATABASE_URL`; with `barrier` (`DIR:N`) as env.py's
+/// `START_BARRIER`.
+fn upgrade(
+    venv: &Venv,
+    database: &FreshDatabase,
+    instance: usize,
+    lock: Option<&str>,
+    barrier: Option<&str>,
+) -> Process {
     let form = DRIVER_FORMS[instance % DRIVER_FORMS.len()];
     let mut command = match lock {
         None => venv.command("alembic"),
@@ -75,11 +88,33 @@ fn upgrade(venv: &Venv, database: &FreshDatabase, instance: usize, lock: Option<
         .current_dir(fixture("alembic"))
         .env("DATABASE_URL", database.url(form))
         .env("BACKFILL_SECONDS", BACKFILL_SECONDS);
+    if let Some(barrier) = barrier {
+        command.env("START_BARRIER", barrier);
+    }
     let label = match lock {
         None => format!("alembic #{instance} ({form})"),
         Some(lock) => format!("pglock run {lock} -- alembic #{instance} ({form})"),
     };
     Process::spawn(label, command)
+}
+
+/// How an upgrade that lost the race failed, if it did: a catalog row inserted by another
+/// transaction still open (the README's `pg_type_typname_nsp_index`), or an object another one
+/// committed between this one's check and its `CREATE`. The last line that says so (Python's
+/// traceback ends with the exception).
+fn race_symptom(process: &Process) -> Option<String> {
+    let lines = process.lines();
+    [
+        "duplicate key value violates unique constraint",
+        "already exists",
+    ]
+    .iter()
+    .find_map(|symptom| {
+        lines.iter().rev().find_map(|(_, line)| {
+            // PostgreSQL's DETAIL of a duplicate key also says "already exists".
+            (line.contains(symptom) && !line.starts_with("DETAIL")).then(|| line.trim().to_owned())
+        })
+    })
 }
 
 /// The schema as `pg_dump --schema-only` prints it, without what differs between two dumps of
@@ -143,7 +178,8 @@ async fn six_upgrades_at_once_migrate_once() {
     let migrations_once = [("0001", 1), ("0002", 1), ("0003", 1)].map(|(r, n)| (r.to_owned(), n));
 
     // Without a lock, the race of the README happens: instances that start while the first
-    // one's migration transaction is open fail on the catalogs' unique indexes.
+    // one's migration transaction is open fail on the catalogs' unique indexes (or, having
+    // looked before it committed, find what they create already there).
     let race = FreshDatabase::create("alembic_race").await;
     let unlocked = upgrade_at_once(&venv, &race, None).await;
     let failed: Vec<&Ended> = unlocked.iter().filter(|e| !e.status.success()).collect();
@@ -151,25 +187,28 @@ async fn six_upgrades_at_once_migrate_once() {
         !failed.is_empty(),
         "six unlocked upgrades at once all succeeded: the race did not happen\n{unlocked:#?}"
     );
-    for ended in &failed {
-        assert!(
-            ended
-                .process
-                .output()
-                .contains("duplicate key value violates unique constraint"),
-            "an unlocked upgrade failed for another reason than the race: {ended:?}"
-        );
-    }
+    let symptoms: Vec<String> = failed
+        .iter()
+        .map(|ended| {
+            race_symptom(&ended.process).unwrap_or_else(|| {
+                panic!("an unlocked upgrade failed for another reason than the race: {ended:?}")
+            })
+        })
+        .collect();
     eprintln!(
-        "without pglock: {} of {INSTANCES} upgrades failed on a duplicate key",
+        "without pglock: {} of {INSTANCES} upgrades failed: {symptoms:#?}",
         failed.len()
     );
     race.drop_now().await;
 
-    // Under pglock: all six succeed, and the migrations ran once, in one of them.
+    // Under pglock: all six succeed, and the migrations ran once, in one of them. Meanwhile
+    // (they run one at a time, so a core is free), one instance alone migrates another
+    // database: the reference schema.
     let locked = FreshDatabase::create("alembic_locked").await;
+    let reference = FreshDatabase::create("alembic_reference").await;
     let db = TestDb::on_server(&locked.url("postgresql"), "e2e_alembic").await;
     let started = std::time::Instant::now();
+    let mut alone = upgrade(&venv, &reference, 0, None, None);
     let under_lock = upgrade_at_once(&venv, &locked, Some("migrations")).await;
     eprintln!(
         "under pglock: {INSTANCES} upgrades ended in {:?}",
@@ -196,8 +235,6 @@ async fn six_upgrades_at_once_migrate_once() {
     assert_eq!(version(&db).await, ["0003"]);
 
     // The same schema as one instance alone makes.
-    let reference = FreshDatabase::create("alembic_reference").await;
-    let mut alone = upgrade(&venv, &reference, 0, None);
     let status = alone.exit(RUN_BOUND).await;
     assert!(status.success(), "{status}: {alone:?}");
     let (migrated, expected) = (schema(&locked).await, schema(&reference).await);
@@ -214,7 +251,8 @@ async fn six_upgrades_at_once_migrate_once() {
             expected.iter().filter(|l| !migrated.contains(l)).collect();
         panic!(
             "the schema of the six differs from one upgrade's: lines only in the six: \
-             {only_migrated:#?}, only in the one: {only_expected:#?}"
+             {only_migrated:#?}, only in the one: {only_expected:#?}; the six's: \
+             {migrated:#?}, the one's: {expected:#?}"
         );
     }
 

@@ -109,6 +109,10 @@ impl Scratch {
         Scratch(dir)
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
