@@ -32,7 +32,7 @@ const INSTANCES: usize = 6;
 const BACKFILL_SECONDS: &str = "1";
 
 /// A bound to keep a broken run from hanging, not a timing target: six upgrades one after
-/// another take about ten seconds here.
+/// another take about ten seconds on an idle machine here.
 const RUN_BOUND: Duration = Duration::from_secs(90);
 
 /// How each instance ended.
@@ -47,25 +47,40 @@ impl std::fmt::Debug for Ended {
     }
 }
 
-/// Starts `alembic upgrade head` in `INSTANCES` processes at once against `database`, each under
-/// `pglock run LOCK` if a lock is given, and waits for all of them.
-async fn upgrade_at_once(venv: &Venv, database: &FreshDatabase, lock: Option<&str>) -> Vec<Ended> {
-    // Without a lock, the instances wait for each other once connected: six Python start-ups
-    // on a loaded 2-core machine can spread over more than the first one's whole migration.
-    let meeting_point = Scratch::new("alembic-barrier");
-    let barrier = format!("{}:{INSTANCES}", meeting_point.dir().display());
-    let started: Vec<Process> = (0..INSTANCES)
-        .map(|instance| {
-            let barrier = lock.is_none().then_some(barrier.as_str());
-            upgrade(venv, database, instance, lock, barrier)
-        })
-        .collect();
-    let mut ended = Vec::new();
-    for mut process in started {
-        let status = process.exit(RUN_BOUND).await;
-        ended.push(Ended { status, process });
+/// `alembic upgrade head` in `INSTANCES` processes started at once against one database.
+struct Six {
+    processes: Vec<Process>,
+    /// The directory of env.py's `START_BARRIER`, for as long as they run.
+    _meeting_point: Scratch,
+}
+
+impl Six {
+    /// Starts them, each under `pglock run LOCK` if a lock is given. Without a lock, they wait
+    /// for each other once connected: six Python start-ups on a loaded 2-core machine can
+    /// spread over more than the first one's whole migration.
+    fn start(venv: &Venv, database: &FreshDatabase, lock: Option<&str>) -> Six {
+        let meeting_point = Scratch::new("alembic-barrier");
+        let barrier = format!("{}:{INSTANCES}", meeting_point.dir().display());
+        let processes = (0..INSTANCES)
+            .map(|instance| {
+                let barrier = lock.is_none().then_some(barrier.as_str());
+                upgrade(venv, database, instance, lock, barrier)
+            })
+            .collect();
+        Six {
+            processes,
+            _meeting_point: meeting_point,
+        }
     }
-    ended
+
+    async fn finish(self) -> Vec<Ended> {
+        let mut ended = Vec::new();
+        for mut process in self.processes {
+            let status = process.exit(RUN_BOUND).await;
+            ended.push(Ended { status, process });
+        }
+        ended
+    }
 }
 
 /// `alembic upgrade head` as a service's entry point runs it, in the Alembic project's
@@ -177,11 +192,28 @@ async fn six_upgrades_at_once_migrate_once() {
     let Some(venv) = Venv::find() else { return };
     let migrations_once = [("0001", 1), ("0002", 1), ("0003", 1)].map(|(r, n)| (r.to_owned(), n));
 
+    // Three runs at once, each in a fresh database of its own: six instances without a lock,
+    // six under pglock, and one alone for the reference schema. They are independent, and the
+    // locked run, one instance at a time, leaves a core free for the others.
+    let race = FreshDatabase::create("alembic_race").await;
+    let locked = FreshDatabase::create("alembic_locked").await;
+    let reference = FreshDatabase::create("alembic_reference").await;
+    let db = TestDb::on_server(&locked.url("postgresql"), "e2e_alembic").await;
+    let started = std::time::Instant::now();
+    let unlocked = Six::start(&venv, &race, None);
+    let mut alone = upgrade(&venv, &reference, 0, None, None);
+    let under_lock = Six::start(&venv, &locked, Some("migrations"))
+        .finish()
+        .await;
+    eprintln!(
+        "under pglock: {INSTANCES} upgrades ended in {:?}",
+        started.elapsed()
+    );
+    let unlocked = unlocked.finish().await;
+
     // Without a lock, the race of the README happens: instances that start while the first
     // one's migration transaction is open fail on the catalogs' unique indexes (or, having
     // looked before it committed, find what they create already there).
-    let race = FreshDatabase::create("alembic_race").await;
-    let unlocked = upgrade_at_once(&venv, &race, None).await;
     let failed: Vec<&Ended> = unlocked.iter().filter(|e| !e.status.success()).collect();
     assert!(
         !failed.is_empty(),
@@ -201,19 +233,7 @@ async fn six_upgrades_at_once_migrate_once() {
     );
     race.drop_now().await;
 
-    // Under pglock: all six succeed, and the migrations ran once, in one of them. Meanwhile
-    // (they run one at a time, so a core is free), one instance alone migrates another
-    // database: the reference schema.
-    let locked = FreshDatabase::create("alembic_locked").await;
-    let reference = FreshDatabase::create("alembic_reference").await;
-    let db = TestDb::on_server(&locked.url("postgresql"), "e2e_alembic").await;
-    let started = std::time::Instant::now();
-    let mut alone = upgrade(&venv, &reference, 0, None, None);
-    let under_lock = upgrade_at_once(&venv, &locked, Some("migrations")).await;
-    eprintln!(
-        "under pglock: {INSTANCES} upgrades ended in {:?}",
-        started.elapsed()
-    );
+    // Under pglock: all six succeed, and the migrations ran once, in one of them.
     for ended in &under_lock {
         assert!(ended.status.success(), "{ended:?}");
     }
