@@ -29,4 +29,6 @@ mod verification;
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]
 mod cli;
+#[cfg(feature = "cli")]
+mod cli_standby;
 mod introspect;

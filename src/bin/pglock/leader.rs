@@ -9,7 +9,7 @@ use crate::child::{self, Signals};
 use crate::connect::{connect, pool, AppName};
 use crate::format::{human_duration, signal_name};
 use crate::run::{report_error, supervise, with_causes, Outcome};
-use crate::wait::{Monitor, Progress};
+use crate::wait::{Monitor, Progress, Reports};
 use crate::{exit, Global, LeaderArgs, Output, Restart};
 
 pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
@@ -41,7 +41,11 @@ pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
         Ok(pool) => pool,
         Err(error) => return report_error(out, &error),
     };
-    let mut election = LeaderElection::new(&pool, name.as_str()).identity(identity());
+    // pglock's connections have TCP keepalives and a user timeout (see `connect`), which end a
+    // dead connection while a standby waits: the standby can keep its place in the queue.
+    let mut election = LeaderElection::new(&pool, name.as_str())
+        .identity(identity())
+        .queue_round(None);
     if let Some(table) = &args.term_table {
         election = election.term_table(table.clone());
     }
@@ -57,17 +61,19 @@ pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
     let mut monitor = Monitor::new(&progress);
     let mut pause = args.restart_delay;
     loop {
-        // Campaign, reporting who leads meanwhile.
+        // Campaign, reporting who leads meanwhile. The campaign is one future for the whole
+        // wait: dropping it would leave the server's lock queue, and a new one would join at
+        // its end.
         let started = Instant::now();
-        let mut announced = false;
+        let campaign = election.campaign();
+        let mut campaign = std::pin::pin!(campaign);
+        let mut reports = Reports::new(
+            started + Duration::from_millis(500),
+            args.child.progress_every,
+        );
         let leadership = loop {
-            let report_at = if announced {
-                started + args.child.progress_every
-            } else {
-                started + Duration::from_millis(500)
-            };
             tokio::select! {
-                result = election.campaign() => break result,
+                result = &mut campaign => break result,
                 signal = signals.recv() => {
                     out.info(format_args!(
                         "{} while campaigning for {name}: giving up",
@@ -75,11 +81,11 @@ pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
                     ));
                     return exit::SIGNAL_BASE + signal;
                 }
-                _ = tokio::time::sleep_until(report_at), if !out.quiet => {
+                () = reports.due(), if !out.quiet => {
                     monitor
                         .report_leader(election.lock_key(), started)
                         .await;
-                    announced = true;
+                    reports.done();
                 }
             }
         };

@@ -68,6 +68,10 @@ pub async fn acquire(
         }
     };
     let mut wait = std::pin::pin!(wait);
+    let mut reports = Reports::new(Instant::now() + progress.every, progress.every);
+    if progress.every.is_zero() {
+        reports.done();
+    }
     loop {
         tokio::select! {
             result = &mut wait => {
@@ -90,10 +94,52 @@ pub async fn acquire(
                     }
                 });
             }
-            _ = tokio::time::sleep(progress.every) => {
+            () = reports.due() => {
                 monitor.report(lock, started, patience).await;
+                reports.done();
             }
         }
+    }
+}
+
+/// When the progress reports of a wait are due: the first at a given time, then one every
+/// `every`. The schedule moves on after each report, so that a report that ran late is not
+/// followed by a burst of catch-up reports, and a zero interval means no further reports.
+pub struct Reports {
+    next: Option<Instant>,
+    every: Duration,
+}
+
+impl Reports {
+    pub fn new(first: Instant, every: Duration) -> Self {
+        Reports {
+            next: Some(first),
+            every,
+        }
+    }
+
+    /// When the next report is due; never, once reports have stopped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the schedule changes only in [`done`](Self::done).
+    pub async fn due(&self) {
+        match self.next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records that the report due was made.
+    pub fn done(&mut self) {
+        let Some(at) = self.next else { return };
+        if self.every.is_zero() {
+            self.next = None;
+            return;
+        }
+        let now = Instant::now();
+        let next = at + self.every;
+        self.next = Some(if next > now { next } else { now + self.every });
     }
 }
 
