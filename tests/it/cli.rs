@@ -300,9 +300,13 @@ async fn busy_timeout_and_exit_codes() {
     .await;
     assert_eq!(no_url.code(), USAGE, "{no_url:?}");
     assert!(no_url.stderr.contains("DATABASE_URL"), "{no_url:?}");
+    // A refused connection may be a server restarting: pglock tries again for the connect
+    // timeout (1 s here), then gives up with 69.
     let unreachable = run(&[
         "--database-url",
         "postgres://someone:hunter2@127.0.0.1:1/nowhere",
+        "--connect-timeout",
+        "1s",
         "run",
         &name,
         "--",

@@ -30,5 +30,7 @@ mod verification;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]
+mod cli_fleet;
+#[cfg(feature = "cli")]
 mod cli_standby;
 mod introspect;
