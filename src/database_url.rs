@@ -790,8 +790,11 @@ fn scheme(text: &str) -> Option<(&str, &str)> {
         && scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    // A key-value string may hold a colon in a value (`host=::1`), never before its first `=`.
-    (valid && !scheme.contains('=')).then(|| (scheme, &text[colon + 1..]))
+    // A URL's scheme is followed by `//` (JDBC's by its subprotocol). Anything else is not a
+    // URL (`user:password@host` misses its scheme), and is not shown.
+    let rest = &text[colon + 1..];
+    let url_like = rest.starts_with("//") || scheme.eq_ignore_ascii_case("jdbc");
+    (valid && url_like).then_some((scheme, rest))
 }
 
 fn form_of(scheme: &str) -> Option<UrlForm> {

@@ -347,3 +347,163 @@ async fn run_waiters_wait_many_short_progress_intervals_then_take_over() {
     assert_key_free(&db, scenario.key).await;
     db.assert_no_locks().await;
 }
+
+/// The connections open with `application_name` `app`, and the waiters queued for `key`, sampled
+/// every 20 ms for `during`: (samples, samples with more than `allowed` connections, samples
+/// with a waiter).
+async fn sample_connections(
+    db: &TestDb,
+    app: &str,
+    key: AdvisoryKey,
+    allowed: i64,
+    during: Duration,
+) -> (usize, usize, usize) {
+    let (mut samples, mut over, mut queued) = (0, 0, 0);
+    let end = Instant::now() + during;
+    while Instant::now() < end {
+        let open: i64 = db
+            .admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        samples += 1;
+        over += usize::from(open > allowed);
+        queued += usize::from(!queue(db, key).await.is_empty());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (samples, over, queued)
+}
+
+/// The longest pause of a polling waiter (2 s) with its jitter (up to 1.5 times), plus a
+/// connection, the attempt and the election: the documented take-over bound of `--wait-mode
+/// poll`, with 2 s more for a loaded machine.
+const POLL_TAKE_OVER: Duration = Duration::from_millis(3000 + 2000);
+
+#[tokio::test]
+async fn polling_standbys_hold_no_connection_and_take_over() {
+    let db = TestDb::new("cli_standby_poll").await;
+    let scratch = Scratch::new();
+    let name = unique("poll");
+    let key = leader_key(&name);
+    let app = format!("pglock leader {name}");
+    let script = format!("echo '{STARTED}' >&2; while :; do sleep 0.5; done");
+    let start = |log: &str| {
+        Instance::start(
+            &[
+                "leader",
+                "--wait-mode",
+                "poll",
+                "--progress-every",
+                "500ms",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            scratch.path(log),
+        )
+    };
+    let leader = start("leader");
+    leader.wait_for_line(STARTED, Duration::from_secs(10)).await;
+    let standbys = [start("a"), start("b")];
+    for standby in &standbys {
+        standby
+            .wait_for_line("standing by", Duration::from_secs(10))
+            .await;
+    }
+
+    // The leader holds one connection; a standby holds one only while it polls (a connection,
+    // one statement, a close, every 0.25 to 2 s), and never waits in the server's queue.
+    let (samples, over, queued) =
+        sample_connections(&db, &app, key, 1, Duration::from_secs(3)).await;
+    assert_eq!(queued, 0, "a polling standby never queues");
+    assert!(
+        over * 4 <= samples,
+        "standbys held connections in {over} of {samples} samples"
+    );
+    let reports = standbys[0].lines_with("standing by");
+    assert!((2..=10).contains(&reports), "{}", standbys[0].stderr());
+
+    let killed = kill_tree(leader.pid());
+    assert!(killed.len() >= 2, "{killed:?}");
+    let start_wait = Instant::now();
+    loop {
+        let leading: Vec<&Instance> = standbys
+            .iter()
+            .filter(|s| s.stderr().contains(STARTED))
+            .collect();
+        if !leading.is_empty() {
+            assert_eq!(leading.len(), 1, "one leader at a time");
+            break;
+        }
+        assert!(
+            start_wait.elapsed() < POLL_TAKE_OVER,
+            "no standby took over within {POLL_TAKE_OVER:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "a polling standby took over after {:?}",
+        start_wait.elapsed()
+    );
+    for standby in standbys {
+        kill(standby.pid(), "TERM");
+        assert_eq!(standby.exit_code().await, SIGTERM_EXIT);
+    }
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
+
+#[tokio::test]
+async fn polling_run_waiters_hold_no_connection_and_run_in_turn() {
+    let db = TestDb::new("cli_standby_run_poll").await;
+    let scratch = Scratch::new();
+    let name = unique("poll-run");
+    let key = AdvisoryKey::from_name(&name);
+    let app = format!("pglock run {name}");
+    let pool = db.pool(1);
+    let holder = pglock::AdvisoryLock::new(&pool, key).lock().await.unwrap();
+    let script = format!("echo '{STARTED}' >&2; sleep 0.1");
+    let waiters: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|log| {
+            Instance::start(
+                &[
+                    "run",
+                    "--wait-mode",
+                    "poll",
+                    &name,
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+                scratch.path(log),
+            )
+        })
+        .collect();
+    for waiter in &waiters {
+        waiter
+            .wait_for_line("is busy", Duration::from_secs(10))
+            .await;
+    }
+    let (samples, over, queued) =
+        sample_connections(&db, &app, key, 0, Duration::from_secs(2)).await;
+    assert_eq!(queued, 0, "a polling waiter never queues");
+    assert!(
+        over * 4 <= samples,
+        "waiters held connections in {over} of {samples} samples"
+    );
+    drop(holder);
+    for waiter in waiters {
+        waiter.wait_for_line(STARTED, POLL_TAKE_OVER * 2).await;
+        assert_eq!(waiter.exit_code().await, 0);
+    }
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}

@@ -33,4 +33,6 @@ mod cli;
 mod cli_fleet;
 #[cfg(feature = "cli")]
 mod cli_standby;
+#[cfg(feature = "cli")]
+mod cli_urls;
 mod introspect;
