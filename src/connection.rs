@@ -6,7 +6,6 @@ use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -18,7 +17,8 @@ use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
 
 use crate::backend::{self, Verification};
 use crate::batch::TryLockQueue;
-use crate::error::{redact_url, Error, Result};
+use crate::database_url::{redact_url, DatabaseUrl};
+use crate::error::{Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
 use crate::loss::{self, HealthCheck, Monitor};
 use crate::{AdvisoryKey, LockScope};
@@ -476,26 +476,10 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// Parses a connection string, defaulting `application_name` to `pglock`.
+/// Parses a connection string in any form [`DatabaseUrl`] reads, defaulting `application_name`
+/// to `pglock`.
 pub(crate) fn parse_config(url: &str) -> Result<Config> {
-    let mut config = Config::from_str(url).map_err(|error| {
-        // tokio-postgres knows sslmode=disable|prefer|require only; pglock's TLS module
-        // understands the verifying modes and root certificates.
-        let hint = if url.contains("verify-") || url.contains("sslrootcert") {
-            "; sslmode=verify-ca/verify-full and sslrootcert need pglock's `rustls` feature: \
-             connect with pglock::tls"
-        } else {
-            ""
-        };
-        Error::Config(format!(
-            "cannot parse the connection string {}: {error}{hint}",
-            redact_url(url)
-        ))
-    })?;
-    if config.get_application_name().is_none() {
-        config.application_name("pglock");
-    }
-    Ok(config)
+    DatabaseUrl::parse(url)?.config()
 }
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.

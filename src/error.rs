@@ -303,6 +303,41 @@ impl Error {
         matches!(self, Error::ConnectionLost { .. })
     }
 
+    /// Whether the server refused or dropped a new connection for a reason that passes by
+    /// itself, so that connecting again later may succeed: no connection slot free (SQLSTATE
+    /// 53300, "too many clients"), a server starting up, shutting down or recovering (57P03,
+    /// 57P01, 57P02), a connection refused, reset or timed out while the server restarts, a host
+    /// name that does not resolve yet (a container starting), a pool that cannot connect for
+    /// one of these reasons.
+    ///
+    /// Authentication failures, a database that does not exist, TLS and configuration errors
+    /// are not transient.
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            Error::Connect { source, .. } => source,
+            Error::Pool(deadpool_postgres::PoolError::Backend(source)) => source,
+            _ => return false,
+        };
+        match source.code() {
+            Some(code) => [
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+            ]
+            .contains(code),
+            // No server error: the connection itself failed (refused, reset, timed out, the
+            // name did not resolve) or closed during the login, as a server that is starting
+            // or stopping does. The driver's other code-less errors (a password it was not
+            // given, a protocol error) are not.
+            None => {
+                source.is_closed()
+                    || std::error::Error::source(source)
+                        .is_some_and(|cause| cause.is::<std::io::Error>())
+            }
+        }
+    }
+
     /// Whether an operation ran past its deadline.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })
@@ -375,89 +410,5 @@ impl From<deadpool_postgres::PoolError> for Error {
             }
             other => Error::Pool(other),
         }
-    }
-}
-
-/// Returns `url` with any password replaced by `***`, for messages and logs.
-///
-/// Handles both URL (`postgres://user:secret@host/db`) and key-value
-/// (`host=h password=secret`) connection strings.
-///
-/// ```
-/// assert_eq!(
-///     pglock::redact_url("postgres://app:s3cret@db:5432/prod"),
-///     "postgres://app:***@db:5432/prod"
-/// );
-/// assert_eq!(pglock::redact_url("host=db password=s3cret user=app"), "host=db password=*** user=app");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        let mut out = url[..scheme_end + 3].to_owned();
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push_str(":***");
-                    }
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        out.push_str(&redact_query(&rest[authority_end..]));
-        out
-    } else {
-        url.split(' ')
-            .map(|part| match part.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => part.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-fn redact_query(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else {
-        return tail.to_owned();
-    };
-    let query = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => pair.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    format!("{path}?{query}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn redacts_passwords_everywhere() {
-        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
-        assert_eq!(
-            redact_url("postgres://h/db?password=x&sslmode=require"),
-            "postgres://h/db?password=***&sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://u:p%40ss@h:1/db?application_name=a"),
-            "postgres://u:***@h:1/db?application_name=a"
-        );
-        assert_eq!(
-            redact_url("user=u password=p host=h"),
-            "user=u password=*** host=h"
-        );
-        assert_eq!(redact_url("postgres://u:p@h"), "postgres://u:***@h");
     }
 }

@@ -20,9 +20,13 @@ use crate::{
     LossSignal, WaitStrategy,
 };
 
-/// The longest an uncontended campaign waits in the server's lock queue before it re-checks its
-/// connection and queues again. It bounds how long a campaign can sit on a dead connection.
+/// The default of [`LeaderElection::queue_round`]: how long a campaign waits in the server's lock
+/// queue before it re-checks its connection and queues again. It bounds how long a campaign can
+/// sit on a dead connection whose socket has no keepalives.
 const QUEUE_ROUND: Duration = Duration::from_secs(10);
+
+/// The shortest queue round: shorter ones would make a campaign a busy loop.
+const MIN_QUEUE_ROUND: Duration = Duration::from_millis(100);
 
 /// What this instance is, for one named leadership.
 ///
@@ -236,6 +240,7 @@ pub struct LeaderElection {
     wait: WaitStrategy,
     retry: (Duration, Duration),
     election_timeout: Duration,
+    queue_round: Option<Duration>,
     table: TermTable,
     identity: String,
     state: Arc<watch::Sender<LeaderState>>,
@@ -262,6 +267,7 @@ impl LeaderElection {
             wait: WaitStrategy::Block,
             retry: (Duration::from_millis(250), Duration::from_secs(5)),
             election_timeout: Duration::from_secs(10),
+            queue_round: Some(QUEUE_ROUND),
             table: TermTable::default(),
             identity: format!("pid {}", std::process::id()),
             state: Arc::new(watch::channel(LeaderState::Follower).0),
@@ -302,6 +308,27 @@ impl LeaderElection {
     /// campaign gives the leadership up and fails with [`Error::Timeout`].
     pub fn election_timeout(mut self, timeout: Duration) -> Self {
         self.election_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a waiting campaign stays in the server's lock queue before it leaves the
+    /// queue to check its connection, and joins it again at the end (default 10 s, at least
+    /// 100 ms).
+    ///
+    /// The rounds bound how long a campaign can wait on a connection that died silently (a
+    /// server that restarted behind a half-open socket), where the operating system's TCP
+    /// keepalives would take hours to notice. Each round costs the campaign its place in the
+    /// queue: standbys that queued later may be served first.
+    ///
+    /// `None` keeps the campaign's place for as long as it waits (standbys are served in the
+    /// order they queued). Choose it when the connections have client-side TCP keepalives and
+    /// a user timeout, as [`HealthCheck::configure_keepalives`] sets them (and
+    /// [`Session::connect`](crate::Session::connect) and the `pglock` command do): they end a
+    /// dead connection, and with it the campaign's wait, within
+    /// [`HealthCheck::keepalive_timeout`]. With [`WaitStrategy::Poll`] nothing queues, and
+    /// this setting has no effect.
+    pub fn queue_round(mut self, round: Option<Duration>) -> Self {
+        self.queue_round = round;
         self
     }
 
@@ -379,11 +406,16 @@ impl LeaderElection {
         self.table.qualified_name()?;
         let slot = self.slot.clone().lock_owned().await;
         let lock = self.lock().wait_strategy(self.wait);
+        let Some(round) = self.queue_round else {
+            let guard = lock.lock().await?;
+            return self.elect(guard, slot).await;
+        };
         loop {
             // A round trip's worth of slack on top of the server-side wait: past it, the
             // connection is presumed dead, and the attempt is dropped (which cleans up).
-            let client_bound = QUEUE_ROUND + self.health.probe_timeout;
-            match tokio::time::timeout(client_bound, lock.try_lock_for(QUEUE_ROUND)).await {
+            let round = round.max(MIN_QUEUE_ROUND);
+            let client_bound = round + self.health.probe_timeout;
+            match tokio::time::timeout(client_bound, lock.try_lock_for(round)).await {
                 Ok(Ok(Some(guard))) => return self.elect(guard, slot).await,
                 Ok(Ok(None)) | Err(_) => {}
                 Ok(Err(error)) => return Err(error),

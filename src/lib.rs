@@ -41,6 +41,7 @@ mod backend;
 mod batch;
 mod cohort;
 mod connection;
+mod database_url;
 mod error;
 mod guard;
 mod handoff;
@@ -58,7 +59,8 @@ mod trace;
 
 pub use cohort::{CohortGuard, CohortLock};
 pub use connection::{ConnectionSource, Session};
-pub use error::{redact_url, Error, Result, TlsFailure};
+pub use database_url::{redact_url, DatabaseUrl, UrlForm};
+pub use error::{Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
 pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};

@@ -65,10 +65,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 use rustls::{SignatureScheme, SupportedProtocolVersion};
 
-pub use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::connection::parse_config;
-use crate::error::{redact_url, Error, Result, TlsFailure};
+use crate::database_url::DatabaseUrl;
+use crate::error::{Error, Result, TlsFailure};
 use crate::{ConnectionSource, Session};
 
 /// libpq's `sslmode`: whether to use TLS and how far to trust the server's certificate.
@@ -181,29 +182,40 @@ impl TlsConfig {
     /// setting (`sslcert`, `sslkey`, `sslpassword`: not supported yet). Messages never contain
     /// the password.
     pub fn from_url(url: &str) -> Result<Self> {
-        let target = redact_url(url);
-        let parsed = split_tls_params(url).map_err(|reason| {
-            Error::Config(format!(
-                "cannot parse the connection string {target}: {reason}"
-            ))
-        })?;
-        let mode = match &parsed.sslmode {
+        Self::from_database_url(&DatabaseUrl::parse(url)?)
+    }
+
+    /// As [`from_url`](Self::from_url), for a string already read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] as [`from_url`](Self::from_url).
+    pub fn from_database_url(url: &DatabaseUrl) -> Result<Self> {
+        let mode = match url.get("sslmode") {
             Some(value) => SslMode::parse(value)?,
             None => SslMode::default(),
         };
-        let roots = parsed.sslrootcert.map(|value| match value.as_str() {
+        let roots = url.get("sslrootcert").map(|value| match value {
             "system" => RootCerts::System,
             path => RootCerts::PemFile(PathBuf::from(path)),
         });
-        let named = parsed.names_application;
-        let mut config = parse_config(&parsed.rest)?;
-        config.ssl_mode(mode.for_driver());
+        let mut config = url.driver_config(true)?;
+        // As libpq: sslmode counts for TCP connections only; PostgreSQL never speaks TLS on a
+        // Unix socket.
+        let unix_only = !config.get_hosts().is_empty()
+            && config.get_hostaddrs().is_empty()
+            && config.get_hosts().iter().all(is_unix_socket);
+        config.ssl_mode(if unix_only {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            mode.for_driver()
+        });
         Ok(TlsConfig {
             config,
             mode,
             roots,
-            target,
-            named,
+            target: url.to_string(),
+            named: url.get("application_name").is_some(),
         })
     }
 
@@ -271,7 +283,7 @@ impl TlsConfig {
     /// # Errors
     ///
     /// [`Error::Config`] if the root certificates cannot be read or contain no certificate.
-    pub fn connector(&self) -> Result<MakeRustlsConnect> {
+    pub fn connector(&self) -> Result<TlsConnector> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verify = match (self.mode, &self.roots) {
             (SslMode::VerifyFull, _) => Verify::Full,
@@ -304,7 +316,10 @@ impl TlsConfig {
             .with_no_client_auth();
         // PostgreSQL 17 checks the ALPN protocol; earlier servers ignore it.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
-        Ok(MakeRustlsConnect::new(config))
+        Ok(TlsConnector {
+            rustls: MakeRustlsConnect::new(config),
+            plain_only: self.config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable,
+        })
     }
 
     fn load_roots(&self) -> Result<RootCertStore> {
@@ -417,7 +432,7 @@ pub fn make_pool(url: &str, max_size: usize) -> Result<TlsPool> {
 #[derive(Clone)]
 pub struct TlsPool {
     pool: Pool,
-    tls: MakeRustlsConnect,
+    tls: TlsConnector,
     target: String,
 }
 
@@ -428,7 +443,7 @@ impl TlsPool {
     }
 
     /// The TLS connector, for [`ConnectionSource::with_cancel_tls`] and the like.
-    pub fn connector(&self) -> &MakeRustlsConnect {
+    pub fn connector(&self) -> &TlsConnector {
         &self.tls
     }
 
@@ -471,6 +486,59 @@ impl From<&TlsPool> for ConnectionSource {
 impl From<TlsPool> for ConnectionSource {
     fn from(pool: TlsPool) -> Self {
         ConnectionSource::from(&pool)
+    }
+}
+
+#[cfg(unix)]
+fn is_unix_socket(host: &tokio_postgres::config::Host) -> bool {
+    matches!(host, tokio_postgres::config::Host::Unix(_))
+}
+
+#[cfg(not(unix))]
+fn is_unix_socket(_host: &tokio_postgres::config::Host) -> bool {
+    false
+}
+
+/// The TLS connector of a [`TlsConfig`], for tokio-postgres and deadpool: rustls, verifying as
+/// the `sslmode` says.
+///
+/// tokio-postgres asks a connector for a TLS session before it knows whether it will use one,
+/// with an empty host name when it connects through a Unix socket. Where the configuration
+/// never uses TLS (`sslmode=disable`, or Unix sockets only, where PostgreSQL speaks no TLS),
+/// this connector accepts that; elsewhere an empty host name fails, as with rustls alone.
+#[derive(Clone)]
+pub struct TlsConnector {
+    rustls: MakeRustlsConnect,
+    plain_only: bool,
+}
+
+impl fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("plain_only", &self.plain_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> MakeTlsConnect<S> for TlsConnector
+where
+    MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(
+        &mut self,
+        hostname: &str,
+    ) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        // Never used when no TLS is asked for: any valid name serves.
+        let hostname = if hostname.is_empty() && self.plain_only {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<S>::make_tls_connect(&mut self.rustls, hostname)
     }
 }
 
@@ -662,182 +730,9 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
-/// A connection string without its TLS settings, and those settings.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct SplitParams {
-    rest: String,
-    sslmode: Option<String>,
-    sslrootcert: Option<String>,
-    /// Whether the string sets `application_name`.
-    names_application: bool,
-}
-
-/// The libpq settings pglock handles itself (tokio-postgres does not know them), and those it
-/// refuses.
-const TLS_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
-const UNSUPPORTED_KEYS: [&str; 4] = ["sslcert", "sslkey", "sslpassword", "sslcrl"];
-
-fn split_tls_params(url: &str) -> std::result::Result<SplitParams, String> {
-    let mut out = SplitParams::default();
-    let mut take = |key: &str, value: String| -> std::result::Result<bool, String> {
-        match key {
-            "application_name" => {
-                out.names_application = true;
-                return Ok(false);
-            }
-            "sslmode" => out.sslmode = Some(value),
-            "sslrootcert" => out.sslrootcert = Some(value),
-            key if UNSUPPORTED_KEYS.contains(&key) => {
-                return Err(format!(
-                    "{key} (client certificate authentication) is not supported by pglock yet"
-                ))
-            }
-            _ => return Ok(false),
-        }
-        Ok(true)
-    };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            out.rest = url.to_owned();
-            return Ok(out);
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(&percent_decode(key)?, percent_decode(value)?)? {
-                kept.push(pair);
-            }
-        }
-        out.rest = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-    } else {
-        let mut kept = Vec::new();
-        for (key, value) in key_value_pairs(url)? {
-            if !take(&key, value.clone())? {
-                kept.push(format!("{key}={}", quote(&value)));
-            }
-        }
-        out.rest = kept.join(" ");
-    }
-    debug_assert!(TLS_KEYS
-        .iter()
-        .all(|key| !out.rest.contains(&format!("{key}="))));
-    Ok(out)
-}
-
-fn percent_decode(text: &str) -> std::result::Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("invalid percent-encoding in {text:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
-}
-
-/// libpq's key-value syntax: `key = value` pairs separated by spaces, values optionally in
-/// single quotes with `\'` and `\\` escapes.
-fn key_value_pairs(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
-    let mut pairs = Vec::new();
-    let mut chars = text.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(pairs);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(format!("expected `=` after {key:?}"));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next() {
-                    Some('\'') => break,
-                    Some('\\') => value.push(chars.next().ok_or("unterminated quoted value")?),
-                    Some(c) => value.push(c),
-                    None => return Err("unterminated quoted value".to_owned()),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.push(chars.next().ok_or("dangling backslash")?);
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        pairs.push((key, value));
-    }
-}
-
-fn quote(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splits_tls_settings_from_urls() {
-        let split = split_tls_params(
-            "postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca%20x.pem",
-        )
-        .unwrap();
-        assert_eq!(split.rest, "postgres://u:p@h:5/db?application_name=x");
-        assert_eq!(split.sslmode.as_deref(), Some("verify-full"));
-        assert_eq!(split.sslrootcert.as_deref(), Some("/tmp/ca x.pem"));
-
-        let split = split_tls_params("postgresql://h/db?sslmode=require").unwrap();
-        assert_eq!(split.rest, "postgresql://h/db");
-        assert_eq!(split.sslrootcert, None);
-
-        let split = split_tls_params("postgres://h/db").unwrap();
-        assert_eq!(split.rest, "postgres://h/db");
-        assert_eq!(split.sslmode, None);
-    }
-
-    #[test]
-    fn splits_tls_settings_from_key_value_strings() {
-        let split = split_tls_params(
-            "host=h  sslmode = verify-ca password='a b\\'c' sslrootcert='/tmp/my ca.pem' user=u",
-        )
-        .unwrap();
-        assert_eq!(split.rest, "host='h' password='a b\\'c' user='u'");
-        assert_eq!(split.sslmode.as_deref(), Some("verify-ca"));
-        assert_eq!(split.sslrootcert.as_deref(), Some("/tmp/my ca.pem"));
-        let config: tokio_postgres::Config = split.rest.parse().unwrap();
-        assert_eq!(config.get_password(), Some(&b"a b'c"[..]));
-    }
 
     #[test]
     fn refuses_client_certificates_and_bad_modes() {
@@ -899,7 +794,7 @@ mod tests {
             "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
         )
         .unwrap();
-        let error = tls.connector().err().expect("no such file");
+        let error = tls.connector().expect_err("no such file");
         assert!(matches!(error, Error::Config(_)), "{error}");
         assert!(
             TlsConfig::from_url("postgres://h/db?sslmode=verify-full")

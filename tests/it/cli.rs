@@ -16,6 +16,8 @@ const CANNOT_CONNECT: i32 = 69;
 const CONFLICT: i32 = 75;
 const LOCK_LOST: i32 = 76;
 const NOT_FOUND: i32 = 127;
+/// 128 + SIGTERM: a command that died of SIGTERM, or pglock interrupted by it while waiting.
+pub(crate) const SIGTERM_EXIT: i32 = 143;
 
 /// A `pglock` process with `DATABASE_URL` set; killed if the test ends early.
 fn pglock(args: &[&str]) -> Command {
@@ -71,21 +73,21 @@ async fn finish(child: Child) -> Finished {
     }
 }
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::thread_rng().gen::<u32>())
 }
 
 /// A scratch directory for marker files, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(unique("pglock-cli"));
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }
@@ -110,7 +112,7 @@ async fn wait_for_file(path: &Path) {
 
 /// Waits until nobody holds or awaits `key` (pglock processes are not in the test's
 /// application name, so the harness's leak check does not see them).
-async fn assert_key_free(db: &TestDb, key: AdvisoryKey) {
+pub(crate) async fn assert_key_free(db: &TestDb, key: AdvisoryKey) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (holders, waiters) = (db.holders(key).await, db.waiters(key).await);
@@ -125,7 +127,7 @@ async fn assert_key_free(db: &TestDb, key: AdvisoryKey) {
     }
 }
 
-async fn wait_for_holder(db: &TestDb, key: AdvisoryKey) -> i32 {
+pub(crate) async fn wait_for_holder(db: &TestDb, key: AdvisoryKey) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let [pid] = db.holders(key).await[..] {
@@ -136,7 +138,7 @@ async fn wait_for_holder(db: &TestDb, key: AdvisoryKey) -> i32 {
     }
 }
 
-fn kill(pid: u32, signal: &str) {
+pub(crate) fn kill(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()
@@ -298,9 +300,13 @@ async fn busy_timeout_and_exit_codes() {
     .await;
     assert_eq!(no_url.code(), USAGE, "{no_url:?}");
     assert!(no_url.stderr.contains("DATABASE_URL"), "{no_url:?}");
+    // A refused connection may be a server restarting: pglock tries again for the connect
+    // timeout (1 s here), then gives up with 69.
     let unreachable = run(&[
         "--database-url",
         "postgres://someone:hunter2@127.0.0.1:1/nowhere",
+        "--connect-timeout",
+        "1s",
         "run",
         &name,
         "--",
@@ -604,7 +610,7 @@ async fn process_groups_and_parent_death() {
 }
 
 /// The key `pglock leader NAME` holds.
-fn leader_key(name: &str) -> AdvisoryKey {
+pub(crate) fn leader_key(name: &str) -> AdvisoryKey {
     AdvisoryKey::from_name(&format!("leader:{name}"))
 }
 

@@ -911,3 +911,69 @@ async fn run_on_a_closed_session_gives_up() {
     assert!(error.is_connection_lost(), "{error:?}");
     db.assert_no_locks().await;
 }
+
+/// The wait start of the one waiter for `key`, if there is one.
+async fn wait_start(db: &TestDb, key: pglock::AdvisoryKey) -> Option<String> {
+    let (classid, objid, objsubid) = key.pg_locks_ids();
+    db.admin()
+        .query_opt(
+            "SELECT waitstart::text FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = $3",
+            &[&i64::from(classid), &i64::from(objid), &objsubid],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+/// Samples the wait start of the waiter for `key` every 20 ms for `during`: the distinct values
+/// seen, in order.
+async fn wait_starts(db: &TestDb, key: pglock::AdvisoryKey, during: Duration) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    let end = Instant::now() + during;
+    while Instant::now() < end {
+        if let Some(start) = wait_start(db, key).await {
+            if seen.last() != Some(&start) {
+                seen.push(start);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_campaign_without_queue_rounds_keeps_its_place() {
+    let db = TestDb::new("leader_queue_round").await;
+    let name = unique_name("round");
+    let pool = db.pool(4);
+    let leader = election(&pool, &name, 0).campaign().await.unwrap();
+    let key = election(&pool, &name, 0).lock_key();
+
+    // With rounds of 200 ms, the standby leaves the queue and joins it again every round.
+    let rounds = election(&pool, &name, 1).queue_round(Some(Duration::from_millis(200)));
+    let campaign = tokio::spawn(async move { rounds.campaign().await.map(drop) });
+    let seen = wait_starts(&db, key, Duration::from_millis(1500)).await;
+    assert!(seen.len() >= 3, "a new place every round: {seen:?}");
+    campaign.abort();
+    let _ = campaign.await;
+    db.wait_for_waiters(key, 0, Duration::from_secs(5)).await;
+
+    // Without rounds it keeps one place for as long as it waits, and gets the lock when the
+    // leader steps down.
+    let keeps = election(&pool, &name, 2).queue_round(None);
+    let campaign = tokio::spawn(async move { keeps.campaign().await });
+    db.wait_for_waiters(key, 1, Duration::from_secs(5)).await;
+    let seen = wait_starts(&db, key, Duration::from_millis(1500)).await;
+    assert_eq!(seen.len(), 1, "one place: {seen:?}");
+    let term = leader.term();
+    leader.step_down().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), campaign)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap();
+    assert!(next.term() > term);
+    next.step_down().await.unwrap();
+    db.assert_no_locks().await;
+}

@@ -29,6 +29,12 @@ mod verification;
 // The `pglock` command and the introspection API.
 #[cfg(feature = "cli")]
 mod cli;
+#[cfg(feature = "cli")]
+mod cli_fleet;
+#[cfg(feature = "cli")]
+mod cli_standby;
+#[cfg(feature = "cli")]
+mod cli_urls;
 // The `pglock` command in front of real Alembic and Celery (a Python venv; see the module).
 #[cfg(feature = "cli")]
 mod e2e_python;

@@ -47,6 +47,16 @@ pub struct ChildOptions {
     pub kill_after: Duration,
 }
 
+impl From<&crate::args::ChildArgs> for ChildOptions {
+    fn from(args: &crate::args::ChildArgs) -> Self {
+        ChildOptions {
+            foreground: args.foreground,
+            stop_signal: args.stop_signal,
+            kill_after: args.kill_after,
+        }
+    }
+}
+
 /// A running command.
 pub struct Running {
     child: Child,

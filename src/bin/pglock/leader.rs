@@ -2,24 +2,25 @@
 
 use std::time::Duration;
 
-use pglock::{Error, LeaderElection, Leadership};
+use pglock::{AdvisoryKey, Error, LeaderElection, Leadership};
 use tokio::time::Instant;
 
-use crate::child::{self, Signals};
-use crate::connect::{connect, pool, AppName};
-use crate::format::{human_duration, signal_name};
-use crate::run::{report_error, supervise, with_causes, Outcome};
-use crate::wait::{Monitor, Progress};
-use crate::{exit, Global, LeaderArgs, Output, Restart};
+use crate::args::{LeaderArgs, Restart};
+use crate::child::{self, ChildOptions, Signals};
+use crate::connect::{jitter, AppName, Database, Refusals};
+use crate::exit;
+use crate::format::{human_duration, key_arg};
+use crate::output::{with_causes, Output};
+use crate::standby::{stand_by, StoodBy};
+use crate::supervise::{supervise, Outcome};
 
-pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
-    let url = match global.database_url() {
-        Ok(url) => url,
-        Err(code) => return code,
-    };
+/// The longest pause between two failed campaigns.
+const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
+pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
     let name = args.name.clone();
     let default_app = pglock::introspect::application_name("leader", &name);
-    let app = match &args.child.application_name {
+    let app = match &args.session.application_name {
         Some(app) => AppName::Forced(app),
         None => AppName::Default(&default_app),
     };
@@ -30,75 +31,66 @@ pub async fn leader(global: &Global, args: LeaderArgs, out: &Output) -> i32 {
             return exit::SOFTWARE;
         }
     };
-    // Fail fast on a wrong URL or password; later connection failures are retried.
-    tokio::select! {
-        checked = connect(&url, app) => if let Err(error) = checked {
-            return report_error(out, &error);
-        },
-        signal = signals.recv() => return exit::SIGNAL_BASE + signal,
-    }
-    let pool = match pool(&url, app) {
+    let pool = match db.pool(app) {
         Ok(pool) => pool,
-        Err(error) => return report_error(out, &error),
+        Err(error) => return out.report_error(&error),
     };
-    let mut election = LeaderElection::new(&pool, name.as_str()).identity(identity());
+    // pglock's connections have TCP keepalives and a user timeout (see `connect`), which end a
+    // dead connection while a standby waits: the standby can keep its place in the queue.
+    let mut election = LeaderElection::new(&pool, name.as_str())
+        .identity(identity())
+        .queue_round(None);
     if let Some(table) = &args.term_table {
         election = election.term_table(table.clone());
     }
-    let monitor_app = pglock::introspect::application_name("monitor", &name);
-    let label = format!("leadership {name}");
-    let progress = Progress {
-        out,
-        url: &url,
-        label: &label,
-        monitor_app: &monitor_app,
-        every: args.child.progress_every,
-    };
-    let mut monitor = Monitor::new(&progress);
+    let mut refusals = Refusals::default();
     let mut pause = args.restart_delay;
+    // Connection failures at the start are waited out within the connect timeout, as `pglock
+    // run` does; once the first campaign has reached the server, a standby retries forever.
+    let mut give_up = Some(Instant::now() + db.connect_timeout);
     loop {
-        // Campaign, reporting who leads meanwhile.
         let started = Instant::now();
-        let mut announced = false;
-        let leadership = loop {
-            let report_at = if announced {
-                started + args.child.progress_every
-            } else {
-                started + Duration::from_millis(500)
-            };
-            tokio::select! {
-                result = election.campaign() => break result,
-                signal = signals.recv() => {
-                    out.info(format_args!(
-                        "{} while campaigning for {name}: giving up",
-                        signal_name(signal)
-                    ));
-                    return exit::SIGNAL_BASE + signal;
+        let stood_by = stand_by(
+            &election,
+            &pool,
+            args.session.wait_mode,
+            args.session.progress_every,
+            &mut signals,
+            out,
+        )
+        .await;
+        let leadership = match stood_by {
+            Ok(StoodBy::Leading(leadership)) => *leadership,
+            Ok(StoodBy::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
+            Err(error) if permanent(&error) => return out.report_error(&error),
+            Err(error) if error.is_transient() => {
+                let now = Instant::now();
+                if give_up.is_some_and(|at| now >= at) {
+                    return out.report_error(&error);
                 }
-                _ = tokio::time::sleep_until(report_at), if !out.quiet => {
-                    monitor
-                        .report_leader(election.lock_key(), started)
-                        .await;
-                    announced = true;
+                let bound = give_up.map(|at| (at, "--connect-timeout"));
+                let wait = refusals.refused(&error, bound, out);
+                let wait = give_up.map_or(wait, |at| wait.min(at - now));
+                if let Some(code) = pause_or_signal(&mut signals, wait).await {
+                    return code;
                 }
+                continue;
             }
-        };
-        let leadership = match leadership {
-            Ok(leadership) => leadership,
-            Err(error) if permanent(&error) => return report_error(out, &error),
             Err(error) => {
                 out.info(format_args!(
                     "campaign for {name} failed: {}; retrying in {}",
                     with_causes(&error),
                     human_duration(pause)
                 ));
-                if let Some(code) = pause_or_signal(&mut signals, pause).await {
+                if let Some(code) = pause_or_signal(&mut signals, jitter(pause)).await {
                     return code;
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
+                pause = (pause * 2).min(LONGEST_RETRY);
                 continue;
             }
         };
+        give_up = None;
+        refusals.connected(out);
         pause = args.restart_delay;
         let term = leadership.term();
         out.info(format_args!(
@@ -158,13 +150,10 @@ async fn lead(
         ("PGLOCK_TERM", term.to_string()),
         (
             "PGLOCK_KEY",
-            crate::format::key_arg(pglock::AdvisoryKey::from_name(&format!(
-                "leader:{}",
-                args.name
-            ))),
+            key_arg(AdvisoryKey::from_name(&format!("leader:{}", args.name))),
         ),
     ];
-    let mut running = match child::spawn(&args.command, &env, &args.child.options()) {
+    let mut running = match child::spawn(&args.command, &env, &ChildOptions::from(&args.child)) {
         Ok(running) => running,
         Err((code, message)) => {
             out.error(format_args!("{message}"));
@@ -207,10 +196,14 @@ async fn pause_or_signal(signals: &mut Signals, pause: Duration) -> Option<i32> 
 
 /// Errors that campaigning again cannot fix.
 fn permanent(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Config(_) | Error::TermTable { .. } | Error::ReadOnlyStandby | Error::Tls { .. }
-    )
+    match error {
+        Error::Config(_) | Error::TermTable { .. } | Error::ReadOnlyStandby | Error::Tls { .. } => {
+            true
+        }
+        // Refused logins, unknown databases and the like: the server answered, and will again.
+        Error::Connect { .. } | Error::Pool(_) => !error.is_transient(),
+        _ => false,
+    }
 }
 
 /// What this instance records as the leader in the term table: `host pid N`.

@@ -1,24 +1,21 @@
 //! `pglock run NAME -- COMMAND`: take the lock, run the command, release, exit with its status.
 
-use std::future::Future;
-
-use pglock::{AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
+use pglock::{AdvisoryLockGuard, LockMode};
 use tokio::time::Instant;
 
-use crate::child::{self, ChildOptions, Running, Signals};
-use crate::connect::{connect, AppName};
-use crate::format::{human_duration, key_arg, signal_name};
-use crate::wait::{acquire, Patience, Progress};
-use crate::{exit, Global, Output, Resolved, RunArgs};
+use crate::args::{Resolved, RunArgs};
+use crate::child::{self, ChildOptions, Signals};
+use crate::connect::{AppName, Database, Refusals};
+use crate::exit;
+use crate::format::{human_duration, key_arg};
+use crate::output::Output;
+use crate::supervise::{supervise, Outcome};
+use crate::wait::{Acquired, Patience, Waiter};
 
-pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
-    let url = match global.database_url() {
-        Ok(url) => url,
-        Err(code) => return code,
-    };
+pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     let target = args.target.resolve();
     let default_app = pglock::introspect::application_name("run", &target.label);
-    let app = match &args.child.application_name {
+    let app = match &args.session.application_name {
         Some(name) => AppName::Forced(name),
         None => AppName::Default(&default_app),
     };
@@ -29,14 +26,6 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
             return exit::SOFTWARE;
         }
     };
-    let connection = tokio::select! {
-        connected = connect(&url, app) => match connected {
-            Ok(connection) => connection,
-            Err(error) => return report_error(out, &error),
-        },
-        signal = signals.recv() => return exit::SIGNAL_BASE + signal,
-    };
-    out.verbose(format_args!("connected to {}", pglock::redact_url(&url)));
     let mode = if args.shared {
         LockMode::Shared
     } else {
@@ -48,30 +37,23 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
         (false, Some(timeout)) => Patience::Until(Instant::now() + timeout),
         (false, None) => Patience::Forever,
     };
-    let lock = AdvisoryLock::new(connection.session.clone(), target.key);
-    let monitor_app = pglock::introspect::application_name("monitor", &target.label);
-    let progress = Progress {
+    let mut waiter = Waiter {
+        db,
+        app,
         out,
-        url: &url,
         label: &target.label,
-        monitor_app: &monitor_app,
-        every: args.child.progress_every,
+        progress_every: args.session.progress_every,
+        mode: args.session.wait_mode,
+        refusals: Refusals::default(),
     };
-    let guard = tokio::select! {
-        acquired = acquire(&lock, mode, patience, &progress) => match acquired {
-            Ok(Some(guard)) => guard,
-            Ok(None) => return i32::from(args.conflict_exit_code),
-            Err(error) => return report_error(out, &error),
-        },
-        signal = signals.recv() => {
-            out.info(format_args!(
-                "{} while waiting for lock {}: giving up",
-                signal_name(signal),
-                target.label
-            ));
-            connection.abandon_wait().await;
-            return exit::SIGNAL_BASE + signal;
-        }
+    let acquired = waiter
+        .acquire(target.key, mode, patience, &mut signals)
+        .await;
+    let (connection, guard) = match acquired {
+        Ok(Acquired::Held(connection, guard)) => (connection, guard),
+        Ok(Acquired::Busy) => return i32::from(args.conflict_exit_code),
+        Ok(Acquired::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
+        Err(error) => return out.report_error(&error),
     };
     out.verbose(format_args!(
         "holding lock {} (key {}, {}) on backend pid {}",
@@ -81,7 +63,7 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
         AdvisoryLockGuard::backend_pid(&guard)
     ));
     let env = child_env(&target, mode);
-    let mut running = match child::spawn(&args.command, &env, &args.child.options()) {
+    let mut running = match child::spawn(&args.command, &env, &ChildOptions::from(&args.child)) {
         Ok(running) => running,
         Err((code, message)) => {
             out.error(format_args!("{message}"));
@@ -137,69 +119,6 @@ pub async fn run(global: &Global, args: RunArgs, out: &Output) -> i32 {
     }
 }
 
-/// How the supervised command ended.
-pub enum Outcome {
-    /// On its own, or after a forwarded signal, with this exit code. `stopping` when pglock
-    /// was asked to stop (SIGINT, SIGTERM or SIGQUIT forwarded) meanwhile.
-    Exited { code: i32, stopping: bool },
-    /// The lock was lost (for `reason`) and pglock stopped the command (as `stopped` says).
-    Lost { reason: String, stopped: String },
-    /// Waiting for it failed.
-    WaitFailed(std::io::Error),
-}
-
-/// Runs until the command exits, forwarding signals, and stops it when `lost` resolves (with
-/// the reason the lock was lost).
-pub async fn supervise(
-    running: &mut Running,
-    lost: impl Future<Output = String>,
-    signals: &mut Signals,
-    out: &Output,
-) -> Outcome {
-    let mut lost = std::pin::pin!(lost);
-    let mut stopping = false;
-    loop {
-        tokio::select! {
-            status = running.wait() => {
-                return match status {
-                    Ok(status) => Outcome::Exited { code: child::exit_code(status), stopping },
-                    Err(error) => Outcome::WaitFailed(error),
-                };
-            }
-            signal = signals.recv() => {
-                stopping |= matches!(signal, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT);
-                if running.forward(signal) {
-                    out.verbose(format_args!(
-                        "forwarded {} to the command",
-                        signal_name(signal)
-                    ));
-                }
-            }
-            reason = &mut lost => {
-                out.error(format_args!(
-                    "the lock is lost: stopping the command ({} now, SIGKILL after {})",
-                    signal_name(running.stop_signal()),
-                    human_duration(running.kill_after())
-                ));
-                let stopped = match running.stop().await {
-                    Ok(status) => describe_status(status),
-                    Err(error) => format!("could not wait for it: {error}"),
-                };
-                return Outcome::Lost { reason, stopped };
-            }
-        }
-    }
-}
-
-fn describe_status(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("it exited with status {code}"),
-        (None, Some(signal)) => format!("it died of {}", signal_name(signal)),
-        _ => status.to_string(),
-    }
-}
-
 /// The environment the command gets on top of pglock's.
 pub fn child_env(target: &Resolved, mode: LockMode) -> Vec<(&'static str, String)> {
     let mut env = vec![
@@ -210,42 +129,6 @@ pub fn child_env(target: &Resolved, mode: LockMode) -> Vec<(&'static str, String
         env.push(("PGLOCK_NAME", name.clone()));
     }
     env
-}
-
-/// Prints `error` and returns the exit code that classifies it.
-pub fn report_error(out: &Output, error: &Error) -> i32 {
-    out.error(format_args!("{}", with_causes(error)));
-    match error {
-        Error::Connect { .. } | Error::Tls { .. } => exit::CANNOT_CONNECT,
-        Error::Config(_) => exit::USAGE,
-        _ => exit::SOFTWARE,
-    }
-}
-
-impl crate::ChildArgs {
-    pub fn options(&self) -> ChildOptions {
-        ChildOptions {
-            foreground: self.foreground,
-            stop_signal: self.stop_signal,
-            kill_after: self.kill_after,
-        }
-    }
-}
-
-/// `error` followed by the causes its message does not already include ("error connecting to
-/// server: Connection refused (os error 111)").
-pub fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// `exclusive` or `shared`.

@@ -6,19 +6,17 @@ use pglock::introspect::{Introspect, LockInfo};
 use pglock::{LockMode, LockScope};
 use serde_json::{json, Value};
 
-use crate::connect::{connect, AppName};
+use crate::args::StatusArgs;
+use crate::connect::{AppName, Database, Refusals};
+use crate::exit;
 use crate::format::{ago, key_arg, rfc3339};
-use crate::run::report_error;
-use crate::{exit, Global, Output, StatusArgs};
+use crate::output::Output;
 
-pub async fn status(global: &Global, args: StatusArgs, out: &Output) -> i32 {
-    let url = match global.database_url() {
-        Ok(url) => url,
-        Err(code) => return code,
-    };
-    let connection = match connect(&url, AppName::Default("pglock status")).await {
+pub async fn status(db: &Database, args: StatusArgs, out: &Output) -> i32 {
+    let app = AppName::Default("pglock status");
+    let connection = match db.connect(app, None, &mut Refusals::default(), out).await {
         Ok(connection) => connection,
-        Err(error) => return report_error(out, &error),
+        Err(error) => return out.report_error(&error),
     };
     let mut query = Introspect::new();
     for name in &args.name {
@@ -33,7 +31,7 @@ pub async fn status(global: &Global, args: StatusArgs, out: &Output) -> i32 {
     let client = connection.session.client();
     let locks = match query.fetch(client).await {
         Ok(locks) => locks,
-        Err(error) => return report_error(out, &error),
+        Err(error) => return out.report_error(&error),
     };
     let now = SystemTime::now();
     if args.json {

@@ -1,15 +1,19 @@
 //! Taking the lock the way the command line asked: at once, within a timeout, or whenever it
-//! comes, telling on stderr who holds it meanwhile.
+//! comes; in the server's queue or polling without a connection; telling on stderr who holds it
+//! meanwhile. A waiter never has more than one connection open.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use pglock::introspect::{Introspect, LockInfo};
 use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
 
-use crate::connect::{connect, AppName, Connection};
-use crate::format::{ago, human_duration, rfc3339};
-use crate::Output;
+use crate::args::WaitMode;
+use crate::child::Signals;
+use crate::connect::{jitter, AppName, Connection, Database, Refusals};
+use crate::format::{human_duration, signal_name};
+use crate::holders::who_holds;
+use crate::output::{with_causes, Output};
+use crate::slots::{self, Waiting};
 
 /// How long to wait.
 #[derive(Clone, Copy, Debug)]
@@ -22,227 +26,300 @@ pub enum Patience {
     Forever,
 }
 
-/// What the progress reports need to know.
-pub struct Progress<'a> {
-    pub out: &'a Output,
-    pub url: &'a str,
-    pub label: &'a str,
-    pub monitor_app: &'a str,
-    pub every: Duration,
-}
-
-/// Takes `lock` in `mode` within `patience`, reporting the holders on stderr while it waits.
-/// `Ok(None)` when it stayed busy (`-n`, or the deadline passed).
-///
-/// # Cancel safety
-///
-/// Cancel-safe: dropping the future abandons the wait on the server (pglock's acquisition is
-/// cancel-safe) and closes the monitoring connection.
-pub async fn acquire(
-    lock: &AdvisoryLock,
-    mode: LockMode,
-    patience: Patience,
-    progress: &Progress<'_>,
-) -> Result<Option<AdvisoryLockGuard>, Error> {
-    let first = match mode {
-        LockMode::Exclusive => lock.try_lock().await?,
-        LockMode::Shared => lock.try_lock_shared().await?,
-    };
-    if let Some(guard) = first {
-        return Ok(Some(guard));
-    }
-    let started = Instant::now();
-    let mut monitor = Monitor::new(progress);
-    monitor.report(lock, started, patience).await;
-    if let Patience::NoWait = patience {
-        return Ok(None);
-    }
-    let wait = async {
-        match (mode, patience) {
-            (LockMode::Exclusive, Patience::Until(deadline)) => lock.try_lock_until(deadline).await,
-            (LockMode::Shared, Patience::Until(deadline)) => {
-                lock.try_lock_shared_until(deadline).await
-            }
-            (LockMode::Exclusive, _) => lock.lock().await.map(Some),
-            (LockMode::Shared, _) => lock.lock_shared().await.map(Some),
-        }
-    };
-    let mut wait = std::pin::pin!(wait);
-    loop {
-        tokio::select! {
-            result = &mut wait => {
-                return Ok(match result? {
-                    Some(guard) => {
-                        progress.out.verbose(format_args!(
-                            "acquired lock {} after {}",
-                            progress.label,
-                            human_duration(started.elapsed())
-                        ));
-                        Some(guard)
-                    }
-                    None => {
-                        progress.out.info(format_args!(
-                            "gave up on lock {} after {}: still busy",
-                            progress.label,
-                            human_duration(started.elapsed())
-                        ));
-                        None
-                    }
-                });
-            }
-            _ = tokio::time::sleep(progress.every) => {
-                monitor.report(lock, started, patience).await;
-            }
-        }
-    }
-}
-
-/// A second connection that looks at who holds the lock, opened on the first report.
-pub struct Monitor<'a> {
-    progress: &'a Progress<'a>,
-    connection: Option<Connection>,
-    failed: bool,
-}
-
-impl<'a> Monitor<'a> {
-    pub fn new(progress: &'a Progress<'a>) -> Self {
-        Monitor {
-            progress,
-            connection: None,
-            failed: false,
+impl Patience {
+    pub fn deadline(self) -> Option<Instant> {
+        match self {
+            Patience::NoWait => Some(Instant::now()),
+            Patience::Until(deadline) => Some(deadline),
+            Patience::Forever => None,
         }
     }
 
-    /// Reports who holds the lock `pglock run` waits for.
-    async fn report(&mut self, lock: &AdvisoryLock, started: Instant, patience: Patience) {
-        let out = self.progress.out;
-        if out.quiet {
-            return;
+    /// Until when connecting may be retried: the deadline of `--timeout`; with `-n` or without
+    /// a timeout, only the connect timeout bounds it.
+    pub fn connect_deadline(self) -> Option<Instant> {
+        match self {
+            Patience::Until(deadline) => Some(deadline),
+            Patience::NoWait | Patience::Forever => None,
         }
-        let label = self.progress.label;
-        let waited = human_duration(started.elapsed());
-        let plan = match patience {
+    }
+
+    fn expired(self) -> bool {
+        self.deadline().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// What the waiter will do, for a report.
+    fn plan(self, waited: Duration) -> String {
+        match self {
             Patience::NoWait => "not waiting (-n)".to_owned(),
             Patience::Until(deadline) => format!(
                 "waiting up to {} more",
                 human_duration(deadline.saturating_duration_since(Instant::now()))
             ),
-            Patience::Forever if started.elapsed() < Duration::from_secs(1) => "waiting".to_owned(),
-            Patience::Forever => format!("waited {waited} so far"),
-        };
-        match self.holders(lock.key()).await {
-            Some(held_by) => out.info(format_args!("lock {label} is busy: {held_by}; {plan}")),
-            None => out.info(format_args!("lock {label} is busy; {plan}")),
-        }
-    }
-
-    /// Reports who leads while `pglock leader` campaigns for the leadership lock `key`.
-    pub async fn report_leader(&mut self, key: AdvisoryKey, started: Instant) {
-        let out = self.progress.out;
-        if out.quiet {
-            return;
-        }
-        let label = self.progress.label;
-        let waited = human_duration(started.elapsed());
-        match self.holders(key).await {
-            Some(held_by) => out.info(format_args!(
-                "standing by for {label}: led by {held_by}; waited {waited} so far"
-            )),
-            None => out.info(format_args!(
-                "standing by for {label}; waited {waited} so far"
-            )),
-        }
-    }
-
-    /// `pid 4242 (...) since ...; 2 waiting`, or `None` when the holders cannot be looked up.
-    async fn holders(&mut self, key: AdvisoryKey) -> Option<String> {
-        let locks = self.fetch(key).await?;
-        let now = SystemTime::now();
-        let holders: Vec<&LockInfo> = locks.iter().filter(|l| l.granted).collect();
-        let waiters = locks.iter().filter(|l| !l.granted).count();
-        let held_by = if holders.is_empty() {
-            "a session that just let go".to_owned()
-        } else {
-            holders
-                .iter()
-                .map(|holder| describe_holder(holder, now))
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        let queue = match waiters {
-            0 => String::new(),
-            1 => ", 1 waiting".to_owned(),
-            n => format!(", {n} waiting"),
-        };
-        Some(format!("{held_by}{queue}"))
-    }
-
-    async fn fetch(&mut self, key: AdvisoryKey) -> Option<Vec<LockInfo>> {
-        if self.failed {
-            return None;
-        }
-        if self.connection.is_none() {
-            match connect(
-                self.progress.url,
-                AppName::Default(self.progress.monitor_app),
-            )
-            .await
-            {
-                Ok(connection) => self.connection = Some(connection),
-                Err(error) => {
-                    self.progress
-                        .out
-                        .verbose(format_args!("cannot look up the holders: {error}"));
-                    self.failed = true;
-                    return None;
-                }
-            }
-        }
-        let client = &self.connection.as_ref()?.session;
-        match Introspect::new().key(key).fetch(client.client()).await {
-            Ok(locks) => Some(locks),
-            Err(error) => {
-                self.progress
-                    .out
-                    .verbose(format_args!("cannot look up the holders: {error}"));
-                self.connection = None;
-                None
-            }
+            Patience::Forever if waited < Duration::from_secs(1) => "waiting".to_owned(),
+            Patience::Forever => format!("waited {} so far", human_duration(waited)),
         }
     }
 }
 
-/// `pid 4242 (pglock run migrations, 10.1.2.3) since 2024-05-01T12:00:00Z (1m 05s)`.
-pub fn describe_holder(holder: &LockInfo, now: SystemTime) -> String {
-    let mut text = match holder.pid {
-        Some(pid) => format!("pid {pid}"),
-        None => "a prepared transaction".to_owned(),
-    };
-    let mut about = Vec::new();
-    if let Some(app) = holder.application_name.as_deref().filter(|a| !a.is_empty()) {
-        about.push(app.to_owned());
+/// When the progress reports of a wait are due: the first at a given time, then one every
+/// `every`. The schedule moves on after each report, so that a report that ran late is not
+/// followed by a burst of catch-up reports, and a zero interval means no further reports.
+pub struct Reports {
+    next: Option<Instant>,
+    every: Duration,
+}
+
+impl Reports {
+    pub fn new(first: Instant, every: Duration) -> Self {
+        Reports {
+            next: Some(first),
+            every,
+        }
     }
-    if let Some(addr) = holder.client_addr {
-        about.push(format!("from {addr}"));
+
+    /// Whether a report is due now.
+    pub fn is_due(&self) -> bool {
+        self.next.is_some_and(|at| Instant::now() >= at)
     }
-    if !about.is_empty() {
-        text.push_str(&format!(" ({})", about.join(", ")));
+
+    /// Completes when the next report is due; never, once reports have stopped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the schedule changes only in [`done`](Self::done).
+    pub async fn due(&self) {
+        match self.next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
-    if holder.mode == LockMode::Shared {
-        text.push_str(" shared");
+
+    /// Records that the report due was made.
+    pub fn done(&mut self) {
+        let Some(at) = self.next else { return };
+        if self.every.is_zero() {
+            self.next = None;
+            return;
+        }
+        let now = Instant::now();
+        let next = at + self.every;
+        self.next = Some(if next > now { next } else { now + self.every });
     }
-    match (holder.held_since, holder.backend_start) {
-        (Some(since), _) => text.push_str(&format!(
-            " since {} ({})",
-            rfc3339(since, false),
-            ago(since, now)
-        )),
-        (None, Some(connected)) => text.push_str(&format!(
-            ", connected since {} ({})",
-            rfc3339(connected, false),
-            ago(connected, now)
-        )),
-        (None, None) => {}
+}
+
+/// The pause between two attempts of a polling waiter starts here and doubles up to
+/// [`LONGEST_POLL`], each pause jittered so that polling waiters spread out.
+pub const FIRST_POLL: Duration = Duration::from_millis(250);
+pub const LONGEST_POLL: Duration = Duration::from_secs(2);
+
+/// The next pause of a polling waiter after `pause`.
+pub fn next_poll(pause: Duration) -> Duration {
+    (pause * 2).min(LONGEST_POLL)
+}
+
+/// A waiter: where it connects, how it waits, what it says.
+pub struct Waiter<'a> {
+    pub db: &'a Database,
+    pub app: AppName<'a>,
+    pub out: &'a Output,
+    /// The lock's name (or `key 42`), for messages.
+    pub label: &'a str,
+    pub progress_every: Duration,
+    pub mode: WaitMode,
+    pub refusals: Refusals,
+}
+
+/// How an acquisition ended.
+pub enum Acquired {
+    /// The lock is held on this connection.
+    Held(Connection, AdvisoryLockGuard),
+    /// It stayed busy (`-n`, or the deadline passed).
+    Busy,
+    /// A signal came while waiting: the wait is abandoned on the server.
+    Interrupted(i32),
+}
+
+impl Waiter<'_> {
+    /// Takes `key` in `mode` within `patience`: connects (waiting out passing refusals), tries,
+    /// and while the lock is busy waits as [`WaitMode`] says, reporting the holders on stderr.
+    /// A connection lost while waiting is replaced, within `patience`.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors that do not pass by themselves (or did not within the connect
+    /// timeout), and server errors.
+    pub async fn acquire(
+        &mut self,
+        key: AdvisoryKey,
+        mode: LockMode,
+        patience: Patience,
+        signals: &mut Signals,
+    ) -> Result<Acquired, Error> {
+        let started = Instant::now();
+        let mut reports = Reports::new(started, self.progress_every);
+        let mut waiting = None;
+        let mut pause = FIRST_POLL;
+        let mut held_by = None;
+        loop {
+            let connection = tokio::select! {
+                connected = self.db.connect(self.app, patience.connect_deadline(), &mut self.refusals, self.out) => connected?,
+                signal = signals.recv() => return Ok(self.interrupted(signal)),
+            };
+            let lock = AdvisoryLock::new(connection.session.clone(), key);
+            let attempt = async {
+                match mode {
+                    LockMode::Exclusive => lock.try_lock().await,
+                    LockMode::Shared => lock.try_lock_shared().await,
+                }
+            };
+            let first = tokio::select! {
+                first = attempt => first?,
+                signal = signals.recv() => return Ok(self.interrupted(signal)),
+            };
+            if let Some(guard) = first {
+                if waiting.is_some() {
+                    self.acquired(started);
+                }
+                return Ok(Acquired::Held(connection, guard));
+            }
+            // Busy. The holders are looked up on this connection, which is idle now.
+            let client = connection.session.client();
+            if reports.is_due() && !self.out.quiet {
+                held_by = who_holds(client, key).await;
+                self.report_busy(held_by.as_deref(), patience.plan(started.elapsed()));
+                reports.done();
+            }
+            if patience.expired() {
+                if !matches!(patience, Patience::NoWait) {
+                    self.gave_up(started);
+                }
+                return Ok(Acquired::Busy);
+            }
+            let chosen = match waiting {
+                Some(chosen) => chosen,
+                None => {
+                    *waiting.insert(slots::choose(self.mode, client, self.label, self.out).await)
+                }
+            };
+            match chosen {
+                Waiting::Queue => {
+                    let wait = async {
+                        match (mode, patience.deadline()) {
+                            (LockMode::Exclusive, Some(at)) => lock.try_lock_until(at).await,
+                            (LockMode::Shared, Some(at)) => lock.try_lock_shared_until(at).await,
+                            (LockMode::Exclusive, None) => lock.lock().await.map(Some),
+                            (LockMode::Shared, None) => lock.lock_shared().await.map(Some),
+                        }
+                    };
+                    let outcome = {
+                        let mut wait = std::pin::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                result = &mut wait => break Ok(result),
+                                signal = signals.recv() => break Err(signal),
+                                () = reports.due(), if !self.out.quiet => {
+                                    self.report_still_waiting(started, held_by.as_deref(), patience);
+                                    reports.done();
+                                }
+                            }
+                        }
+                    };
+                    let result = match outcome {
+                        Ok(result) => result,
+                        Err(signal) => {
+                            // The wait was dropped above, which abandons it; this makes sure the
+                            // server has taken the cancel before pglock exits.
+                            connection.abandon_wait().await;
+                            return Ok(self.interrupted(signal));
+                        }
+                    };
+                    match result {
+                        Ok(Some(guard)) => {
+                            self.acquired(started);
+                            return Ok(Acquired::Held(connection, guard));
+                        }
+                        Ok(None) => {
+                            self.gave_up(started);
+                            return Ok(Acquired::Busy);
+                        }
+                        // Nothing is held on a connection that died while it waited: wait on a
+                        // new one.
+                        Err(error) if error.is_connection_lost() => self.out.info(format_args!(
+                            "lost the connection while waiting for lock {}: {}; connecting again",
+                            self.label,
+                            with_causes(&error)
+                        )),
+                        Err(error) => return Err(error),
+                    }
+                }
+                Waiting::Poll => {
+                    // Closes the connection: a polling waiter holds none between attempts.
+                    drop(lock);
+                    drop(connection);
+                    let wake = match patience.deadline() {
+                        Some(at) => at.min(Instant::now() + jitter(pause)),
+                        None => Instant::now() + jitter(pause),
+                    };
+                    pause = next_poll(pause);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(wake) => {}
+                        signal = signals.recv() => return Ok(self.interrupted(signal)),
+                    }
+                }
+            }
+        }
     }
-    text
+
+    fn interrupted(&self, signal: i32) -> Acquired {
+        self.out.info(format_args!(
+            "{} while waiting for lock {}: giving up",
+            signal_name(signal),
+            self.label
+        ));
+        Acquired::Interrupted(signal)
+    }
+
+    fn report_busy(&self, held_by: Option<&str>, plan: String) {
+        match held_by {
+            Some(held_by) => self.out.info(format_args!(
+                "lock {} is busy: {held_by}; {plan}",
+                self.label
+            )),
+            None => self
+                .out
+                .info(format_args!("lock {} is busy; {plan}", self.label)),
+        }
+    }
+
+    /// A report while waiting in the queue, where the connection is busy with the wait: the
+    /// holders are those seen when the wait began.
+    fn report_still_waiting(&self, started: Instant, held_by: Option<&str>, patience: Patience) {
+        let plan = patience.plan(started.elapsed());
+        match held_by {
+            Some(held_by) => self.out.info(format_args!(
+                "lock {} is busy; {plan} (held by {held_by} when the wait began)",
+                self.label
+            )),
+            None => self
+                .out
+                .info(format_args!("lock {} is busy; {plan}", self.label)),
+        }
+    }
+
+    fn acquired(&self, started: Instant) {
+        self.out.verbose(format_args!(
+            "acquired lock {} after {}",
+            self.label,
+            human_duration(started.elapsed())
+        ));
+    }
+
+    fn gave_up(&self, started: Instant) {
+        self.out.info(format_args!(
+            "gave up on lock {} after {}: still busy",
+            self.label,
+            human_duration(started.elapsed())
+        ));
+    }
 }

@@ -9,8 +9,11 @@
 //! # Speed
 //!
 //! `initdb` runs at most once per template key (PostgreSQL binaries and this
-//! module's settings), into `CARGO_TARGET_TMPDIR`; every cluster is then a
-//! `cp -a` of that template into `/dev/shm` (tmpfs). The template is
+//! module's settings), into a directory of its own under the cluster base
+//! directory (`/dev/shm`, see [`cluster_base_dir`]); every cluster is then a
+//! `cp -a` of that template into `/dev/shm` (tmpfs). Nothing the server
+//! reads lives under the checkout or its `target/`: a checkout in a private
+//! home directory (mode 0700) is out of reach of the `postgres` user. The template is
 //! published with an atomic `rename`, so parallel test processes (cargo
 //! nextest runs one process per test) share it safely; two processes that
 //! race on a cold cache may both run `initdb`, and one copy is dropped.
@@ -495,11 +498,7 @@ fn bindir() -> &'static Path {
 
 fn running_as_root() -> bool {
     static ROOT: OnceLock<bool> = OnceLock::new();
-    *ROOT.get_or_init(|| {
-        std::fs::metadata("/proc/self")
-            .map(|m| m.uid() == 0)
-            .unwrap_or(false)
-    })
+    *ROOT.get_or_init(|| running_user_id() == 0)
 }
 
 /// A command for a PostgreSQL binary, run as `postgres` when we are root.
@@ -586,8 +585,36 @@ fn template_data_dir() -> PathBuf {
     TEMPLATE.get_or_init(create_template).clone()
 }
 
+/// The directory that holds the templates: one per user running the tests, traversable by the
+/// `postgres` user (who owns each template inside it), under the cluster base directory.
+fn template_root() -> PathBuf {
+    let me = running_user_id();
+    let root = cluster_base_dir().join(format!("pglock-pg-templates-{me}"));
+    match std::fs::create_dir(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("create {}: {e}", root.display()),
+    }
+    let meta = std::fs::symlink_metadata(&root).expect("stat template root");
+    assert!(
+        meta.is_dir() && meta.uid() == me,
+        "{} is not a directory of this user's",
+        root.display()
+    );
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod template root");
+    root
+}
+
+/// The uid this test process runs as (the owner of its `/proc/self`).
+fn running_user_id() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .expect("stat /proc/self")
+}
+
 fn create_template() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let root = template_root();
     let initdb = if bindir().as_os_str().is_empty() {
         PathBuf::from("initdb")
     } else {
@@ -608,7 +635,6 @@ fn create_template() -> PathBuf {
     if final_data.join("PG_VERSION").exists() {
         return final_data;
     }
-    std::fs::create_dir_all(&root).expect("create CARGO_TARGET_TMPDIR");
     // Build next to the final place, then publish with an atomic rename;
     // a concurrent process that loses the race throws its copy away.
     let nonce: u32 = rand::random();
