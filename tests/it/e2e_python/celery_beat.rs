@@ -23,16 +23,12 @@ const INSTANCES: usize = 3;
 /// The leadership's name, as in the README.
 const NAME: &str = "beat";
 
-/// How often a standby reports who leads (`--progress-every`). The final value is 1 s, so that
-/// the standbys stand by for several intervals before the leader is killed. Until the fix of
-/// issue 20's first point (a standby that has waited longer than `--progress-every` spins,
-/// re-creating its campaign, and never takes over) has landed, the test uses an interval longer
-/// than it ever waits: the standbys report once, at half a second, and the assertions below,
-/// written for any interval, hold for both.
-const PROGRESS_EVERY: Duration = Duration::from_secs(3600);
+/// How often a standby reports who leads (`--progress-every`): short, so that the standbys
+/// stand by for several intervals before the leader is killed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// How long the standbys stand by, queued, before the leader is killed: 5 progress intervals
-/// at 1 s. The leader has led for longer: its beat has started and sent first.
+/// How long the standbys stand by, queued, before the leader is killed: 5 progress intervals.
+/// The leader has led for longer: its beat has started and sent first.
 const STAND_BY_FOR: Duration = Duration::from_secs(5);
 
 /// How soon after the leader's SIGKILL a standby must lead. On loopback the kernel closes the
@@ -172,15 +168,12 @@ async fn queued_standbys(db: &TestDb) -> i64 {
         .get(0)
 }
 
-/// How many progress reports a standby that waited `waited` may have written: the first at half
-/// a second, then one every interval; one more or fewer for where the ends fall.
+/// How many progress reports a standby that waited `waited` may have written: one when it
+/// finds someone leading, then one every interval; one more or fewer for where the ends fall
+/// (pglock's clock starts a little after the test's).
 fn expected_reports(waited: Duration) -> std::ops::RangeInclusive<usize> {
-    let intervals = waited
-        .saturating_sub(Duration::from_millis(500))
-        .as_secs_f64()
-        / PROGRESS_EVERY.as_secs_f64();
-    let whole = intervals.floor() as usize;
-    whole.saturating_sub(1)..=whole + 2
+    let reports = 1 + (waited.as_secs_f64() / PROGRESS_EVERY.as_secs_f64()).floor() as usize;
+    reports.saturating_sub(1)..=reports + 1
 }
 
 #[tokio::test]
@@ -342,6 +335,7 @@ async fn one_beat_sends_and_another_takes_over() {
             })
             .count();
         let expected = expected_reports(waited);
+        eprintln!("beat #{index} stood by for {waited:?} and wrote {reports} progress reports");
         assert!(
             expected.contains(&reports),
             "beat #{index} waited {waited:?} and wrote {reports} progress reports \

@@ -75,25 +75,14 @@ impl Venv {
     }
 
     /// `pglock ARGS` in a service whose `DATABASE_URL` is `database` in SQLAlchemy's `form`
-    /// (`postgresql+psycopg2`...), with the venv on `PATH` for the command pglock runs.
+    /// (`postgresql+psycopg2`...): pglock reads the variable the service's own code reads. The
+    /// venv is on `PATH` for the command pglock runs.
     pub fn pglock(&self, database: &FreshDatabase, form: &str, args: &[&str]) -> Command {
         let mut command = self.command(env!("CARGO_BIN_EXE_pglock"));
-        if !PGLOCK_READS_DRIVER_FORMS {
-            command
-                .arg("--database-url")
-                .arg(database.url("postgresql"));
-        }
         command.args(args).env("DATABASE_URL", database.url(form));
         command
     }
 }
-
-/// Whether pglock reads SQLAlchemy's URL forms (`postgresql+psycopg2://`...) from
-/// `DATABASE_URL` itself (issue 20, "The URL forms services already have"). Until it does,
-/// [`Venv::pglock`] also gives it the plain `postgresql://` URL of the same database with
-/// `--database-url`, while the Python command beside it reads its own form from
-/// `DATABASE_URL`.
-pub const PGLOCK_READS_DRIVER_FORMS: bool = false;
 
 /// A scratch directory (schedules, pid files), removed on drop.
 pub struct Scratch(PathBuf);
