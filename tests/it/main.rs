@@ -35,4 +35,7 @@ mod cli_fleet;
 mod cli_standby;
 #[cfg(feature = "cli")]
 mod cli_urls;
+// The `pglock` command in front of real Alembic and Celery (a Python venv; see the module).
+#[cfg(feature = "cli")]
+mod e2e_python;
 mod introspect;
