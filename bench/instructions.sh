@@ -12,11 +12,14 @@
 #
 #   bench/instructions.sh [LOOP...]             (default: every loop; needs valgrind)
 #   FUNCTIONS=1 bench/instructions.sh LOOP...   (also: hot lines and instructions per function)
+#   FEATURES=metrics bench/instructions.sh      (the bench's features: `metrics` turns pglock's
+#                                                metrics on, recorded by the Prometheus exporter;
+#                                                with BENCH_RECORDER=none, by no recorder)
 #
 # DATABASE_URL chooses the server, as for the bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p pglock-bench
+cargo build --release --quiet -p pglock-bench --features "${FEATURES:-}"
 bin=target/release/pglock-bench
 loops=("$@")
 if [ ${#loops[@]} -eq 0 ]; then

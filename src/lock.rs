@@ -463,7 +463,7 @@ impl AdvisoryLock {
         deadline: Deadline,
     ) -> Result<Option<AdvisoryLockGuard>> {
         use tracing::Instrument;
-        let timer = trace::Timer::start();
+        let timer = trace::Timer::start(matches!(deadline, Deadline::At(_)));
         let span = trace::acquire_span(self.key, mode, self.scope);
         let result = self
             .acquire_untraced(mode, deadline, None, false)

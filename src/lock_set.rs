@@ -172,7 +172,7 @@ impl LockSet {
     async fn attempt(&self, key: AdvisoryKey) -> Result<(Option<AdvisoryLockGuard>, Option<i32>)> {
         let session = self.session_for(key);
         if !session.is_behind_pooler() {
-            let timer = trace::Timer::start();
+            let timer = trace::Timer::start(false);
             let answer = batch::try_lock(session, key).await;
             let busy_on = match &answer {
                 Ok(batch::Answer::Busy(backend_pid)) => Some(*backend_pid),

@@ -4,6 +4,9 @@
 //! `pglock` filtered out, each event costs a check of a cached flag: field values are neither
 //! computed nor formatted, nothing is allocated, and the wait-time clock is not even read.
 //!
+//! With the `metrics` feature, the same points record pglock's metrics (`crate::metrics`);
+//! without it, nothing of them is compiled in.
+//!
 //! Each acquisition runs in a DEBUG span `acquire` (fields `key`, `mode`, `scope`), and its
 //! events below are recorded inside it.
 //!
@@ -25,8 +28,6 @@
 //! | `leadership lost` | WARN | `name`, `key`, `term`, `reason` |
 //! | `leadership released` | INFO | `name`, `key`, `term`, `how` (`step_down`, `drop`) |
 
-use std::time::Instant;
-
 use tracing::Level;
 
 use crate::error::Error;
@@ -37,7 +38,8 @@ use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
 pub(crate) const TARGET: &str = "pglock";
 
 /// Whether acquisitions get their span and their outcome's event: only when a subscriber
-/// wants pglock's DEBUG events.
+/// wants pglock's DEBUG events, or always with the `metrics` feature, which records every
+/// outcome.
 ///
 /// Checked before anything else is built, because a disabled span is not free: with the `log`
 /// feature of `tracing` on (sqlx, among others, turns it on in any build that uses it), it is
@@ -46,22 +48,69 @@ pub(crate) const TARGET: &str = "pglock";
 /// lock`) is emitted either way.
 #[inline]
 pub(crate) fn acquisitions_traced() -> bool {
-    tracing::enabled!(target: TARGET, Level::DEBUG)
+    cfg!(feature = "metrics") || tracing::enabled!(target: TARGET, Level::DEBUG)
 }
 
-/// Measures a wait, only when DEBUG events of pglock are enabled.
-pub(crate) struct Timer(Option<Instant>);
+/// Measures an acquisition's wait: for the events only when DEBUG events of pglock are
+/// enabled; with the `metrics` feature always, counting it in `pglock_locks_waiting` until
+/// the timer is dropped.
+pub(crate) struct Timer {
+    #[cfg(not(feature = "metrics"))]
+    started: Option<std::time::Instant>,
+    #[cfg(feature = "metrics")]
+    waiting: crate::metrics::Waiting,
+    /// Whether the acquisition has a deadline, so that busy means timed out.
+    #[cfg(feature = "metrics")]
+    has_deadline: bool,
+}
 
 impl Timer {
+    /// Starts timing an acquisition (`has_deadline`: `try_lock_for`/`_until`).
     #[inline]
-    pub(crate) fn start() -> Self {
-        Timer(tracing::enabled!(target: TARGET, Level::DEBUG).then(Instant::now))
+    pub(crate) fn start(has_deadline: bool) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = has_deadline;
+            Timer {
+                started: tracing::enabled!(target: TARGET, Level::DEBUG)
+                    .then(std::time::Instant::now),
+            }
+        }
+        #[cfg(feature = "metrics")]
+        Timer {
+            waiting: crate::metrics::Waiting::start(),
+            has_deadline,
+        }
+    }
+
+    fn waited(&self) -> Option<std::time::Duration> {
+        #[cfg(not(feature = "metrics"))]
+        return self.started.map(|start| start.elapsed());
+        #[cfg(feature = "metrics")]
+        Some(self.waiting.elapsed())
     }
 
     fn wait_ms(&self) -> u64 {
-        self.0
-            .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+        self.waited()
+            .map(|waited| u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
+    }
+}
+
+/// A held lock's place in the metrics, kept by its guard from the grant to its release (with
+/// the `metrics` feature; without it, nothing).
+#[cfg(feature = "metrics")]
+pub(crate) use crate::metrics::Held;
+
+/// A held lock's place in the metrics: nothing without the `metrics` feature.
+#[cfg(not(feature = "metrics"))]
+pub(crate) struct Held;
+
+#[cfg(not(feature = "metrics"))]
+impl Held {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Held
     }
 }
 
@@ -80,6 +129,17 @@ pub(crate) fn acquired(
     result: &crate::Result<Option<AdvisoryLockGuard>>,
     timer: &Timer,
 ) {
+    #[cfg(feature = "metrics")]
+    crate::metrics::acquired(
+        mode,
+        match result {
+            Ok(Some(_)) => crate::metrics::Outcome::Granted,
+            Ok(None) if timer.has_deadline => crate::metrics::Outcome::TimedOut,
+            Ok(None) => crate::metrics::Outcome::Busy,
+            Err(_) => crate::metrics::Outcome::Failed,
+        },
+        timer.waited(),
+    );
     match result {
         Ok(Some(guard)) => tracing::debug!(
             target: TARGET,
@@ -186,18 +246,26 @@ pub(crate) fn leaked(key: AdvisoryKey, backend_pid: i32) {
 /// The loss monitor found a watched lock gone.
 pub(crate) fn lock_lost(key: AdvisoryKey, backend_pid: i32, reason: &LossReason) {
     tracing::warn!(target: TARGET, key = %key, backend_pid, reason = %reason, "advisory lock lost");
+    #[cfg(feature = "metrics")]
+    crate::metrics::lock_lost(reason);
 }
 
 pub(crate) fn leadership_acquired(name: &str, key: AdvisoryKey, term: i64, backend_pid: i32) {
     tracing::info!(target: TARGET, name, key = %key, term, backend_pid, "leadership acquired");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, Some(term));
 }
 
 pub(crate) fn leadership_lost(name: &str, key: AdvisoryKey, term: i64, reason: &LossReason) {
     tracing::warn!(target: TARGET, name, key = %key, term, reason = %reason, "leadership lost");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, None);
 }
 
 pub(crate) fn leadership_released(name: &str, key: AdvisoryKey, term: i64, how: &'static str) {
     tracing::info!(target: TARGET, name, key = %key, term, how, "leadership released");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, None);
 }
 
 pub(crate) fn prior_release_failed(key: AdvisoryKey) {

@@ -16,6 +16,9 @@ mod handoff;
 mod leader;
 mod lock_set;
 mod loss;
+// The library's metrics (feature `metrics`, which `cli` turns on).
+#[cfg(feature = "metrics")]
+mod lib_metrics;
 mod modes;
 mod pgbouncer;
 mod release;
