@@ -35,6 +35,8 @@ mod cli;
 #[cfg(feature = "cli")]
 mod cli_fleet;
 #[cfg(feature = "cli")]
+mod cli_http;
+#[cfg(feature = "cli")]
 mod cli_standby;
 #[cfg(feature = "cli")]
 mod cli_urls;
