@@ -15,6 +15,7 @@
 #   FEATURES=metrics bench/instructions.sh      (the bench's features: `metrics` turns pglock's
 #                                                metrics on, recorded by the Prometheus exporter;
 #                                                with BENCH_RECORDER=none, by no recorder)
+#   LOW=2000 HIGH=12000 bench/instructions.sh   (other numbers of cycles; see below)
 #
 # DATABASE_URL chooses the server, as for the bench.
 set -euo pipefail
@@ -25,8 +26,10 @@ loops=("$@")
 if [ ${#loops[@]} -eq 0 ]; then
     loops=(raw-lock-unlock raw-combined session-lock-unlock session-lock-drop pool-lock-unlock pool-lock-drop)
 fi
-low=1000
-high=3000
+# LOW and HIGH change the two values of N: a wider gap averages out work whose amount varies
+# from run to run (a clock calibrated once per process, as the Prometheus exporter's).
+low=${LOW:-1000}
+high=${HIGH:-3000}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -26,23 +26,16 @@
 //! pglock describes its metrics (their help text and unit) to the recorder installed when the
 //! first acquisition starts; call [`describe`] after installing a recorder later than that.
 
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics::{SharedString, Unit};
+use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
 use crate::{LockMode, LossReason};
-
-const ACQUISITIONS: &str = "pglock_acquisitions_total";
-const WAIT: &str = "pglock_lock_wait_seconds";
-const HOLD: &str = "pglock_lock_hold_seconds";
-const HELD: &str = "pglock_locks_held";
-const WAITING: &str = "pglock_locks_waiting";
-const LOSSES: &str = "pglock_lock_losses_total";
-const LEADER: &str = "pglock_leader";
-const TERM: &str = "pglock_leader_term";
 
 /// Histogram buckets, in seconds, that suit both the wait for a lock (a round trip of a
 /// millisecond or less when free, up to minutes behind a migration) and the time it is held.
@@ -57,37 +50,37 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 /// recorder later than that, so that the exposition carries the help text.
 pub fn describe() {
     describe_counter!(
-        ACQUISITIONS,
+        "pglock_acquisitions_total",
         "Advisory lock acquisitions that ended, by mode and outcome (granted, busy, timed_out, failed)."
     );
     describe_histogram!(
-        WAIT,
+        "pglock_lock_wait_seconds",
         Unit::Seconds,
         "Time from an acquisition's call to its grant or to giving up, by outcome."
     );
     describe_histogram!(
-        HOLD,
+        "pglock_lock_hold_seconds",
         Unit::Seconds,
         "Time from an advisory lock's grant to the release of its guard."
     );
     describe_gauge!(
-        HELD,
+        "pglock_locks_held",
         "Advisory locks held through a guard of this process (a lost lock counts until its guard is released)."
     );
     describe_gauge!(
-        WAITING,
+        "pglock_locks_waiting",
         "Advisory lock acquisitions under way in this process."
     );
     describe_counter!(
-        LOSSES,
+        "pglock_lock_losses_total",
         "Held advisory locks found lost (watched ones), by reason."
     );
     describe_gauge!(
-        LEADER,
+        "pglock_leader",
         "1 while this process leads the named leadership, else 0."
     );
     describe_gauge!(
-        TERM,
+        "pglock_leader_term",
         "The fencing term of this process's latest leadership of the name."
     );
 }
@@ -100,10 +93,10 @@ fn described() {
     DESCRIBED.call_once(describe);
 }
 
-/// How an acquisition ended, as the `outcome` label says it.
+/// How an acquisition ended, as the `outcome` label says it (in the order of the handles).
 #[derive(Clone, Copy)]
 pub(crate) enum Outcome {
-    Granted,
+    Granted = 0,
     /// Busy on a single attempt (`try_lock`).
     Busy,
     /// Still busy at its deadline (`try_lock_for`, `try_lock_until`).
@@ -112,27 +105,18 @@ pub(crate) enum Outcome {
 }
 
 /// Records how an acquisition ended, and its wait.
-pub(crate) fn acquired(mode: LockMode, outcome: Outcome, waited: Option<Duration>) {
-    // Static label sets: the facade builds their keys at compile time, and nothing is
-    // allocated per acquisition.
-    macro_rules! count {
-        ($mode:literal, $outcome:literal) => {{
-            counter!(ACQUISITIONS, "mode" => $mode, "outcome" => $outcome).increment(1);
-            if let Some(waited) = waited {
-                histogram!(WAIT, "outcome" => $outcome).record(waited);
-            }
-        }};
-    }
-    match (mode, outcome) {
-        (LockMode::Exclusive, Outcome::Granted) => count!("exclusive", "granted"),
-        (LockMode::Exclusive, Outcome::Busy) => count!("exclusive", "busy"),
-        (LockMode::Exclusive, Outcome::TimedOut) => count!("exclusive", "timed_out"),
-        (LockMode::Exclusive, Outcome::Failed) => count!("exclusive", "failed"),
-        (LockMode::Shared, Outcome::Granted) => count!("shared", "granted"),
-        (LockMode::Shared, Outcome::Busy) => count!("shared", "busy"),
-        (LockMode::Shared, Outcome::TimedOut) => count!("shared", "timed_out"),
-        (LockMode::Shared, Outcome::Failed) => count!("shared", "failed"),
-    }
+pub(crate) fn acquired(mode: LockMode, outcome: Outcome, waited: Duration) {
+    let mode_index = match mode {
+        LockMode::Exclusive => 0,
+        LockMode::Shared => 1,
+    };
+    let outcome_index = outcome as usize;
+    with_handles(|handles| {
+        handles
+            .acquisitions(mode_index * OUTCOMES + outcome_index)
+            .increment(1);
+        handles.wait(outcome_index).record(waited);
+    });
 }
 
 /// Locks held and acquisitions under way in the process. The gauges are set to these counts
@@ -141,12 +125,11 @@ pub(crate) fn acquired(mode: LockMode, outcome: Outcome, waited: Option<Duration
 static HELD_COUNT: AtomicI64 = AtomicI64::new(0);
 static WAITING_COUNT: AtomicI64 = AtomicI64::new(0);
 
-/// Moves `count` by `by` and sets the gauge `name` to it. Two changes that race may set their
-/// values in the other order; the one whose value is stale sees that the count moved on and
-/// sets it again.
-fn shift(count: &AtomicI64, by: i64, name: &'static str) {
+/// Moves `count` by `by` and sets `gauge` to it. Two changes that race may set their values
+/// in the other order; the one whose value is stale sees that the count moved on and sets it
+/// again.
+fn shift(count: &AtomicI64, by: i64, gauge: &Gauge) {
     let now = count.fetch_add(by, Ordering::SeqCst) + by;
-    let gauge = gauge!(name);
     gauge.set(now as f64);
     let later = count.load(Ordering::SeqCst);
     if later != now {
@@ -164,7 +147,7 @@ impl Waiting {
     #[inline]
     pub(crate) fn start() -> Self {
         described();
-        shift(&WAITING_COUNT, 1, WAITING);
+        with_handles(|handles| shift(&WAITING_COUNT, 1, handles.waiting()));
         Waiting {
             started: Instant::now(),
         }
@@ -178,7 +161,7 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        shift(&WAITING_COUNT, -1, WAITING);
+        with_handles(|handles| shift(&WAITING_COUNT, -1, handles.waiting()));
     }
 }
 
@@ -191,7 +174,7 @@ pub(crate) struct Held {
 impl Held {
     #[inline]
     pub(crate) fn start() -> Self {
-        shift(&HELD_COUNT, 1, HELD);
+        with_handles(|handles| shift(&HELD_COUNT, 1, handles.held()));
         Held {
             granted: Instant::now(),
         }
@@ -200,8 +183,115 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        histogram!(HOLD).record(self.granted.elapsed());
-        shift(&HELD_COUNT, -1, HELD);
+        let held = self.granted.elapsed();
+        with_handles(|handles| {
+            handles.hold().record(held);
+            shift(&HELD_COUNT, -1, handles.held());
+        });
+    }
+}
+
+/// The outcomes, in the order of [`Outcome`]'s variants, as the `outcome` label says them.
+const OUTCOMES: usize = 4;
+
+/// The handles of the metrics recorded at every acquisition, registered with one recorder.
+///
+/// Registering a metric looks it up in the recorder's registry (hashing its key, taking a
+/// lock, allocating on first use), which costs several times what recording into its handle
+/// does; so each thread keeps the handles of the recorder it last recorded into, and
+/// registers them again only when that recorder changes. A handle is registered when first
+/// used.
+struct Handles {
+    recorder: RecorderId,
+    acquisitions: [OnceCell<Counter>; 2 * OUTCOMES],
+    waits: [OnceCell<Histogram>; OUTCOMES],
+    hold: OnceCell<Histogram>,
+    held: OnceCell<Gauge>,
+    waiting: OnceCell<Gauge>,
+}
+
+/// Which recorder: where it is, and its size and alignment. Two recorders alive at once have
+/// different addresses unless they have no data (as the no-op recorder); such recorders of
+/// different types at one address, which record nowhere of their own, are not told apart.
+/// A recorder made where a dropped one was, on a thread that recorded nothing in between
+/// (a test's local recorders, one after the other), is taken for that one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct RecorderId {
+    address: usize,
+    size: usize,
+    align: usize,
+}
+
+thread_local! {
+    static HANDLES: RefCell<Option<Rc<Handles>>> = const { RefCell::new(None) };
+}
+
+/// Runs `record` with the handles of the recorder in use on this thread (a local one, else
+/// the global one, else the facade's no-op recorder).
+fn with_handles(record: impl FnOnce(&Handles)) {
+    let recorder = metrics::with_recorder(|recorder| RecorderId {
+        address: std::ptr::from_ref(recorder).cast::<()>() as usize,
+        size: std::mem::size_of_val(recorder),
+        align: std::mem::align_of_val(recorder),
+    });
+    let handles = HANDLES.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        match &*cached {
+            Some(handles) if handles.recorder == recorder => handles.clone(),
+            _ => cached.insert(Rc::new(Handles::new(recorder))).clone(),
+        }
+    });
+    record(&handles);
+}
+
+impl Handles {
+    fn new(recorder: RecorderId) -> Self {
+        Handles {
+            recorder,
+            acquisitions: Default::default(),
+            waits: Default::default(),
+            hold: OnceCell::new(),
+            held: OnceCell::new(),
+            waiting: OnceCell::new(),
+        }
+    }
+
+    /// `pglock_acquisitions_total` for a mode and outcome: `mode * OUTCOMES + outcome`.
+    fn acquisitions(&self, index: usize) -> &Counter {
+        // Literal names and labels: the facade builds their keys at compile time.
+        self.acquisitions[index].get_or_init(|| match index {
+            0 => counter!("pglock_acquisitions_total", "mode" => "exclusive", "outcome" => "granted"),
+            1 => counter!("pglock_acquisitions_total", "mode" => "exclusive", "outcome" => "busy"),
+            2 => counter!("pglock_acquisitions_total", "mode" => "exclusive", "outcome" => "timed_out"),
+            3 => counter!("pglock_acquisitions_total", "mode" => "exclusive", "outcome" => "failed"),
+            4 => counter!("pglock_acquisitions_total", "mode" => "shared", "outcome" => "granted"),
+            5 => counter!("pglock_acquisitions_total", "mode" => "shared", "outcome" => "busy"),
+            6 => counter!("pglock_acquisitions_total", "mode" => "shared", "outcome" => "timed_out"),
+            _ => counter!("pglock_acquisitions_total", "mode" => "shared", "outcome" => "failed"),
+        })
+    }
+
+    /// `pglock_lock_wait_seconds` for an outcome.
+    fn wait(&self, outcome: usize) -> &Histogram {
+        self.waits[outcome].get_or_init(|| match outcome {
+            0 => histogram!("pglock_lock_wait_seconds", "outcome" => "granted"),
+            1 => histogram!("pglock_lock_wait_seconds", "outcome" => "busy"),
+            2 => histogram!("pglock_lock_wait_seconds", "outcome" => "timed_out"),
+            _ => histogram!("pglock_lock_wait_seconds", "outcome" => "failed"),
+        })
+    }
+
+    fn hold(&self) -> &Histogram {
+        self.hold
+            .get_or_init(|| histogram!("pglock_lock_hold_seconds"))
+    }
+
+    fn held(&self) -> &Gauge {
+        self.held.get_or_init(|| gauge!("pglock_locks_held"))
+    }
+
+    fn waiting(&self) -> &Gauge {
+        self.waiting.get_or_init(|| gauge!("pglock_locks_waiting"))
     }
 }
 
@@ -217,14 +307,14 @@ pub(crate) fn lock_lost(reason: &LossReason) {
         // Not a loss: never reported as one.
         LossReason::Released => return,
     };
-    counter!(LOSSES, "reason" => reason).increment(1);
+    counter!("pglock_lock_losses_total", "reason" => reason).increment(1);
 }
 
 /// This process leads `name` in `term` (`Some`), or no longer leads it (`None`).
 pub(crate) fn leadership(name: &str, term: Option<i64>) {
     let name = SharedString::from(name.to_owned());
-    gauge!(LEADER, "name" => name.clone()).set(if term.is_some() { 1.0 } else { 0.0 });
+    gauge!("pglock_leader", "name" => name.clone()).set(if term.is_some() { 1.0 } else { 0.0 });
     if let Some(term) = term {
-        gauge!(TERM, "name" => name).set(term as f64);
+        gauge!("pglock_leader_term", "name" => name).set(term as f64);
     }
 }

@@ -4,8 +4,8 @@
 //! `pglock` filtered out, each event costs a check of a cached flag: field values are neither
 //! computed nor formatted, nothing is allocated, and the wait-time clock is not even read.
 //!
-//! With the `metrics` feature, the same points record pglock's metrics (`crate::metrics`);
-//! without it, nothing of them is compiled in.
+//! The same points record pglock's metrics (`crate::metrics`) with the `metrics` feature;
+//! without it, nothing of them is compiled in: [`Measure`] and [`Held`] are empty.
 //!
 //! Each acquisition runs in a DEBUG span `acquire` (fields `key`, `mode`, `scope`), and its
 //! events below are recorded inside it.
@@ -28,6 +28,8 @@
 //! | `leadership lost` | WARN | `name`, `key`, `term`, `reason` |
 //! | `leadership released` | INFO | `name`, `key`, `term`, `how` (`step_down`, `drop`) |
 
+use std::time::Instant;
+
 use tracing::Level;
 
 use crate::error::Error;
@@ -38,8 +40,7 @@ use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
 pub(crate) const TARGET: &str = "pglock";
 
 /// Whether acquisitions get their span and their outcome's event: only when a subscriber
-/// wants pglock's DEBUG events, or always with the `metrics` feature, which records every
-/// outcome.
+/// wants pglock's DEBUG events.
 ///
 /// Checked before anything else is built, because a disabled span is not free: with the `log`
 /// feature of `tracing` on (sqlx, among others, turns it on in any build that uses it), it is
@@ -48,52 +49,64 @@ pub(crate) const TARGET: &str = "pglock";
 /// lock`) is emitted either way.
 #[inline]
 pub(crate) fn acquisitions_traced() -> bool {
-    cfg!(feature = "metrics") || tracing::enabled!(target: TARGET, Level::DEBUG)
+    tracing::enabled!(target: TARGET, Level::DEBUG)
 }
 
-/// Measures an acquisition's wait: for the events only when DEBUG events of pglock are
-/// enabled; with the `metrics` feature always, counting it in `pglock_locks_waiting` until
-/// the timer is dropped.
-pub(crate) struct Timer {
-    #[cfg(not(feature = "metrics"))]
-    started: Option<std::time::Instant>,
-    #[cfg(feature = "metrics")]
-    waiting: crate::metrics::Waiting,
-    /// Whether the acquisition has a deadline, so that busy means timed out.
-    #[cfg(feature = "metrics")]
-    has_deadline: bool,
-}
+/// Measures a wait, only when DEBUG events of pglock are enabled.
+pub(crate) struct Timer(Option<Instant>);
 
 impl Timer {
-    /// Starts timing an acquisition (`has_deadline`: `try_lock_for`/`_until`).
     #[inline]
-    pub(crate) fn start(has_deadline: bool) -> Self {
-        #[cfg(not(feature = "metrics"))]
-        {
-            let _ = has_deadline;
-            Timer {
-                started: tracing::enabled!(target: TARGET, Level::DEBUG)
-                    .then(std::time::Instant::now),
-            }
-        }
-        #[cfg(feature = "metrics")]
-        Timer {
-            waiting: crate::metrics::Waiting::start(),
-            has_deadline,
-        }
-    }
-
-    fn waited(&self) -> Option<std::time::Duration> {
-        #[cfg(not(feature = "metrics"))]
-        return self.started.map(|start| start.elapsed());
-        #[cfg(feature = "metrics")]
-        Some(self.waiting.elapsed())
+    pub(crate) fn start() -> Self {
+        Timer(tracing::enabled!(target: TARGET, Level::DEBUG).then(Instant::now))
     }
 
     fn wait_ms(&self) -> u64 {
-        self.waited()
-            .map(|waited| u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
+        self.0
+            .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
+    }
+}
+
+/// An acquisition's measure for the metrics, from its start: counted in `pglock_locks_waiting`
+/// until it is dropped (however the acquisition ends), and timed for `pglock_lock_wait_seconds`.
+/// Nothing without the `metrics` feature.
+pub(crate) struct Measure {
+    #[cfg(feature = "metrics")]
+    waiting: crate::metrics::Waiting,
+}
+
+impl Measure {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Measure {
+            #[cfg(feature = "metrics")]
+            waiting: crate::metrics::Waiting::start(),
+        }
+    }
+
+    /// Records how the acquisition ended (`has_deadline`: a `try_lock_for` or `_until`, whose
+    /// busy end is a time-out).
+    #[inline]
+    pub(crate) fn ended(
+        self,
+        mode: LockMode,
+        has_deadline: bool,
+        result: &crate::Result<Option<AdvisoryLockGuard>>,
+    ) {
+        #[cfg(feature = "metrics")]
+        {
+            use crate::metrics::Outcome;
+            let outcome = match result {
+                Ok(Some(_)) => Outcome::Granted,
+                Ok(None) if has_deadline => Outcome::TimedOut,
+                Ok(None) => Outcome::Busy,
+                Err(_) => Outcome::Failed,
+            };
+            crate::metrics::acquired(mode, outcome, self.waiting.elapsed());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (mode, has_deadline, result);
     }
 }
 
@@ -129,17 +142,6 @@ pub(crate) fn acquired(
     result: &crate::Result<Option<AdvisoryLockGuard>>,
     timer: &Timer,
 ) {
-    #[cfg(feature = "metrics")]
-    crate::metrics::acquired(
-        mode,
-        match result {
-            Ok(Some(_)) => crate::metrics::Outcome::Granted,
-            Ok(None) if timer.has_deadline => crate::metrics::Outcome::TimedOut,
-            Ok(None) => crate::metrics::Outcome::Busy,
-            Err(_) => crate::metrics::Outcome::Failed,
-        },
-        timer.waited(),
-    );
     match result {
         Ok(Some(guard)) => tracing::debug!(
             target: TARGET,
