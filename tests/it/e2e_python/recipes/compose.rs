@@ -466,16 +466,31 @@ async fn compose_services_run_outside_containers() {
         .filter(|(which, _)| services[*which].name == "beat")
         .map(|(_, r)| r)
         .collect();
-    let leading: Vec<bool> = beats
-        .iter()
-        .map(|r| !r.process.lines_with("pglock: leading beat").is_empty())
-        .collect();
+    // One leads (it says so once its term is recorded, just after `pglock status` shows the
+    // lock held), the other stands by.
+    let deadline = Instant::now() + START_BOUND;
+    let leading: Vec<bool> = loop {
+        let leading: Vec<bool> = beats
+            .iter()
+            .map(|r| !r.process.lines_with("pglock: leading beat").is_empty())
+            .collect();
+        if leading.contains(&true) || Instant::now() > deadline {
+            break leading;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         leading.iter().filter(|l| **l).count(),
         1,
-        "{beats:?}",
-        beats = beats.iter().map(|b| &b.process).collect::<Vec<_>>()
+        "{:?}",
+        beats.iter().map(|b| &b.process).collect::<Vec<_>>()
     );
+    // The leader's beat is past its start-up (its SIGTERM handler installed) before the stop.
+    for (beat, leads) in beats.iter().zip(&leading) {
+        if *leads {
+            wait_for_line(&beat.process, "beat: Starting", START_BOUND).await;
+        }
+    }
 
     // An order posted to an app is confirmed by the worker, through Redis.
     let app = &replicas

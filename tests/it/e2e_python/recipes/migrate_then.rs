@@ -3,8 +3,8 @@
 //! `app` command starts (the container's first process, or the only child of its init), with
 //! that service's environment.
 //!
-//! - While pglock waits for the lock (held by the test): pglock leaves the queue, everything
-//!   exits 143, the service never starts.
+//! - While pglock waits for the lock (held by the test): pglock stops waiting (no waiter is
+//!   left), everything exits 143, the service never starts.
 //! - While alembic migrates (its `CREATE TABLE alembic_version` blocked behind another session's
 //!   open transaction): alembic dies, pglock frees the lock at once (while that transaction is
 //!   still open), everything exits 143, the service never starts, and the migration's
@@ -21,7 +21,7 @@ use super::super::process::Process;
 use super::compose::{compose, Service};
 use super::{
     advisory_locks, alembic_version, assert_gone, blocked_on_a_table, exit_code, prerequisites,
-    Shop, START_BOUND, STOP_BOUND,
+    wait_for_line, Shop, START_BOUND, STOP_BOUND,
 };
 use crate::harness::{connect, TestDb};
 
@@ -44,10 +44,8 @@ async fn migrate_then_passes_sigterm_on_to_pglock() {
     let holder = db.session().await;
     let guard = AdvisoryLock::new(holder.clone(), key).lock().await.unwrap();
     let mut waiting = app.replica(&shop, &database, None, 0).process;
-    wait_until(&waiting, "pglock to queue for the lock", || async {
-        advisory_locks(&db).await == 2
-    })
-    .await;
+    // pglock says so once it found the lock busy, whether it then queues or polls.
+    wait_for_line(&waiting, "pglock: lock migrations is busy", START_BOUND).await;
     let tree = waiting.tree();
     assert!(tree.len() >= 2, "migrate-then and pglock: {waiting:?}");
     waiting.signal("TERM");
