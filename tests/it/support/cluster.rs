@@ -96,6 +96,7 @@ pub struct ClusterBuilder {
     hba_lines: Vec<String>,
     ssl: bool,
     max_connections: u32,
+    replication: bool,
 }
 
 impl ClusterBuilder {
@@ -125,6 +126,14 @@ impl ClusterBuilder {
     /// certificate on the client side.
     pub fn ssl_self_signed(mut self) -> Self {
         self.ssl = true;
+        self
+    }
+
+    /// Makes the cluster a primary that standbys can stream from
+    /// ([`ThrowawayCluster::start_standby`]): `wal_level = replica` and WAL
+    /// senders (`initdb -A trust` already lets 127.0.0.1 replicate).
+    pub fn replication(mut self) -> Self {
+        self.replication = true;
         self
     }
 
@@ -177,6 +186,7 @@ impl ThrowawayCluster {
             hba_lines: Vec::new(),
             ssl: false,
             max_connections: 50,
+            replication: false,
         }
     }
 
@@ -271,6 +281,66 @@ impl ThrowawayCluster {
         let _guard = self.lifecycle.lock().await;
         self.stop_locked(mode).await;
         self.start_again_locked().await;
+    }
+
+    /// Starts a streaming standby of this cluster (built with
+    /// [`ClusterBuilder::replication`]): `pg_basebackup -R` into a directory of
+    /// its own, on a port of its own. It streams from `127.0.0.1:from_port`:
+    /// this cluster's port, or a proxy's in front of it, which lets a test cut
+    /// the standby off (asynchronous replication that falls behind).
+    pub async fn start_standby(&self, from_port: u16) -> ThrowawayCluster {
+        let standby = tokio::task::spawn_blocking(move || {
+            let dir = make_temp_dir();
+            let data = dir.join("data");
+            let cluster = ThrowawayCluster {
+                dir: dir.clone(),
+                data: data.clone(),
+                port: std::sync::atomic::AtomicU16::new(0),
+                ssl_cert: None,
+                lifecycle: tokio::sync::Mutex::new(()),
+                watchdog: Mutex::new(None),
+            };
+            let mut backup = pg_command("pg_basebackup");
+            backup
+                .current_dir(&dir)
+                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
+                .args(["-U", SUPERUSER, "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            let out = run_sync(backup);
+            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            // The copied configuration names the primary's socket directory.
+            append_lines(
+                &data.join("postgresql.conf"),
+                &[format!("unix_socket_directories = '{}'", dir.display())],
+            );
+            *cluster.watchdog.lock().unwrap() = Some(spawn_watchdog(&dir, &data));
+            cluster
+        })
+        .await
+        .expect("standby preparation panicked");
+        standby.start_first().await;
+        standby
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote -w`): it leaves
+    /// recovery and starts a new timeline.
+    pub async fn promote(&self) {
+        let _guard = self.lifecycle.lock().await;
+        let mut cmd = pg_command("pg_ctl");
+        cmd.current_dir(&self.dir)
+            .arg("promote")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-s", "-t"])
+            .arg(PG_CTL_TIMEOUT.as_secs().to_string());
+        let out = run_async(cmd).await;
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}\n{}",
+            describe(&out),
+            self.log_tail()
+        );
     }
 
     async fn stop_locked(&self, mode: StopMode) {
@@ -394,9 +464,20 @@ impl ThrowawayCluster {
             "synchronous_commit = off".to_string(),
             "full_page_writes = off".to_string(),
             "autovacuum = off".to_string(),
-            "max_wal_senders = 0".to_string(),
-            "wal_level = minimal".to_string(),
         ];
+        if builder.replication {
+            conf.extend([
+                "wal_level = replica".to_string(),
+                "max_wal_senders = 10".to_string(),
+                "wal_keep_size = '64MB'".to_string(),
+                "hot_standby = on".to_string(),
+            ]);
+        } else {
+            conf.extend([
+                "max_wal_senders = 0".to_string(),
+                "wal_level = minimal".to_string(),
+            ]);
+        }
         if builder.ssl {
             let (cert, key) = make_self_signed_cert(&dir);
             conf.push("ssl = on".to_string());
