@@ -17,6 +17,7 @@ mod leader;
 mod lock_set;
 mod loss;
 mod modes;
+mod partition;
 mod pgbouncer;
 mod release;
 mod send_sync;

@@ -97,6 +97,8 @@ pub struct ClusterBuilder {
     ssl: bool,
     max_connections: u32,
     replication: bool,
+    /// The network namespace to run in, and the address to listen on there.
+    namespace: Option<(String, Ipv4Addr)>,
 }
 
 impl ClusterBuilder {
@@ -137,6 +139,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs the server inside `namespace`, listening on its end of the link only: clients
+    /// reach it over the link ([`ThrowawayCluster::url`]), or through its Unix socket, which a
+    /// cut link does not affect ([`ThrowawayCluster::socket_config`]).
+    pub fn in_namespace(mut self, namespace: &super::NetworkNamespace) -> Self {
+        self.namespace = Some((namespace.name().to_owned(), namespace.inside_addr()));
+        // Clients on this host come from its end of the link.
+        self.hba_line(format!("host all all {}/32 trust", namespace.host_addr()))
+    }
+
     /// Sets `max_connections` (default 50).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n;
@@ -169,6 +180,10 @@ pub struct ThrowawayCluster {
     ssl_cert: Option<PathBuf>,
     /// Serialises stop/start so concurrent callers cannot interleave pg_ctl.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The address the server listens on (127.0.0.1 unless in a namespace).
+    host: Ipv4Addr,
+    /// The network namespace the server runs in, if any.
+    namespace: Option<String>,
     /// Stops the server and removes `dir` if this process dies without Drop.
     watchdog: Mutex<Option<Child>>,
 }
@@ -187,6 +202,7 @@ impl ThrowawayCluster {
             ssl: false,
             max_connections: 50,
             replication: false,
+            namespace: None,
         }
     }
 
@@ -195,9 +211,21 @@ impl ThrowawayCluster {
         self.port.load(Ordering::SeqCst)
     }
 
-    /// `127.0.0.1:port`, e.g. as the target of a `TcpProxy`.
+    /// `127.0.0.1:port` (the namespace's address when in one), e.g. as the target of a
+    /// `TcpProxy`.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
+        SocketAddr::from((self.host, self.port()))
+    }
+
+    /// A `tokio_postgres::Config` for the superuser through the server's Unix socket.
+    pub fn socket_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.dir)
+            .port(self.port())
+            .user(SUPERUSER)
+            .dbname("postgres");
+        config
     }
 
     /// Connection URL for the superuser, database `postgres`.
@@ -207,7 +235,7 @@ impl ThrowawayCluster {
 
     /// The same URL but for another port on 127.0.0.1, e.g. a proxy's.
     pub fn url_with_port(&self, port: u16) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{port}/postgres")
+        format!("postgres://{SUPERUSER}@{}:{port}/postgres", self.host)
     }
 
     /// A `tokio_postgres::Config` equivalent to [`url`](Self::url), to be
@@ -222,7 +250,7 @@ impl ThrowawayCluster {
     pub fn pg_config_with_port(&self, port: u16) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
-            .host("127.0.0.1")
+            .host(self.host.to_string())
             .port(port)
             .user(SUPERUSER)
             .dbname("postgres");
@@ -298,6 +326,8 @@ impl ThrowawayCluster {
                 port: std::sync::atomic::AtomicU16::new(0),
                 ssl_cert: None,
                 lifecycle: tokio::sync::Mutex::new(()),
+                host: Ipv4Addr::LOCALHOST,
+                namespace: None,
                 watchdog: Mutex::new(None),
             };
             let mut backup = pg_command("pg_basebackup");
@@ -394,6 +424,10 @@ impl ThrowawayCluster {
             .arg(self.dir.join("server.log"))
             .args(["-w", "-s", "-t"])
             .arg(PG_CTL_TIMEOUT.as_secs().to_string());
+        if let Some(namespace) = &self.namespace {
+            // The postmaster inherits the namespace of the pg_ctl that starts it.
+            cmd = super::netns::wrap(namespace, &cmd);
+        }
         let out = run_async(cmd).await;
         if out.status.success() && self.is_running() {
             return Ok(());
@@ -446,6 +480,11 @@ impl ThrowawayCluster {
             port: std::sync::atomic::AtomicU16::new(0),
             ssl_cert: None,
             lifecycle: tokio::sync::Mutex::new(()),
+            host: builder
+                .namespace
+                .as_ref()
+                .map_or(Ipv4Addr::LOCALHOST, |(_, addr)| *addr),
+            namespace: builder.namespace.as_ref().map(|(name, _)| name.clone()),
             watchdog: Mutex::new(None),
         };
 
@@ -456,7 +495,7 @@ impl ThrowawayCluster {
 
         let mut conf = vec![
             "# added by ThrowawayCluster".to_string(),
-            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("listen_addresses = '{}'", cluster.host),
             format!("unix_socket_directories = '{}'", dir.display()),
             format!("max_connections = {}", builder.max_connections),
             "shared_buffers = '8MB'".to_string(),
