@@ -12,6 +12,7 @@ mod cohort;
 mod combined;
 mod errors;
 mod exclusion;
+mod failover;
 mod handoff;
 mod leader;
 mod lock_set;
