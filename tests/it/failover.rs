@@ -9,6 +9,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pglock::LeaderElection;
 use tokio_postgres::{Client, NoTls};
 
+use crate::cli::{kill, unique, Scratch, SIGTERM_EXIT};
+use crate::cli_standby::Instance;
 use crate::support::{StopMode, TcpProxy, ThrowawayCluster};
 
 fn pool(config: tokio_postgres::Config) -> Pool {
@@ -99,4 +101,128 @@ async fn terms_keep_increasing_across_a_failover_that_lost_the_last_term() {
     assert_eq!(next & 0xffff_ffff, 1, "the first term of the new timeline");
     // And they go on increasing on the new primary.
     assert!(elect(&on_new_primary, name).await > next);
+}
+
+/// The longest pause between two connection attempts of `pglock` (2 s, jittered up to 1.5
+/// times), plus 2 s for a loaded machine: after the promotion, leaders and waiters reach the new
+/// primary within it and a connection, a campaign and a shell's start.
+const RECONNECT_BOUND: Duration = Duration::from_millis(3000 + 2000);
+
+#[tokio::test]
+async fn leaders_and_waiters_move_to_the_promoted_standby() {
+    let primary = ThrowawayCluster::builder().replication().start().await;
+    let standby = primary.start_standby(primary.port()).await;
+    // Both servers in one URL, the primary first: what fail-over setups give their clients.
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let scratch = Scratch::new();
+    let leadership = unique("failover-leader");
+    let lock = unique("failover-lock");
+    let lead_script = "echo \"leading in $PGLOCK_TERM\" >&2; while :; do sleep 0.2; done";
+    let leader_args = [
+        "leader",
+        "--progress-every",
+        "1s",
+        &leadership,
+        "--",
+        "sh",
+        "-c",
+        lead_script,
+    ];
+    let first = Instance::start_on(&url, &leader_args, scratch.path("a"));
+    first
+        .wait_for_line("leading in", Duration::from_secs(10))
+        .await;
+    let second = Instance::start_on(&url, &leader_args, scratch.path("b"));
+    second
+        .wait_for_line("standing by", Duration::from_secs(10))
+        .await;
+    let holder = Instance::start_on(
+        &url,
+        &[
+            "run",
+            &lock,
+            "--",
+            "sh",
+            "-c",
+            "echo 'holding' >&2; sleep 1000",
+        ],
+        scratch.path("holder"),
+    );
+    holder
+        .wait_for_line("holding", Duration::from_secs(10))
+        .await;
+    let waiter = Instance::start_on(
+        &url,
+        &["run", &lock, "--", "sh", "-c", "echo 'ran' >&2"],
+        scratch.path("waiter"),
+    );
+    waiter
+        .wait_for_line("is busy", Duration::from_secs(10))
+        .await;
+
+    // The primary dies at once. The leader and the holder lose what they held (their sessions
+    // end with the server: reported within the detection bound, 2 s by default, at once here)
+    // and stop their commands; the standby instance and the waiter lose their connections.
+    primary.stop(StopMode::Immediate).await;
+    first
+        .wait_for_line(
+            "lost the leadership",
+            Duration::from_secs(2) + Duration::from_secs(2),
+        )
+        .await;
+    assert_eq!(holder.exit_code().await, 76, "the holder's lock is gone");
+    // A fail-over tool takes a moment to promote the standby; meanwhile every instance waits
+    // (the standby refuses writes, the old primary is gone) and none exits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    standby.promote().await;
+    let promoted = Instant::now();
+
+    // One instance leads on the new primary, in a term of the new timeline.
+    let leads = |instance: &Instance| instance.lines_with("leading in");
+    loop {
+        let new_leaders = leads(&first) + leads(&second) - 1;
+        if new_leaders >= 1 {
+            assert_eq!(new_leaders, 1, "one leader on the new primary");
+            break;
+        }
+        assert!(
+            promoted.elapsed() < RECONNECT_BOUND,
+            "no leader {RECONNECT_BOUND:?} after the promotion:\n{}\n{}",
+            first.stderr(),
+            second.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "a leader on the new primary {:?} after the promotion",
+        promoted.elapsed()
+    );
+    let terms: Vec<i64> = [&first, &second]
+        .iter()
+        .flat_map(|i| {
+            i.stderr()
+                .lines()
+                .filter_map(|l| l.strip_prefix("leading in ")?.trim().parse().ok())
+                .collect::<Vec<i64>>()
+        })
+        .collect();
+    assert_eq!(terms.len(), 2, "{terms:?}");
+    assert!(terms.iter().max().unwrap() >> 32 > terms.iter().min().unwrap() >> 32);
+    // The waiter gets the lock there, runs its command and ends with its status.
+    waiter.wait_for_line("ran", RECONNECT_BOUND).await;
+    assert_eq!(
+        waiter.exit_code().await,
+        0,
+        "the waiter ran on the new primary"
+    );
+
+    for instance in [first, second] {
+        kill(instance.pid(), "TERM");
+        let code = instance.exit_code().await;
+        assert!(code == SIGTERM_EXIT || code == 0, "{code}");
+    }
 }

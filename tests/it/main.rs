@@ -12,6 +12,7 @@ mod cohort;
 mod combined;
 mod errors;
 mod exclusion;
+#[cfg(feature = "cli")]
 mod failover;
 mod handoff;
 mod leader;
