@@ -226,3 +226,154 @@ async fn leaders_and_waiters_move_to_the_promoted_standby() {
         assert!(code == SIGTERM_EXIT || code == 0, "{code}");
     }
 }
+
+/// Ten fail-overs in a row behind one endpoint (a proxy whose target moves to the promoted
+/// standby, as a managed service's DNS name does): each time, a held lock and the leadership are
+/// reported lost, and a leader is elected on the new primary in a term of its new timeline.
+#[tokio::test]
+async fn ten_failovers_behind_one_endpoint() {
+    use std::sync::{Arc, Mutex};
+
+    use pglock::{AdvisoryLock, AdvisoryLockGuard, HealthCheck};
+
+    let fast = HealthCheck::new(Duration::from_millis(100), Duration::from_millis(250));
+    let mut primary = ThrowawayCluster::builder().replication().start().await;
+    let mut standby = primary.start_standby(primary.port()).await;
+    let endpoint = TcpProxy::start(primary.addr()).await;
+    let mut config = primary.pg_config_with_port(endpoint.port());
+    config.connect_timeout(Duration::from_secs(2));
+    // Every start and end of a leader task: (term, started, ended).
+    type Terms = Arc<Mutex<Vec<(i64, Instant, Option<Instant>)>>>;
+    let terms: Terms = Arc::default();
+    let mut contenders = Vec::new();
+    for instance in 0..2 {
+        let (pool, terms) = (pool(config.clone()), terms.clone());
+        contenders.push(tokio::spawn(async move {
+            let election = LeaderElection::new(&pool, "ten-failovers")
+                .health_check(fast)
+                .retry_backoff(Duration::from_millis(50), Duration::from_millis(500))
+                .identity(format!("instance {instance}"));
+            election
+                .run(|leader| {
+                    let terms = terms.clone();
+                    async move {
+                        let index = {
+                            let mut terms = terms.lock().unwrap();
+                            terms.push((leader.term(), Instant::now(), None));
+                            terms.len() - 1
+                        };
+                        // Records when the task is dropped: when the loss was detected.
+                        struct Ended(Terms, usize);
+                        impl Drop for Ended {
+                            fn drop(&mut self) {
+                                self.0.lock().unwrap()[self.1].2 = Some(Instant::now());
+                            }
+                        }
+                        let _ended = Ended(terms, index);
+                        std::future::pending::<()>().await
+                    }
+                })
+                .await
+        }));
+    }
+    let holder = pool(config.clone());
+    let bound = fast.detection_bound();
+    let (mut lock_detected, mut leader_detected, mut took_over) = (vec![], vec![], vec![]);
+    for cycle in 0..10 {
+        // A leader runs, and a lock is held.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let current = loop {
+            let running = terms
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|t| t.2.is_none())
+                .map(|t| t.0);
+            if let Some(term) = running {
+                break term;
+            }
+            assert!(Instant::now() < deadline, "cycle {cycle}: no leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let guard = AdvisoryLock::new(&holder, "ten-failovers-lock")
+            .health_check(fast)
+            .lock()
+            .await
+            .unwrap();
+        let mut lost = AdvisoryLockGuard::loss_signal(&guard);
+        tokio::time::sleep(fast.interval * 2).await;
+
+        // Timed from the moment the stop is asked for: pg_ctl returns only once the server is
+        // gone, by when the clients may have noticed already.
+        let died = Instant::now();
+        primary.stop(StopMode::Immediate).await;
+        tokio::time::timeout(bound + Duration::from_secs(2), lost.lost())
+            .await
+            .expect("the lock's loss is reported");
+        lock_detected.push(died.elapsed());
+        drop(guard);
+        let deadline = Instant::now() + bound + Duration::from_secs(2);
+        let ended = loop {
+            let ended = terms
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|t| t.0 == current)
+                .and_then(|t| t.2);
+            if let Some(ended) = ended {
+                break ended;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the leader ran on"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        leader_detected.push(ended.saturating_duration_since(died));
+
+        // The fail-over tool: the endpoint moves to the standby, which is promoted.
+        endpoint.set_target(standby.addr());
+        let promoted = Instant::now();
+        standby.promote().await;
+        let deadline = promoted + Duration::from_secs(20);
+        let next = loop {
+            let next = terms
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|t| t.0 > current)
+                .copied();
+            if let Some(next) = next {
+                break next;
+            }
+            assert!(Instant::now() < deadline, "cycle {cycle}: no new leader");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        took_over.push(next.1.saturating_duration_since(promoted));
+        assert!(next.0 >> 32 > current >> 32, "a term of the new timeline");
+
+        // The next fail-over's standby streams from the new primary.
+        let next_standby = standby.start_standby(standby.port()).await;
+        primary = std::mem::replace(&mut standby, next_standby);
+    }
+    for contender in contenders {
+        contender.abort();
+    }
+    let summary = |label: &str, mut times: Vec<Duration>| {
+        times.sort();
+        eprintln!(
+            "{label}: min {:?}, median {:?}, max {:?}",
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    };
+    summary(
+        "10 fail-overs: a held lock reported lost after",
+        lock_detected,
+    );
+    summary("the leadership reported lost after", leader_detected);
+    summary("a new leader after the promotion was asked for", took_over);
+    drop(primary);
+}
