@@ -377,3 +377,60 @@ async fn ten_failovers_behind_one_endpoint() {
     summary("a new leader after the promotion was asked for", took_over);
     drop(primary);
 }
+
+/// The port of the server a guard's connection reaches, and whether it is in recovery.
+async fn server_of(client: &tokio_postgres::Client) -> (u16, bool) {
+    let row = client
+        .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    (row.get::<_, i32>(0) as u16, row.get::<_, bool>(1))
+}
+
+/// After a fail-over, the old primary comes back as a standby of the new one (as fail-over tools
+/// rebuild it), first in a two-host connection string: a pool keeps handing out connections to
+/// the new primary only, and pglock takes no lock on the standby.
+#[tokio::test]
+async fn a_pool_never_locks_on_the_old_primary_rejoined_as_a_standby() {
+    use pglock::{AdvisoryLock, AdvisoryLockGuard, Error};
+
+    let primary = ThrowawayCluster::builder().replication().start().await;
+    let standby = primary.start_standby(primary.port()).await;
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let config: tokio_postgres::Config =
+        pglock::DatabaseUrl::parse(&url).unwrap().config().unwrap();
+    let both = pool(config);
+    let lock = AdvisoryLock::new(&both, "rejoin");
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(server_of(&guard).await, (primary.port(), false));
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+
+    primary.stop(StopMode::Immediate).await;
+    standby.promote().await;
+    primary.rejoin_as_standby(standby.port()).await;
+    // The pool's connection to the old primary died with it: whichever acquisition first meets
+    // it fails with a lost connection; every lock taken after that is on the new primary.
+    let mut taken = 0;
+    for _ in 0..20 {
+        match lock.lock().await {
+            Ok(guard) => {
+                assert_eq!(server_of(&guard).await, (standby.port(), false));
+                AdvisoryLockGuard::unlock(guard).await.unwrap();
+                taken += 1;
+            }
+            Err(error) => assert!(error.is_connection_lost(), "{error:?}"),
+        }
+    }
+    assert!(taken >= 19, "{taken} of 20");
+    // Directly on the rejoined standby (no read-write requirement), pglock refuses.
+    let on_standby = pool(primary.pg_config());
+    let refused = AdvisoryLock::new(&on_standby, "rejoin").try_lock().await;
+    assert!(
+        matches!(refused, Err(Error::ReadOnlyStandby)),
+        "{refused:?}"
+    );
+}

@@ -353,6 +353,41 @@ impl ThrowawayCluster {
         standby
     }
 
+    /// Turns this stopped former primary into a standby of the server at
+    /// `127.0.0.1:from_port`, on the same port, as fail-over tools rebuild an
+    /// old primary: its data directory is replaced by a fresh `pg_basebackup
+    /// -R`, and it is started again.
+    pub async fn rejoin_as_standby(&self, from_port: u16) {
+        let _guard = self.lifecycle.lock().await;
+        self.stop_locked(StopMode::Immediate).await;
+        let (dir, data, port) = (self.dir.clone(), self.data.clone(), self.port());
+        tokio::task::spawn_blocking(move || {
+            let mut remove = Command::new("rm");
+            remove.arg("-rf").arg(&data);
+            let out = run_sync(remove);
+            assert!(out.status.success(), "rm -rf data: {}", describe(&out));
+            let mut backup = pg_command("pg_basebackup");
+            backup
+                .current_dir(&dir)
+                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
+                .args(["-U", SUPERUSER, "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            let out = run_sync(backup);
+            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            append_lines(
+                &data.join("postgresql.conf"),
+                &[
+                    format!("unix_socket_directories = '{}'", dir.display()),
+                    format!("port = {port}"),
+                ],
+            );
+        })
+        .await
+        .expect("rebuilding the standby panicked");
+        self.start_again_locked().await;
+    }
+
     /// Promotes this standby to a primary (`pg_ctl promote -w`): it leaves
     /// recovery and starts a new timeline.
     pub async fn promote(&self) {
