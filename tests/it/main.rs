@@ -12,11 +12,14 @@ mod cohort;
 mod combined;
 mod errors;
 mod exclusion;
+#[cfg(feature = "cli")]
+mod failover;
 mod handoff;
 mod leader;
 mod lock_set;
 mod loss;
 mod modes;
+mod partition;
 mod pgbouncer;
 mod release;
 mod send_sync;
