@@ -25,7 +25,8 @@ target_metadata = Base.metadata
 
 # Tables that other tools keep in this database. Autogenerate proposes to drop every table no
 # model describes; it must leave these alone. `pglock leader` keeps its fencing terms in
-# pglock_leader_terms: dropping it would start every leadership's terms again at 1.
+# pglock_leader_terms: dropping it would start every leadership's terms again from the first,
+# below the terms already handed out.
 NOT_OURS = {"pglock_leader_terms"}
 
 # How long a replica waits for another replica's migrations before it gives up (the error is
