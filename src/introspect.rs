@@ -25,7 +25,9 @@
 //!   hashes to the key ([`AdvisoryKey::from_name`]): a name you registered with
 //!   [`Introspect::name`], or the name that the `pglock` command puts in its
 //!   `application_name` (`pglock run NAME`; `pglock leader NAME`, whose lock is the key of
-//!   `leader:NAME`), which then names every row of that key, waiters included.
+//!   `leader:NAME`; non-ASCII percent-encoded, see [`application_name`]), which then names
+//!   every row of that key, waiters included. A lock taken by other code (an Alembic `env.py`
+//!   that takes the key of `migrations` itself) has no name unless you register it.
 //! - **Scope** (session or transaction) is not recorded in `pg_locks`. A lock held by a
 //!   session that has no transaction open is a session lock: that is certain. Otherwise
 //!   pglock infers the scope from the statement the session runs or ran last, when that
@@ -316,31 +318,75 @@ impl From<String> for SelectKey {
 }
 
 /// The `application_name` the `pglock` command uses for `command` (`run`, `leader`) on `name`,
-/// cut to what PostgreSQL keeps (on a character boundary).
+/// cut to what PostgreSQL keeps.
+///
+/// PostgreSQL keeps only printable ASCII in an `application_name` and turns every other byte
+/// into `?` (PostgreSQL 15 and earlier) or a `\xNN` escape (16 and later), which would lose a
+/// name such as `café`. So the name is percent-encoded here: each byte outside printable ASCII,
+/// and `%` itself, is written `%XX` (`pglock run caf%C3%A9`). [`LockInfo::name`] decodes it.
 pub fn application_name(command: &str, name: &str) -> String {
-    let mut app = format!("{APPLICATION_NAME_PREFIX}{command} {name}");
+    let mut app = format!("{APPLICATION_NAME_PREFIX}{command} ");
+    for byte in name.bytes() {
+        if (b' '..=b'~').contains(&byte) && byte != b'%' {
+            app.push(char::from(byte));
+        } else {
+            app.push_str(&format!("%{byte:02X}"));
+        }
+    }
     if app.len() > APPLICATION_NAME_MAX {
+        // All ASCII now: cut anywhere but inside a `%XX`.
         let mut end = APPLICATION_NAME_MAX;
-        while !app.is_char_boundary(end) {
-            end -= 1;
+        if let Some(escape) = app[end - 2..end].find('%') {
+            end = end - 2 + escape;
         }
         app.truncate(end);
     }
     app
 }
 
-/// The lock name in a `pglock <command> <name>` application name, if it hashes to `key`.
+/// The lock name in a `pglock <command> <name>` application name, if it hashes to `key`: the
+/// name as written, or percent-decoded (see [`application_name`]; a name with a literal `%`
+/// from an older `pglock` is found as written).
 ///
 /// `pglock leader NAME` holds the key of `leader:NAME` (see
 /// [`LeaderElection::new`](crate::LeaderElection::new)), which is the name reported.
 fn name_from_application_name(app: &str, key: AdvisoryKey) -> Option<String> {
     let rest = app.strip_prefix(APPLICATION_NAME_PREFIX)?;
-    let (command, name) = rest.split_once(' ')?;
-    if AdvisoryKey::from_name(name) == key {
-        return Some(name.to_owned());
+    let (command, written) = rest.split_once(' ')?;
+    let decoded = percent_decode(written);
+    let candidates = std::iter::once(written.to_owned()).chain(decoded);
+    for name in candidates {
+        if AdvisoryKey::from_name(&name) == key {
+            return Some(name);
+        }
+        let leader = format!("leader:{name}");
+        if command == "leader" && AdvisoryKey::from_name(&leader) == key {
+            return Some(leader);
+        }
     }
-    let leader = format!("leader:{name}");
-    (command == "leader" && AdvisoryKey::from_name(&leader) == key).then_some(leader)
+    None
+}
+
+/// `text` with every `%XX` turned back into its byte, if it has any and they make UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    if !text.contains('%') {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = tail
+                .get(..2)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))?;
+            bytes.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// The scope of the advisory lock functions `statement` calls, if they are all of one scope.
@@ -426,6 +472,64 @@ mod tests {
             None
         );
         let accented = "é".repeat(40);
-        assert!(application_name("run", &accented).len() <= APPLICATION_NAME_MAX);
+        let app = application_name("run", &accented);
+        assert!(app.len() <= APPLICATION_NAME_MAX);
+        assert!(
+            !app.contains('%') || app.rsplit('%').next().unwrap().len() >= 2,
+            "{app}"
+        );
+    }
+
+    #[test]
+    fn names_survive_postgresqls_ascii_only_application_name() {
+        for name in [
+            "café",
+            "日本語",
+            "50%",
+            "tab\there",
+            "",
+            "a b",
+            "x%41",
+            "naïve:beat",
+        ] {
+            let app = application_name("run", name);
+            assert!(app.bytes().all(|b| (b' '..=b'~').contains(&b)), "{app:?}");
+            assert_eq!(
+                name_from_application_name(&app, AdvisoryKey::from_name(name)).as_deref(),
+                Some(name),
+                "{app:?}"
+            );
+            let leader = format!("leader:{name}");
+            assert_eq!(
+                name_from_application_name(
+                    &application_name("leader", name),
+                    AdvisoryKey::from_name(&leader)
+                ),
+                Some(leader)
+            );
+        }
+        assert_eq!(application_name("run", "café"), "pglock run caf%C3%A9");
+        assert_eq!(application_name("run", "50%"), "pglock run 50%25");
+        // A name with a literal `%`, as an older pglock wrote it, is found as written.
+        assert_eq!(
+            name_from_application_name("pglock run 50%", AdvisoryKey::from_name("50%")).as_deref(),
+            Some("50%")
+        );
+        // What PostgreSQL 15 keeps of a raw non-ASCII name names nothing.
+        assert_eq!(
+            name_from_application_name("pglock run caf??", AdvisoryKey::from_name("café")),
+            None
+        );
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%+1"), None);
+        assert_eq!(percent_decode("%FF"), None);
+        // Cut to 63 bytes, never inside an escape.
+        for prefix in 0..6 {
+            let name = format!("{}{}", "x".repeat(50 + prefix), "é".repeat(10));
+            let app = application_name("run", &name);
+            assert!(app.len() <= APPLICATION_NAME_MAX && app.len() >= APPLICATION_NAME_MAX - 2);
+            let tail = app.rsplit_once('%').map_or(2, |(_, tail)| tail.len());
+            assert!(tail >= 2, "{app}");
+        }
     }
 }

@@ -152,21 +152,30 @@ impl TermTable {
     /// The statement that starts a new term: it bumps the name's term, but only while the
     /// session holds the leadership lock exclusively, and waits at most `$6` for the row.
     ///
+    /// The new term is the old one plus one, and at least the first term of the server's
+    /// current timeline, `(timeline << 32) + 1` (see [`Leadership::term`]): a promoted standby
+    /// writes on a new timeline, so the first term it hands out is greater than every term of
+    /// the old primary, even one whose update never reached the standby.
+    ///
     /// Its commit is synchronous whatever the session's `synchronous_commit`: with
     /// `synchronous_commit = off`, a crash right after the commit could lose the new term, and
     /// the next leader would get the same number again.
     fn bump_sql(&self) -> Result<String> {
         Ok(format!(
             "INSERT INTO {} AS t (name, term, leader, elected_at) \
-             SELECT $1::text, 1, $2::text, now() \
+             SELECT $1::text, bounded.first_of_timeline, $2::text, now() \
              FROM (SELECT set_config('lock_timeout', $6::text, true), \
-                   set_config('synchronous_commit', 'on', true) OFFSET 0) AS bounded \
+                   set_config('synchronous_commit', 'on', true), \
+                   ((('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))\
+                     ::bit(32)::int8 << 32) + 1) AS first_of_timeline \
+                   OFFSET 0) AS bounded \
              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
                  WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid() \
                  AND l.granted AND l.mode = 'ExclusiveLock' AND l.classid = $3::int8::oid \
                  AND l.objid = $4::int8::oid AND l.objsubid = $5::int2) \
              ON CONFLICT (name) DO UPDATE \
-             SET term = t.term + 1, leader = EXCLUDED.leader, elected_at = EXCLUDED.elected_at \
+             SET term = greatest(t.term + 1, EXCLUDED.term), leader = EXCLUDED.leader, \
+                 elected_at = EXCLUDED.elected_at \
              RETURNING t.term",
             self.qualified_name()?
         ))
@@ -723,6 +732,18 @@ pub struct Leadership {
 
 impl Leadership {
     /// The fencing term: greater than the term of every earlier leader of this name.
+    ///
+    /// A term is `(timeline << 32) + n`: the PostgreSQL timeline the primary wrote on when
+    /// the term was started (the high 32 bits), and a count within it (the low 32 bits, from 1).
+    /// A promoted standby starts a new timeline, so every term it hands out compares greater than
+    /// every term of the old primary, including one whose update the standby never received
+    /// (asynchronous replication). Compare terms as whole numbers; `term >> 32` is the timeline.
+    ///
+    /// ```
+    /// let term: i64 = (1 << 32) + 7; // the 7th term on timeline 1
+    /// assert_eq!((term >> 32, term & 0xffff_ffff), (1, 7));
+    /// assert!(((2_i64 << 32) + 1) > term); // the first term after a promotion
+    /// ```
     pub fn term(&self) -> i64 {
         self.context.term()
     }

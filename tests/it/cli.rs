@@ -546,6 +546,54 @@ async fn status_shows_holders_and_waiters() {
     db.assert_no_locks().await;
 }
 
+#[tokio::test]
+async fn status_names_locks_whose_names_are_not_ascii() {
+    let db = TestDb::new("cli_status_utf8").await;
+    let scratch = Scratch::new();
+    // PostgreSQL keeps only printable ASCII of an application_name: pglock percent-encodes the
+    // rest, and status decodes it.
+    let name = unique("café-日本");
+    let key = AdvisoryKey::from_name(&name);
+    let ready = scratch.path("ready");
+    let script = format!("touch {}; exec sleep 30", ready.display());
+    let holder = pglock(&["run", &name, "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_for_file(&ready).await;
+    let backend = wait_for_holder(&db, key).await;
+    let app: String = db
+        .admin()
+        .query_one(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = $1",
+            &[&backend],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(app.is_ascii() && !app.contains('?'), "{app}");
+    assert!(app.starts_with("pglock run caf%C3%A9-"), "{app}");
+
+    // Found by key alone, without --name or --known.
+    let AdvisoryKey::Single(number) = key else {
+        unreachable!()
+    };
+    let json = run(&["status", "--json", "--key", &number.to_string()]).await;
+    assert_eq!(json.code(), 0, "{json:?}");
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(value["locks"][0]["name"], name.as_str(), "{json:?}");
+    let table = run(&["status", "--key", &number.to_string()]).await;
+    assert_eq!(table.code(), 0, "{table:?}");
+    assert!(
+        table.stdout.lines().nth(1).unwrap().starts_with(&name),
+        "{table:?}"
+    );
+
+    kill(holder.id().unwrap(), "TERM");
+    assert_eq!(finish(holder).await.code(), SIGTERM_EXIT);
+    assert_key_free(&db, key).await;
+    db.assert_no_locks().await;
+}
+
 /// Whether `pid` runs (a zombie, dead but not yet reaped, does not count).
 fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -200,6 +200,58 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The Kubernetes example that docs/cli.md shows (examples/kubernetes/beat.yaml): pglock's
+/// arguments up to the leadership's name, and the paths of its readiness and liveness probes.
+struct Manifest {
+    args: Vec<String>,
+    readiness: String,
+    liveness: String,
+}
+
+impl Manifest {
+    fn read() -> Self {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes/beat.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A YAML flow sequence of double-quoted strings is a JSON array.
+        let command = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("command: "))
+            .expect("a command");
+        let command: Vec<String> = serde_json::from_str(command).expect("a flow sequence");
+        let end = command.iter().position(|arg| arg == "--").expect("--");
+        assert_eq!(command[0], "pglock", "{command:?}");
+        let probe_path = |probe: &str| -> String {
+            let mut lines = text.lines().skip_while(|line| line.trim() != probe);
+            let http_get = lines.nth(1).expect("the probe's httpGet");
+            let path = http_get.split("path: ").nth(1).expect("a path");
+            path.split(',').next().unwrap().trim().to_owned()
+        };
+        Manifest {
+            args: command[1..end].to_vec(),
+            readiness: probe_path("readinessProbe:"),
+            liveness: probe_path("livenessProbe:"),
+        }
+    }
+
+    /// The manifest's arguments with `name` for its leadership and `addr` for its address, and
+    /// `command` after `--`.
+    fn args(&self, name: &str, addr: &str, command: &[&str]) -> Vec<String> {
+        let mut args = self.args.clone();
+        let at = args.iter().position(|arg| arg == "--http").expect("--http") + 1;
+        assert!(
+            args[at].starts_with(':'),
+            "the manifest serves on every interface: {}",
+            args[at]
+        );
+        args[at] = addr.to_owned();
+        *args.last_mut().unwrap() = name.to_owned();
+        args.push("--".to_owned());
+        args.extend(command.iter().map(|word| (*word).to_owned()));
+        args
+    }
+}
+
 #[tokio::test]
 async fn leader_endpoints_follow_the_leadership() {
     if !tools_installed() {
@@ -209,40 +261,35 @@ async fn leader_endpoints_follow_the_leadership() {
     let name = unique("http-leader");
     let key = leader_key(&name);
     let scratch = Scratch::new();
-    let args = [
-        "leader",
-        "--http",
-        "127.0.0.1:0",
-        &name,
-        "--",
-        "sleep",
-        "60",
-    ];
+    // As the example manifest runs it, with the probes it sets.
+    let manifest = Manifest::read();
+    let args = manifest.args(&name, "127.0.0.1:0", &["sleep", "60"]);
+    assert_eq!(args[0], "leader");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ready, live) = (manifest.readiness.as_str(), manifest.liveness.as_str());
     let first = Served::start(&args, scratch.path("first")).await;
     let first_pid = wait_for_holder(&db, key).await;
     let second = Served::start(&args, scratch.path("second")).await;
 
-    // The leader: 200 with its term and backend.
+    // The leader: ready (200) with its term and backend, and alive.
     let (_, leading) = first
-        .until("/leader", Duration::from_secs(10), |status, _| {
-            status == 200
-        })
+        .until(ready, Duration::from_secs(10), |status, _| status == 200)
         .await;
     assert_eq!(leading["name"], name.as_str());
     assert_eq!(leading["leader"], true);
     assert_eq!(leading["backend_pid"], first_pid);
     assert!(leading["since"].as_str().unwrap().ends_with('Z'));
     let first_term = leading["term"].as_i64().expect("a term");
-    let (status, health) = first.json("/healthz").await;
+    let (status, health) = first.json(live).await;
     assert_eq!((status, &health["state"]), (200, &Value::from("leading")));
 
-    // The standby: 503, naming the leader's backend.
+    // The standby: not ready (503), naming the leader's backend, and alive.
     let (_, standing_by) = second
-        .until("/leader", Duration::from_secs(10), |_, value| {
+        .until(ready, Duration::from_secs(10), |_, value| {
             value["state"] == "standing_by"
         })
         .await;
-    let (status, _) = second.get("/leader").await;
+    let (status, _) = second.get(ready).await;
     assert_eq!(status, 503);
     assert_eq!(standing_by["leader"], false);
     assert!(
@@ -252,7 +299,7 @@ async fn leader_endpoints_follow_the_leadership() {
             .contains(&format!("pid {first_pid} ")),
         "{standing_by}"
     );
-    let (status, health) = second.json("/healthz").await;
+    let (status, health) = second.json(live).await;
     assert_eq!((status, health["healthy"].as_bool()), (200, Some(true)));
 
     let metrics = first.metrics().await;
@@ -272,12 +319,10 @@ async fn leader_endpoints_follow_the_leadership() {
     // say so.
     db.terminate(first_pid).await;
     let bound = change_bound();
-    let (moved_after, now_leading) = second
-        .until("/leader", bound, |status, _| status == 200)
-        .await;
+    let (moved_after, now_leading) = second.until(ready, bound, |status, _| status == 200).await;
     assert!(now_leading["term"].as_i64().unwrap() > first_term);
     let (demoted_after, _) = first
-        .until("/leader", bound, |status, value| {
+        .until(ready, bound, |status, value| {
             status == 503 && value["leader"] == false
         })
         .await;

@@ -15,17 +15,22 @@ use crate::cli::{
 use crate::harness::{database_url, TestDb};
 
 /// A `pglock` process whose stderr goes to a file, read while it runs.
-struct Instance {
+pub(crate) struct Instance {
     child: Child,
     stderr: PathBuf,
 }
 
 impl Instance {
     fn start(args: &[&str], stderr: PathBuf) -> Self {
+        Self::start_on(&database_url(), args, stderr)
+    }
+
+    /// Starts `pglock args` with `url` as `DATABASE_URL`.
+    pub(crate) fn start_on(url: &str, args: &[&str], stderr: PathBuf) -> Self {
         let file = std::fs::File::create(&stderr).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pglock"))
             .args(args)
-            .env("DATABASE_URL", database_url())
+            .env("DATABASE_URL", url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
@@ -35,20 +40,20 @@ impl Instance {
         Instance { child, stderr }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id().expect("running")
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    fn lines_with(&self, needle: &str) -> usize {
+    pub(crate) fn lines_with(&self, needle: &str) -> usize {
         self.stderr().lines().filter(|l| l.contains(needle)).count()
     }
 
     /// Waits until stderr has a line with `needle`; how long that took.
-    async fn wait_for_line(&self, needle: &str, within: Duration) -> Duration {
+    pub(crate) async fn wait_for_line(&self, needle: &str, within: Duration) -> Duration {
         let start = Instant::now();
         while !self.stderr().contains(needle) {
             assert!(
@@ -61,7 +66,7 @@ impl Instance {
         start.elapsed()
     }
 
-    async fn exit_code(mut self) -> i32 {
+    pub(crate) async fn exit_code(mut self) -> i32 {
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("pglock exits within 20 s")
@@ -128,7 +133,7 @@ fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 /// SIGKILLs `pid` and all its descendants at once, as an orchestrator or the OOM killer would.
-fn kill_tree(pid: u32) -> Vec<u32> {
+pub(crate) fn kill_tree(pid: u32) -> Vec<u32> {
     let tree = process_tree(pid);
     let mut command = std::process::Command::new("kill");
     command.arg("-KILL");

@@ -295,8 +295,18 @@ async fn term_table_is_created_once_under_concurrent_first_use() {
             Ok::<_, Error>(term)
         }));
     }
+    // Each name's first term: the first of the server's timeline (`(timeline << 32) + 1`).
+    let timeline: i64 = db
+        .admin()
+        .query_one(
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap(), 1);
+        assert_eq!(task.await.unwrap().unwrap(), (timeline << 32) + 1);
     }
     db.admin()
         .batch_execute(&format!("DROP TABLE public.\"{table}\""))

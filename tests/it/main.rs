@@ -12,6 +12,8 @@ mod cohort;
 mod combined;
 mod errors;
 mod exclusion;
+#[cfg(feature = "cli")]
+mod failover;
 mod handoff;
 mod leader;
 mod lock_set;
@@ -20,6 +22,7 @@ mod loss;
 #[cfg(feature = "metrics")]
 mod lib_metrics;
 mod modes;
+mod partition;
 mod pgbouncer;
 mod release;
 mod send_sync;

@@ -415,3 +415,67 @@ async fn proxy_drop_closes_connections_and_listener() {
     let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+/// The timeline the server writes WAL on now (a promotion starts a new one).
+async fn timeline(client: &Client) -> i64 {
+    let row = client
+        .query_one(
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8",
+            &[],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test]
+async fn cluster_standby_streams_and_is_promoted() {
+    let primary = ThrowawayCluster::builder().replication().start().await;
+    let writer = connect(&primary.url()).await.unwrap();
+    writer
+        .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let standby = primary.start_standby(primary.port()).await;
+    let reader = connect(&standby.url()).await.unwrap();
+    let in_recovery: bool = reader
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "a standby");
+    // Streaming: a later write reaches the standby.
+    writer
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = reader
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the standby never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Fail-over: the primary dies at once, the standby is promoted onto a new timeline.
+    let old_timeline = timeline(&writer).await;
+    primary.stop(StopMode::Immediate).await;
+    standby.promote().await;
+    let promoted = connect(&standby.url()).await.unwrap();
+    let in_recovery: bool = promoted
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery, "promoted");
+    promoted
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    assert!(timeline(&promoted).await > old_timeline);
+}

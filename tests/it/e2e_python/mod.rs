@@ -7,12 +7,14 @@
 //! (`CI` set), where they fail.
 //!
 //! The Python side lives in `tests/fixtures/`: an Alembic project (`alembic/`) and a Celery app
-//! (`celery/`).
+//! (`celery/`); and the docs' recipes (`recipes`) run against the example service of
+//! `examples/python-service/`.
 
 mod alembic;
 mod celery_beat;
 mod database;
 mod process;
+mod recipes;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +24,7 @@ use tokio::process::Command;
 use database::FreshDatabase;
 
 /// The venv of `.ci/setup-python`.
+#[derive(Clone)]
 pub struct Venv {
     dir: PathBuf,
 }
@@ -72,6 +75,11 @@ impl Venv {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         command
+    }
+
+    /// The venv's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// `pglock ARGS` in a service whose `DATABASE_URL` is `database` in SQLAlchemy's `form`

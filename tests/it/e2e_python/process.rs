@@ -179,6 +179,16 @@ pub fn alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|fields| fields[0] != "Z")
 }
 
+/// The children of `pid` that are alive, from `/proc`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let tree = descendants(pid);
+    tree.into_iter()
+        .filter(|child| {
+            stat_fields(*child).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
 /// All descendants of `pid` that are alive, from `/proc`.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")

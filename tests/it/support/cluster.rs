@@ -96,6 +96,9 @@ pub struct ClusterBuilder {
     hba_lines: Vec<String>,
     ssl: bool,
     max_connections: u32,
+    replication: bool,
+    /// The network namespace to run in, and the address to listen on there.
+    namespace: Option<(String, Ipv4Addr)>,
 }
 
 impl ClusterBuilder {
@@ -126,6 +129,23 @@ impl ClusterBuilder {
     pub fn ssl_self_signed(mut self) -> Self {
         self.ssl = true;
         self
+    }
+
+    /// Makes the cluster a primary that standbys can stream from
+    /// ([`ThrowawayCluster::start_standby`]): `wal_level = replica` and WAL
+    /// senders (`initdb -A trust` already lets 127.0.0.1 replicate).
+    pub fn replication(mut self) -> Self {
+        self.replication = true;
+        self
+    }
+
+    /// Runs the server inside `namespace`, listening on its end of the link only: clients
+    /// reach it over the link ([`ThrowawayCluster::url`]), or through its Unix socket, which a
+    /// cut link does not affect ([`ThrowawayCluster::socket_config`]).
+    pub fn in_namespace(mut self, namespace: &super::NetworkNamespace) -> Self {
+        self.namespace = Some((namespace.name().to_owned(), namespace.inside_addr()));
+        // Clients on this host come from its end of the link.
+        self.hba_line(format!("host all all {}/32 trust", namespace.host_addr()))
     }
 
     /// Sets `max_connections` (default 50).
@@ -160,6 +180,10 @@ pub struct ThrowawayCluster {
     ssl_cert: Option<PathBuf>,
     /// Serialises stop/start so concurrent callers cannot interleave pg_ctl.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The address the server listens on (127.0.0.1 unless in a namespace).
+    host: Ipv4Addr,
+    /// The network namespace the server runs in, if any.
+    namespace: Option<String>,
     /// Stops the server and removes `dir` if this process dies without Drop.
     watchdog: Mutex<Option<Child>>,
 }
@@ -177,6 +201,8 @@ impl ThrowawayCluster {
             hba_lines: Vec::new(),
             ssl: false,
             max_connections: 50,
+            replication: false,
+            namespace: None,
         }
     }
 
@@ -185,9 +211,21 @@ impl ThrowawayCluster {
         self.port.load(Ordering::SeqCst)
     }
 
-    /// `127.0.0.1:port`, e.g. as the target of a `TcpProxy`.
+    /// `127.0.0.1:port` (the namespace's address when in one), e.g. as the target of a
+    /// `TcpProxy`.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
+        SocketAddr::from((self.host, self.port()))
+    }
+
+    /// A `tokio_postgres::Config` for the superuser through the server's Unix socket.
+    pub fn socket_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.dir)
+            .port(self.port())
+            .user(SUPERUSER)
+            .dbname("postgres");
+        config
     }
 
     /// Connection URL for the superuser, database `postgres`.
@@ -197,7 +235,7 @@ impl ThrowawayCluster {
 
     /// The same URL but for another port on 127.0.0.1, e.g. a proxy's.
     pub fn url_with_port(&self, port: u16) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{port}/postgres")
+        format!("postgres://{SUPERUSER}@{}:{port}/postgres", self.host)
     }
 
     /// A `tokio_postgres::Config` equivalent to [`url`](Self::url), to be
@@ -212,7 +250,7 @@ impl ThrowawayCluster {
     pub fn pg_config_with_port(&self, port: u16) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
-            .host("127.0.0.1")
+            .host(self.host.to_string())
             .port(port)
             .user(SUPERUSER)
             .dbname("postgres");
@@ -273,6 +311,103 @@ impl ThrowawayCluster {
         self.start_again_locked().await;
     }
 
+    /// Starts a streaming standby of this cluster (built with
+    /// [`ClusterBuilder::replication`]): `pg_basebackup -R` into a directory of
+    /// its own, on a port of its own. It streams from `127.0.0.1:from_port`:
+    /// this cluster's port, or a proxy's in front of it, which lets a test cut
+    /// the standby off (asynchronous replication that falls behind).
+    pub async fn start_standby(&self, from_port: u16) -> ThrowawayCluster {
+        let standby = tokio::task::spawn_blocking(move || {
+            let dir = make_temp_dir();
+            let data = dir.join("data");
+            let cluster = ThrowawayCluster {
+                dir: dir.clone(),
+                data: data.clone(),
+                port: std::sync::atomic::AtomicU16::new(0),
+                ssl_cert: None,
+                lifecycle: tokio::sync::Mutex::new(()),
+                host: Ipv4Addr::LOCALHOST,
+                namespace: None,
+                watchdog: Mutex::new(None),
+            };
+            let mut backup = pg_command("pg_basebackup");
+            backup
+                .current_dir(&dir)
+                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
+                .args(["-U", SUPERUSER, "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            let out = run_sync(backup);
+            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            // The copied configuration names the primary's socket directory.
+            append_lines(
+                &data.join("postgresql.conf"),
+                &[format!("unix_socket_directories = '{}'", dir.display())],
+            );
+            *cluster.watchdog.lock().unwrap() = Some(spawn_watchdog(&dir, &data));
+            cluster
+        })
+        .await
+        .expect("standby preparation panicked");
+        standby.start_first().await;
+        standby
+    }
+
+    /// Turns this stopped former primary into a standby of the server at
+    /// `127.0.0.1:from_port`, on the same port, as fail-over tools rebuild an
+    /// old primary: its data directory is replaced by a fresh `pg_basebackup
+    /// -R`, and it is started again.
+    pub async fn rejoin_as_standby(&self, from_port: u16) {
+        let _guard = self.lifecycle.lock().await;
+        self.stop_locked(StopMode::Immediate).await;
+        let (dir, data, port) = (self.dir.clone(), self.data.clone(), self.port());
+        tokio::task::spawn_blocking(move || {
+            let mut remove = Command::new("rm");
+            remove.arg("-rf").arg(&data);
+            let out = run_sync(remove);
+            assert!(out.status.success(), "rm -rf data: {}", describe(&out));
+            let mut backup = pg_command("pg_basebackup");
+            backup
+                .current_dir(&dir)
+                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
+                .args(["-U", SUPERUSER, "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            let out = run_sync(backup);
+            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            append_lines(
+                &data.join("postgresql.conf"),
+                &[
+                    format!("unix_socket_directories = '{}'", dir.display()),
+                    format!("port = {port}"),
+                ],
+            );
+        })
+        .await
+        .expect("rebuilding the standby panicked");
+        self.start_again_locked().await;
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote -w`): it leaves
+    /// recovery and starts a new timeline.
+    pub async fn promote(&self) {
+        let _guard = self.lifecycle.lock().await;
+        let mut cmd = pg_command("pg_ctl");
+        cmd.current_dir(&self.dir)
+            .arg("promote")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-s", "-t"])
+            .arg(PG_CTL_TIMEOUT.as_secs().to_string());
+        let out = run_async(cmd).await;
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}\n{}",
+            describe(&out),
+            self.log_tail()
+        );
+    }
+
     async fn stop_locked(&self, mode: StopMode) {
         if !self.is_running() {
             return;
@@ -324,6 +459,10 @@ impl ThrowawayCluster {
             .arg(self.dir.join("server.log"))
             .args(["-w", "-s", "-t"])
             .arg(PG_CTL_TIMEOUT.as_secs().to_string());
+        if let Some(namespace) = &self.namespace {
+            // The postmaster inherits the namespace of the pg_ctl that starts it.
+            cmd = super::netns::wrap(namespace, &cmd);
+        }
         let out = run_async(cmd).await;
         if out.status.success() && self.is_running() {
             return Ok(());
@@ -376,6 +515,11 @@ impl ThrowawayCluster {
             port: std::sync::atomic::AtomicU16::new(0),
             ssl_cert: None,
             lifecycle: tokio::sync::Mutex::new(()),
+            host: builder
+                .namespace
+                .as_ref()
+                .map_or(Ipv4Addr::LOCALHOST, |(_, addr)| *addr),
+            namespace: builder.namespace.as_ref().map(|(name, _)| name.clone()),
             watchdog: Mutex::new(None),
         };
 
@@ -386,7 +530,7 @@ impl ThrowawayCluster {
 
         let mut conf = vec![
             "# added by ThrowawayCluster".to_string(),
-            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("listen_addresses = '{}'", cluster.host),
             format!("unix_socket_directories = '{}'", dir.display()),
             format!("max_connections = {}", builder.max_connections),
             "shared_buffers = '8MB'".to_string(),
@@ -394,9 +538,20 @@ impl ThrowawayCluster {
             "synchronous_commit = off".to_string(),
             "full_page_writes = off".to_string(),
             "autovacuum = off".to_string(),
-            "max_wal_senders = 0".to_string(),
-            "wal_level = minimal".to_string(),
         ];
+        if builder.replication {
+            conf.extend([
+                "wal_level = replica".to_string(),
+                "max_wal_senders = 10".to_string(),
+                "wal_keep_size = '64MB'".to_string(),
+                "hot_standby = on".to_string(),
+            ]);
+        } else {
+            conf.extend([
+                "max_wal_senders = 0".to_string(),
+                "wal_level = minimal".to_string(),
+            ]);
+        }
         if builder.ssl {
             let (cert, key) = make_self_signed_cert(&dir);
             conf.push("ssl = on".to_string());

@@ -4,7 +4,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod netns;
 pub mod proxy;
 
 pub use cluster::{process_alive, ClusterBuilder, StopMode, ThrowawayCluster};
+pub use netns::NetworkNamespace;
 pub use proxy::TcpProxy;
