@@ -12,18 +12,24 @@
 #
 #   bench/instructions.sh [LOOP...]             (default: every loop; needs valgrind)
 #   FUNCTIONS=1 bench/instructions.sh LOOP...   (also: hot lines and instructions per function)
+#   FEATURES=metrics bench/instructions.sh      (the bench's features: `metrics` turns pglock's
+#                                                metrics on, recorded by the Prometheus exporter;
+#                                                with BENCH_RECORDER=none, by no recorder)
+#   LOW=2000 HIGH=12000 bench/instructions.sh   (other numbers of cycles; see below)
 #
 # DATABASE_URL chooses the server, as for the bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p pglock-bench
+cargo build --release --quiet -p pglock-bench --features "${FEATURES:-}"
 bin=target/release/pglock-bench
 loops=("$@")
 if [ ${#loops[@]} -eq 0 ]; then
     loops=(raw-lock-unlock raw-combined session-lock-unlock session-lock-drop pool-lock-unlock pool-lock-drop)
 fi
-low=1000
-high=3000
+# LOW and HIGH change the two values of N: a wider gap averages out work whose amount varies
+# from run to run (a clock calibrated once per process, as the Prometheus exporter's).
+low=${LOW:-1000}
+high=${HIGH:-3000}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

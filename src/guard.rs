@@ -86,6 +86,9 @@ pub struct AdvisoryLockGuard {
     /// Where a drop parks the pooled connection while its unlock is in flight, for the next
     /// acquisition of the same lock (see `handoff`).
     parking: Option<Arc<Parking>>,
+    /// The lock's place in the metrics (nothing without the `metrics` feature).
+    #[allow(dead_code, reason = "kept for what its drop records")]
+    held: trace::Held,
 }
 
 impl AdvisoryLockGuard {
@@ -108,6 +111,7 @@ impl AdvisoryLockGuard {
             health: None,
             loss: OnceLock::new(),
             parking: None,
+            held: trace::Held::start(),
         }
     }
 

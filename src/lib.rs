@@ -51,6 +51,8 @@ mod leader;
 mod lock;
 mod lock_set;
 mod loss;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod scope;
 mod sql;
 #[cfg(feature = "rustls")]

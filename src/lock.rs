@@ -80,6 +80,19 @@ enum Deadline {
     At(Instant),
 }
 
+/// `$lock.acquire($mode, $deadline).await`, measured for the metrics (`trace::Measure`, empty
+/// without the `metrics` feature) in the caller's own future: a wrapping future would cost
+/// every lock a copy of the acquisition's future.
+macro_rules! measured {
+    ($lock:expr, $mode:expr, $deadline:expr) => {{
+        let (mode, deadline) = ($mode, $deadline);
+        let measure = trace::Measure::start();
+        let result = $lock.acquire(mode, deadline).await;
+        measure.ended(mode, matches!(deadline, Deadline::At(_)), &result);
+        result
+    }};
+}
+
 impl AdvisoryLock {
     /// A session-scoped lock on `key`, taken on connections from `source`.
     ///
@@ -153,8 +166,7 @@ impl AdvisoryLock {
     /// crossed the cancellation, the lock is released again. All of this runs in a background
     /// task, so dropping the future returns at once.
     pub async fn lock(&self) -> Result<AdvisoryLockGuard> {
-        self.acquire(LockMode::Exclusive, Deadline::Never)
-            .await
+        measured!(self, LockMode::Exclusive, Deadline::Never)
             .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
     }
 
@@ -168,8 +180,7 @@ impl AdvisoryLock {
     ///
     /// As [`lock`](Self::lock).
     pub async fn lock_shared(&self) -> Result<AdvisoryLockGuard> {
-        self.acquire(LockMode::Shared, Deadline::Never)
-            .await
+        measured!(self, LockMode::Shared, Deadline::Never)
             .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
     }
 
@@ -183,7 +194,7 @@ impl AdvisoryLock {
     ///
     /// As [`lock`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<AdvisoryLockGuard>> {
-        self.acquire(LockMode::Exclusive, Deadline::Now).await
+        measured!(self, LockMode::Exclusive, Deadline::Now)
     }
 
     /// Tries once to acquire the lock in shared mode; `Ok(None)` if an exclusive holder has it.
@@ -196,7 +207,7 @@ impl AdvisoryLock {
     ///
     /// As [`lock`](Self::lock).
     pub async fn try_lock_shared(&self) -> Result<Option<AdvisoryLockGuard>> {
-        self.acquire(LockMode::Shared, Deadline::Now).await
+        measured!(self, LockMode::Shared, Deadline::Now)
     }
 
     /// Acquires the lock exclusively, waiting at most `timeout`; `Ok(None)` if it stayed busy.
@@ -227,8 +238,7 @@ impl AdvisoryLock {
     ///
     /// As [`lock`](Self::lock).
     pub async fn try_lock_until(&self, deadline: Instant) -> Result<Option<AdvisoryLockGuard>> {
-        self.acquire(LockMode::Exclusive, Deadline::At(deadline))
-            .await
+        measured!(self, LockMode::Exclusive, Deadline::At(deadline))
     }
 
     /// Acquires the lock in shared mode, waiting at most `timeout`; `Ok(None)` if it stayed busy.
@@ -260,7 +270,7 @@ impl AdvisoryLock {
         &self,
         deadline: Instant,
     ) -> Result<Option<AdvisoryLockGuard>> {
-        self.acquire(LockMode::Shared, Deadline::At(deadline)).await
+        measured!(self, LockMode::Shared, Deadline::At(deadline))
     }
 
     async fn acquire(

@@ -173,6 +173,7 @@ impl LockSet {
         let session = self.session_for(key);
         if !session.is_behind_pooler() {
             let timer = trace::Timer::start();
+            let measure = trace::Measure::start();
             let answer = batch::try_lock(session, key).await;
             let busy_on = match &answer {
                 Ok(batch::Answer::Busy(backend_pid)) => Some(*backend_pid),
@@ -186,6 +187,7 @@ impl LockSet {
                     &result,
                     &timer,
                 );
+                measure.ended(LockMode::Exclusive, false, &result);
                 return result.map(|guard| (guard, busy_on));
             }
         }

@@ -4,6 +4,9 @@
 //! `pglock` filtered out, each event costs a check of a cached flag: field values are neither
 //! computed nor formatted, nothing is allocated, and the wait-time clock is not even read.
 //!
+//! The same points record pglock's metrics (`crate::metrics`) with the `metrics` feature;
+//! without it, nothing of them is compiled in: [`Measure`] and [`Held`] are empty.
+//!
 //! Each acquisition runs in a DEBUG span `acquire` (fields `key`, `mode`, `scope`), and its
 //! events below are recorded inside it.
 //!
@@ -62,6 +65,65 @@ impl Timer {
         self.0
             .map(|start| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
+    }
+}
+
+/// An acquisition's measure for the metrics, from its start: counted in `pglock_locks_waiting`
+/// until it is dropped (however the acquisition ends), and timed for `pglock_lock_wait_seconds`.
+/// Nothing without the `metrics` feature.
+pub(crate) struct Measure {
+    #[cfg(feature = "metrics")]
+    waiting: crate::metrics::Waiting,
+}
+
+impl Measure {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Measure {
+            #[cfg(feature = "metrics")]
+            waiting: crate::metrics::Waiting::start(),
+        }
+    }
+
+    /// Records how the acquisition ended (`has_deadline`: a `try_lock_for` or `_until`, whose
+    /// busy end is a time-out).
+    #[inline]
+    pub(crate) fn ended(
+        self,
+        mode: LockMode,
+        has_deadline: bool,
+        result: &crate::Result<Option<AdvisoryLockGuard>>,
+    ) {
+        #[cfg(feature = "metrics")]
+        {
+            use crate::metrics::Outcome;
+            let outcome = match result {
+                Ok(Some(_)) => Outcome::Granted,
+                Ok(None) if has_deadline => Outcome::TimedOut,
+                Ok(None) => Outcome::Busy,
+                Err(_) => Outcome::Failed,
+            };
+            crate::metrics::acquired(mode, outcome, self.waiting.elapsed());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (mode, has_deadline, result);
+    }
+}
+
+/// A held lock's place in the metrics, kept by its guard from the grant to its release (with
+/// the `metrics` feature; without it, nothing).
+#[cfg(feature = "metrics")]
+pub(crate) use crate::metrics::Held;
+
+/// A held lock's place in the metrics: nothing without the `metrics` feature.
+#[cfg(not(feature = "metrics"))]
+pub(crate) struct Held;
+
+#[cfg(not(feature = "metrics"))]
+impl Held {
+    #[inline]
+    pub(crate) fn start() -> Self {
+        Held
     }
 }
 
@@ -186,18 +248,26 @@ pub(crate) fn leaked(key: AdvisoryKey, backend_pid: i32) {
 /// The loss monitor found a watched lock gone.
 pub(crate) fn lock_lost(key: AdvisoryKey, backend_pid: i32, reason: &LossReason) {
     tracing::warn!(target: TARGET, key = %key, backend_pid, reason = %reason, "advisory lock lost");
+    #[cfg(feature = "metrics")]
+    crate::metrics::lock_lost(reason);
 }
 
 pub(crate) fn leadership_acquired(name: &str, key: AdvisoryKey, term: i64, backend_pid: i32) {
     tracing::info!(target: TARGET, name, key = %key, term, backend_pid, "leadership acquired");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, Some(term));
 }
 
 pub(crate) fn leadership_lost(name: &str, key: AdvisoryKey, term: i64, reason: &LossReason) {
     tracing::warn!(target: TARGET, name, key = %key, term, reason = %reason, "leadership lost");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, None);
 }
 
 pub(crate) fn leadership_released(name: &str, key: AdvisoryKey, term: i64, how: &'static str) {
     tracing::info!(target: TARGET, name, key = %key, term, how, "leadership released");
+    #[cfg(feature = "metrics")]
+    crate::metrics::leadership(name, None);
 }
 
 pub(crate) fn prior_release_failed(key: AdvisoryKey) {

@@ -30,6 +30,18 @@ pub async fn main(args: &[String]) {
         panic!("usage: pglock-bench cycles LOOP N, with LOOP one of {LOOPS:?}");
     };
     let cycles: usize = cycles.parse().expect("N: a number of cycles");
+    // With the `metrics` feature, pglock records into the Prometheus exporter's recorder, as in
+    // an application that exports its metrics; or, with BENCH_RECORDER=none, into no recorder,
+    // as in an application that builds the feature (the `cli` default turns it on) but exports
+    // nothing.
+    #[cfg(feature = "metrics")]
+    if std::env::var("BENCH_RECORDER").as_deref() != Ok("none") {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(pglock::metrics::SECONDS_BUCKETS)
+            .expect("buckets")
+            .install_recorder()
+            .expect("install the recorder");
+    }
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     match name.as_str() {

@@ -18,6 +18,9 @@ mod handoff;
 mod leader;
 mod lock_set;
 mod loss;
+// The library's metrics (feature `metrics`, which `cli` turns on).
+#[cfg(feature = "metrics")]
+mod lib_metrics;
 mod modes;
 mod partition;
 mod pgbouncer;
@@ -34,6 +37,8 @@ mod verification;
 mod cli;
 #[cfg(feature = "cli")]
 mod cli_fleet;
+#[cfg(feature = "cli")]
+mod cli_http;
 #[cfg(feature = "cli")]
 mod cli_standby;
 #[cfg(feature = "cli")]

@@ -211,6 +211,17 @@ pub enum WaitMode {
     Auto,
 }
 
+/// What pglock serves over HTTP while it runs.
+#[derive(Args, Debug)]
+pub struct HttpArgs {
+    /// Serve GET /healthz (200 while the database session is healthy, else 503), /metrics
+    /// (Prometheus text format) and, for `pglock leader`, /leader (200 while this instance
+    /// leads, else 503) on ADDR: IP:PORT, [IPv6]:PORT, localhost:PORT, or :PORT for every IPv4
+    /// interface
+    #[arg(long, value_parser = crate::http::parse_addr, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -244,6 +255,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub session: SessionArgs,
+
+    #[command(flatten)]
+    pub serve: HttpArgs,
 
     /// The command to run, after `--`. It gets PGLOCK_NAME, PGLOCK_KEY and PGLOCK_MODE in its
     /// environment
@@ -288,6 +302,9 @@ pub struct LeaderArgs {
 
     #[command(flatten)]
     pub session: SessionArgs,
+
+    #[command(flatten)]
+    pub serve: HttpArgs,
 
     /// The command to run, after `--`. It gets PGLOCK_NAME, PGLOCK_TERM (the fencing term, a
     /// number that grows with every new leader) and PGLOCK_KEY in its environment

@@ -10,6 +10,7 @@ use crate::child::{self, ChildOptions, Signals};
 use crate::connect::{jitter, AppName, Database, Refusals};
 use crate::exit;
 use crate::format::{human_duration, key_arg};
+use crate::http::{self, Role, State};
 use crate::output::{with_causes, Output};
 use crate::standby::{stand_by, StoodBy};
 use crate::supervise::{supervise, Outcome};
@@ -23,6 +24,10 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
     let app = match &args.session.application_name {
         Some(app) => AppName::Forced(app),
         None => AppName::Default(&default_app),
+    };
+    let state = match http::start(args.serve.http, Role::Leader { name: name.clone() }, out).await {
+        Ok(state) => state,
+        Err(code) => return code,
     };
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
@@ -56,6 +61,7 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
             args.session.wait_mode,
             args.session.progress_every,
             &mut signals,
+            &state,
             out,
         )
         .await;
@@ -64,6 +70,10 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
             Ok(StoodBy::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
             Err(error) if permanent(&error) => return out.report_error(&error),
             Err(error) if error.is_transient() => {
+                // Before the first contact, pglock is still connecting.
+                if give_up.is_none() {
+                    state.lost(&with_causes(&error));
+                }
                 let now = Instant::now();
                 if give_up.is_some_and(|at| now >= at) {
                     return out.report_error(&error);
@@ -77,6 +87,7 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
                 continue;
             }
             Err(error) => {
+                state.lost(&with_causes(&error));
                 out.info(format_args!(
                     "campaign for {name} failed: {}; retrying in {}",
                     with_causes(&error),
@@ -93,12 +104,13 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
         refusals.connected(out);
         pause = args.restart_delay;
         let term = leadership.term();
+        state.leading(term, leadership.backend_pid());
         out.info(format_args!(
             "leading {name} in term {term} (backend pid {}) after {}",
             leadership.backend_pid(),
             human_duration(started.elapsed())
         ));
-        match lead(leadership, &args, &mut signals, out).await {
+        match lead(leadership, &args, &mut signals, &state, out).await {
             Led::Exited { code, stopping } => {
                 let restart = match args.restart {
                     Restart::Always => true,
@@ -108,6 +120,7 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
                 if stopping || !restart {
                     return code;
                 }
+                state.standing_by(None);
                 out.info(format_args!(
                     "the command exited with {code} in term {term}; campaigning again in {}",
                     human_duration(args.restart_delay)
@@ -142,6 +155,7 @@ async fn lead(
     leadership: Leadership,
     args: &LeaderArgs,
     signals: &mut Signals,
+    state: &State,
     out: &Output,
 ) -> Led {
     let term = leadership.term();
@@ -163,7 +177,11 @@ async fn lead(
     };
     out.verbose(format_args!("started pid {} in term {term}", running.pid()));
     let mut loss = leadership.loss_signal();
-    let lost = async move { loss.lost().await.to_string() };
+    let lost = async move {
+        let reason = loss.lost().await.to_string();
+        state.lost(&reason);
+        reason
+    };
     match supervise(&mut running, lost, signals, out).await {
         Outcome::Exited { code, stopping } => {
             // Step down at once, so that a standby takes over without waiting for a timeout.

@@ -7,6 +7,7 @@ mod connect;
 mod exit;
 mod format;
 mod holders;
+mod http;
 mod leader;
 mod output;
 mod run;

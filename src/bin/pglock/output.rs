@@ -52,6 +52,11 @@ impl Output {
         eprintln!("pglock: {}", self.scrubber.scrub(message.to_string()));
     }
 
+    /// What removes the password from text shown elsewhere (the `--http` answers).
+    pub fn scrubber(&self) -> Scrubber {
+        self.scrubber.clone()
+    }
+
     /// Prints `error` with its causes and returns the exit code that classifies it.
     pub fn report_error(&self, error: &Error) -> i32 {
         self.error(format_args!("{}", with_causes(error)));
@@ -102,7 +107,7 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
 
 /// Replaces the connection string's password, as given and percent-encoded, by `***`.
 #[derive(Clone, Default)]
-struct Scrubber {
+pub struct Scrubber {
     secrets: Vec<String>,
 }
 
@@ -121,7 +126,7 @@ impl Scrubber {
         Scrubber { secrets }
     }
 
-    fn scrub(&self, mut text: String) -> String {
+    pub fn scrub(&self, mut text: String) -> String {
         for secret in &self.secrets {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), "***");

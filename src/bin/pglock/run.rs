@@ -8,6 +8,7 @@ use crate::child::{self, ChildOptions, Signals};
 use crate::connect::{AppName, Database, Refusals};
 use crate::exit;
 use crate::format::{human_duration, key_arg};
+use crate::http::{self, Role};
 use crate::output::Output;
 use crate::supervise::{supervise, Outcome};
 use crate::wait::{Acquired, Patience, Waiter};
@@ -18,6 +19,10 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     let app = match &args.session.application_name {
         Some(name) => AppName::Forced(name),
         None => AppName::Default(&default_app),
+    };
+    let state = match http::start(args.serve.http, Role::Run, out).await {
+        Ok(state) => state,
+        Err(code) => return code,
     };
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
@@ -45,6 +50,7 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         progress_every: args.session.progress_every,
         mode: args.session.wait_mode,
         refusals: Refusals::default(),
+        state: &state,
     };
     let acquired = waiter
         .acquire(target.key, mode, patience, &mut signals)
@@ -55,6 +61,7 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         Ok(Acquired::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
         Err(error) => return out.report_error(&error),
     };
+    state.holding(AdvisoryLockGuard::backend_pid(&guard));
     out.verbose(format_args!(
         "holding lock {} (key {}, {}) on backend pid {}",
         target.label,
@@ -77,13 +84,15 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     // detection bound); the connection task's end reports a closed connection at once.
     let mut loss = AdvisoryLockGuard::loss_signal(&guard);
     let lost = async {
-        tokio::select! {
+        let reason = tokio::select! {
             reason = loss.lost() => reason.to_string(),
             () = connection.closed() => {
                 "the database session holding it ended (the server closed the connection)"
                     .to_owned()
             }
-        }
+        };
+        state.lost(&reason);
+        reason
     };
     let outcome = supervise(&mut running, lost, &mut signals, out).await;
     match outcome {

@@ -10,6 +10,7 @@ use crate::child::Signals;
 use crate::connect::jitter;
 use crate::format::{human_duration, signal_name};
 use crate::holders::who_holds;
+use crate::http::State;
 use crate::output::Output;
 use crate::slots::{self, Waiting};
 use crate::wait::{next_poll, Reports, FIRST_POLL};
@@ -33,6 +34,7 @@ pub async fn stand_by(
     mode: WaitMode,
     progress_every: std::time::Duration,
     signals: &mut Signals,
+    state: &State,
     out: &Output,
 ) -> Result<StoodBy, Error> {
     let name = election.name();
@@ -61,6 +63,7 @@ pub async fn stand_by(
         ),
         Err(_) => (None, slots::choose_without_asking(mode)),
     };
+    state.standing_by(led_by.clone());
     let report = |led_by: Option<&str>, note: &str| {
         let waited = human_duration(started.elapsed());
         match led_by {
@@ -114,6 +117,7 @@ pub async fn stand_by(
                         Ok(client) => who_holds(&client, election.lock_key()).await,
                         Err(_) => None,
                     };
+                    state.standing_by(led_by.clone());
                     report(led_by.as_deref(), "");
                     reports.done();
                 }

@@ -12,6 +12,7 @@ use crate::child::Signals;
 use crate::connect::{jitter, AppName, Connection, Database, Refusals};
 use crate::format::{human_duration, signal_name};
 use crate::holders::who_holds;
+use crate::http::State;
 use crate::output::{with_causes, Output};
 use crate::slots::{self, Waiting};
 
@@ -128,6 +129,8 @@ pub struct Waiter<'a> {
     pub progress_every: Duration,
     pub mode: WaitMode,
     pub refusals: Refusals,
+    /// Where the wait is, for `--http`.
+    pub state: &'a State,
 }
 
 /// How an acquisition ended.
@@ -184,6 +187,7 @@ impl Waiter<'_> {
                 return Ok(Acquired::Held(connection, guard));
             }
             // Busy. The holders are looked up on this connection, which is idle now.
+            self.state.waiting();
             let client = connection.session.client();
             if reports.is_due() && !self.out.quiet {
                 held_by = who_holds(client, key).await;
@@ -245,11 +249,15 @@ impl Waiter<'_> {
                         }
                         // Nothing is held on a connection that died while it waited: wait on a
                         // new one.
-                        Err(error) if error.is_connection_lost() => self.out.info(format_args!(
-                            "lost the connection while waiting for lock {}: {}; connecting again",
-                            self.label,
-                            with_causes(&error)
-                        )),
+                        Err(error) if error.is_connection_lost() => {
+                            let error = with_causes(&error);
+                            self.state.lost(&error);
+                            self.out.info(format_args!(
+                                "lost the connection while waiting for lock {}: {error}; \
+                                 connecting again",
+                                self.label
+                            ));
+                        }
                         Err(error) => return Err(error),
                     }
                 }
