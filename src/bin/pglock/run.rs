@@ -7,9 +7,10 @@ use crate::args::{Resolved, RunArgs};
 use crate::child::{self, ChildOptions, Signals};
 use crate::connect::{AppName, Database, Refusals};
 use crate::exit;
-use crate::format::{human_duration, key_arg};
+use crate::format::{human_duration, key_arg, signal_name};
 use crate::http::{self, Role};
 use crate::output::Output;
+use crate::slots;
 use crate::supervise::{supervise, Outcome};
 use crate::wait::{Acquired, Patience, Waiter};
 
@@ -69,6 +70,16 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         mode_name(mode),
         AdvisoryLockGuard::backend_pid(&guard)
     ));
+    // At a fleet's start the server may be out of connection slots for a moment; the command
+    // may need some of its own.
+    tokio::select! {
+        () = slots::room_for_the_command(connection.session.client(), out) => {}
+        signal = signals.recv() => {
+            out.info(format_args!("{} before the command started: giving up", signal_name(signal)));
+            let _ = AdvisoryLockGuard::unlock(guard).await;
+            return exit::SIGNAL_BASE + signal;
+        }
+    }
     let env = child_env(&target, mode);
     let mut running = match child::spawn(&args.command, &env, &ChildOptions::from(&args.child)) {
         Ok(running) => running,
