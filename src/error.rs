@@ -398,17 +398,83 @@ impl From<deadpool_postgres::PoolError> for Error {
             PoolError::Timeout(TimeoutType::Wait) => Error::PoolExhausted,
             PoolError::Backend(source) if source.code().is_none() => {
                 let target = "the pool's server";
-                #[cfg(feature = "rustls")]
-                let source = match crate::tls::pool_tls_error(target, source) {
-                    Ok(tls) => return tls,
-                    Err(source) => source,
-                };
-                Error::Connect {
-                    target: target.to_owned(),
-                    source,
-                }
+                Error::connect(target, source)
             }
             other => Error::Pool(other),
         }
     }
+}
+
+impl Error {
+    /// A connection error: [`Error::Tls`] when TLS is what failed, else [`Error::Connect`].
+    pub(crate) fn connect(target: &str, error: tokio_postgres::Error) -> Error {
+        #[cfg(feature = "rustls")]
+        if let Some((failure, detail)) = tls_failure(&error) {
+            return Error::Tls {
+                target: target.to_owned(),
+                failure,
+                detail,
+                source: error,
+            };
+        }
+        Error::Connect {
+            target: target.to_owned(),
+            source: error,
+        }
+    }
+}
+
+/// What failed in a TLS set-up, and the innermost description of it; `None` when TLS is not
+/// what failed.
+#[cfg(feature = "rustls")]
+fn tls_failure(error: &tokio_postgres::Error) -> Option<(TlsFailure, String)> {
+    use rustls::CertificateError;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        // tokio-rustls wraps rustls's error in an io::Error, whose `source` skips it.
+        let rustls_error = current.downcast_ref::<rustls::Error>().or_else(|| {
+            current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls_error) = rustls_error {
+            let failure = match rustls_error {
+                rustls::Error::InvalidCertificate(cert) => match cert {
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                        TlsFailure::UntrustedCertificate
+                    }
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. } => {
+                        TlsFailure::HostnameMismatch
+                    }
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. } => TlsFailure::CertificateExpired,
+                    _ => TlsFailure::Handshake,
+                },
+                _ => TlsFailure::Handshake,
+            };
+            return Some((failure, rustls_error.to_string()));
+        }
+        // tokio-postgres's own TLS errors have no type of their own, only this text.
+        let text = current.to_string();
+        if text.contains("server does not support TLS") {
+            return Some((TlsFailure::ServerWithoutTls, text));
+        }
+        next = current.source();
+    }
+    let text = error.to_string();
+    text.starts_with("error performing TLS handshake")
+        .then(|| (TlsFailure::Handshake, innermost(error)))
+}
+
+#[cfg(feature = "rustls")]
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }
