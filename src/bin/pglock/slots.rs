@@ -159,8 +159,10 @@ pub async fn room_for_the_command(client: &Client, out: &Output) {
     }
 }
 
-/// How long the slots must have stayed free after the server was found full.
-const ROOM_STEADY: Duration = Duration::from_millis(300);
+/// How long the slots must have stayed free after the server was found full: the refused
+/// instances of a fleet come back in waves (see `connect::Refusals`), a second or more apart
+/// once they have been refused twice.
+const ROOM_STEADY: Duration = Duration::from_secs(1);
 
 /// Chooses how to wait when the free slots cannot be counted: as `mode` says, and in the queue
 /// for `auto`.
