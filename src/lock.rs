@@ -1250,6 +1250,7 @@ impl Attempt {
     fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
+        let mut free_when_queued = false;
         // `ended` answers once the abandoned statement has ended on the server: it is a request
         // queued right behind it. Cancel requests are repeated until then.
         let ended: Option<ReleaseTask> = match slot.conn() {
@@ -1274,8 +1275,10 @@ impl Attempt {
                 }
             }
             Conn::Session(_) if self.in_transaction => {
-                // The rollback is on its way: the session is free for the next transaction.
-                reservation = None;
+                // The session's transaction stays reserved until the rollback is queued (below):
+                // a `BEGIN` another task queued first would run inside this transaction, and the
+                // rollback would end that task's transaction with its lock.
+                free_when_queued = true;
                 Some(Box::pin(async move {
                     let _ = release(slot.conn(), &Release::Rollback, key).await;
                 }))
@@ -1294,6 +1297,11 @@ impl Attempt {
         // Queued at once, right behind the statement, so nothing else runs there in between.
         let ended =
             ended.and_then(|mut ended| poll_once(ended.as_mut()).is_pending().then_some(ended));
+        if free_when_queued {
+            // The rollback is queued: the session is free for the next transaction, whose
+            // statements travel behind it.
+            reservation = None;
+        }
         // Without a runtime, the undo already queued still runs on the server (only its answer
         // is not read), and a pooled slot dropped here closes its connection.
         let Ok(runtime) = Handle::try_current() else {
