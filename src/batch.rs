@@ -27,9 +27,10 @@ use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
+use crate::background;
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, unlock_outcome, Release};
+use crate::guard::{release, unlock_outcome, Release};
 use crate::handoff::ReleaseTask;
 use crate::sql::{self, statement, Checks, Form, Op, PreparedUnlock};
 use crate::trace;
@@ -355,7 +356,7 @@ impl Drop for InFlight<'_> {
         for key in self.keys {
             let undo = Release::UnlockIfHeld(LockMode::Exclusive);
             let mut release = std::pin::pin!(release(self.conn, &undo, *key));
-            let _ = poll_once(release.as_mut());
+            background::queue_and_forget(release.as_mut());
         }
     }
 }
@@ -398,7 +399,7 @@ pub(crate) fn unlock_together(
         reservations.push(reservation);
     }
     let sql = sql::unlock_batch(mode, form);
-    let mut task: ReleaseTask = Box::pin(async move {
+    let task: ReleaseTask = Box::pin(async move {
         let client = conn.client();
         // Run again once if a late cancel request (for an abandoned wait on the session) ended
         // it, as a single unlock is: the keys would otherwise stay held.
@@ -409,12 +410,10 @@ pub(crate) fn unlock_together(
         report_unlocks(&keys, &pids, result);
     });
     // Queued now, ahead of anything sent later on the session: the keys may be taken again.
-    let _ = poll_once(task.as_mut());
+    // The first poll finishes the task when the connection is closed: only the rest of a
+    // pending task is spawned.
+    background::queue_and_spawn(task);
     drop(reservations);
-    // Without a runtime the statement still runs on the server; only its answer is not read.
-    if let Ok(runtime) = Handle::try_current() {
-        runtime.spawn(task);
-    }
 }
 
 /// Sends a batched unlock statement and reads its rows.

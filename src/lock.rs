@@ -12,9 +12,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
+use crate::background;
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, release_in_background, unlock_outcome, ConnSlot, Release};
+use crate::guard::{release, release_in_background, unlock_outcome, ConnSlot, Release};
 use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
@@ -1295,8 +1296,7 @@ impl Attempt {
             }
         };
         // Queued at once, right behind the statement, so nothing else runs there in between.
-        let ended =
-            ended.and_then(|mut ended| poll_once(ended.as_mut()).is_pending().then_some(ended));
+        let ended = ended.and_then(background::queue);
         if free_when_queued {
             // The rollback is queued: the session is free for the next transaction, whose
             // statements travel behind it.

@@ -117,3 +117,81 @@ async fn an_abandoned_transaction_attempt_never_ends_another_tasks_transaction()
     drop(sessions);
     db.assert_no_locks().await;
 }
+
+/// The environment variable that makes [`guards_of_a_closed_session_dropped_together`] run its
+/// scenario in a child process where any panic aborts.
+const ABORT_ON_PANIC: &str = "PGLOCK_TEST_ABORT_ON_PANIC";
+
+/// Two guards of one `Session` whose backend was terminated, dropped together once the
+/// connection has closed: their unlocks go out as one batched statement, whose first poll finds
+/// the connection closed and finishes it. Nothing may panic, in any thread.
+///
+/// The scenario runs in a child process (this test binary, running this test alone) with a
+/// panic hook that aborts, as a binary built with `panic = "abort"` does at any panic: tokio
+/// would otherwise catch a panic in a background task and the test would not see it. The
+/// child's exit status tells.
+#[test]
+fn guards_of_a_closed_session_dropped_together() {
+    if std::env::var_os(ABORT_ON_PANIC).is_some() {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            std::process::abort();
+        }));
+        // One thread: the unlocks' task runs only once the dropping task yields, so that both
+        // drops are in by then and go out together.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(drop_guards_of_a_closed_session());
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "shared_session::guards_of_a_closed_session_dropped_together",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ABORT_ON_PANIC, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the child process ended with {}:\n{stdout}\n{stderr}",
+        output.status
+    );
+    // The child ran the scenario (and not zero tests).
+    assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+}
+
+async fn drop_guards_of_a_closed_session() {
+    let db = TestDb::new("shared_closed_drop").await;
+    let session = db.session().await;
+    let first = AdvisoryLock::new(&session, db.key()).lock().await.unwrap();
+    let second = AdvisoryLock::new(&session, db.key()).lock().await.unwrap();
+    db.terminate_and_wait(AdvisoryLockGuard::backend_pid(&first))
+        .await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !session.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the session sees its connection closed");
+    drop((first, second));
+    // The unlocks' tasks run (and finish) on the runtime meanwhile.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while session.held_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the keys' reservations are gone");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(session);
+    db.assert_no_locks().await;
+}
