@@ -100,8 +100,9 @@ impl Drop for Waiting {
 /// What a batch answers one request.
 pub(crate) enum Answer {
     Granted(AdvisoryLockGuard),
-    /// Held elsewhere; the pid of the session's backend that asked.
-    Busy(i32),
+    /// Held elsewhere; the pid of the session's backend that asked (`None`: held by another
+    /// guard of the same session, found without asking the server).
+    Busy(Option<i32>),
     /// The server is a standby: nothing was taken.
     Standby,
     /// The batch failed and was undone: ask again alone.
@@ -110,7 +111,8 @@ pub(crate) enum Answer {
     Failed(Error),
 }
 
-/// Asks for `key` exclusively on `session` in the session's next batch.
+/// Asks for `key` exclusively on `session` in the session's next batch, after waiting
+/// in-process as `wait` says (see `Conn::reserve`) while another guard of the session holds it.
 ///
 /// `Ok(Answer::Retry)` when the batch could not answer for this key (its statement failed, or
 /// the runtime is shutting down): nothing is held for it then, and the caller asks alone.
@@ -120,13 +122,23 @@ pub(crate) enum Answer {
 /// Dropping the future marks the key as being cleaned up (new acquisitions of it wait). Before
 /// the batch is sent, the request leaves it; after, the batch finds nobody to hand the guard to
 /// and drops it, which releases the lock as any drop does.
-pub(crate) async fn try_lock(session: &Arc<Session>, key: AdvisoryKey) -> Result<Answer> {
+pub(crate) async fn try_lock(
+    session: &Arc<Session>,
+    key: AdvisoryKey,
+    wait: Option<Option<tokio::time::Instant>>,
+) -> Result<Answer> {
     let Ok(runtime) = Handle::try_current() else {
         return Ok(Answer::Retry);
     };
-    let reservation = Conn::Session(session.clone())
-        .reserve(key, LockScope::Session)
-        .await?;
+    // Held by another guard of the session: busy, as when another session holds it; a
+    // waiting caller (`LockSet::lock`) waits in-process until `wait` instead.
+    let reservation = match Conn::Session(session.clone())
+        .reserve(key, LockScope::Session, wait)
+        .await?
+    {
+        Some(reservation) => reservation,
+        None => return Ok(Answer::Busy(None)),
+    };
     let (reply, answer) = oneshot::channel();
     let claim = Claim(Arc::new(Mutex::new(Some(reservation))));
     let mut waiting = Waiting {
@@ -290,7 +302,7 @@ async fn answer(
             )),
             Some((Some(false), backend_pid)) => {
                 drop(request.claim.take());
-                Answer::Busy(backend_pid)
+                Answer::Busy(Some(backend_pid))
             }
             Some((None, _)) => {
                 drop(request.claim.take());

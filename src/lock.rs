@@ -81,6 +81,18 @@ enum Deadline {
     At(Instant),
 }
 
+impl Deadline {
+    /// How long to wait in-process for a key another guard of the same session holds (see
+    /// `Conn::reserve`).
+    fn in_process(self) -> Option<Option<Instant>> {
+        match self {
+            Deadline::Now => None,
+            Deadline::Never => Some(None),
+            Deadline::At(at) => Some(Some(at)),
+        }
+    }
+}
+
 /// `$lock.acquire($mode, $deadline).await`, measured for the metrics (`trace::Measure`, empty
 /// without the `metrics` feature) in the caller's own future: a wrapping future would cost
 /// every lock a copy of the acquisition's future.
@@ -340,6 +352,11 @@ impl AdvisoryLock {
         };
         match granted {
             Some(true) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+            Some(false) if matches!(deadline, Deadline::Never) => {
+                // The first attempt of a polling `lock`: poll on (boxed, as the waiting path).
+                drop(attempt);
+                Box::pin(self.acquire_untraced(mode, deadline, None, false)).await
+            }
             Some(false) => Ok(None),
             None => Err(Error::ReadOnlyStandby),
         }
@@ -353,11 +370,16 @@ impl AdvisoryLock {
     ///
     /// Only `lock` and `try_lock` qualify: a timeout or a polling wait takes the general path.
     fn start_direct(&self, mode: LockMode, deadline: Deadline) -> Start {
-        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct.
+        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct, except
+        // for the first attempt of a `lock` on a session (which polls when shared): granted,
+        // it is done; busy, the general path polls on.
         let op = self.op(deadline);
+        let first_try = op == Op::TryLock
+            && matches!(deadline, Deadline::Never)
+            && self.source.session().is_some();
         if self.scope != LockScope::Session
             || self.source.behind_pooler()
-            || !(op == Op::Lock || matches!(deadline, Deadline::Now))
+            || !(op == Op::Lock || matches!(deadline, Deadline::Now) || first_try)
         {
             return Start::General(None);
         }
@@ -498,6 +520,9 @@ impl AdvisoryLock {
         if behind_pooler && self.scope == LockScope::Session {
             return Err(Error::SessionLockBehindPooler { key: self.key });
         }
+        if self.scope == LockScope::Transaction && self.source.is_shared_session() {
+            return Err(Error::TransactionOnSharedSession { key: self.key });
+        }
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
         let mut next = match (&self.parking, self.scope) {
@@ -557,9 +582,23 @@ impl AdvisoryLock {
         error
     }
 
+    /// The pauses of a polling wait, first and longest: the lock's wait strategy's, or on a
+    /// shared session (where nothing waits on the server, see `Session::dedicated`) those of
+    /// [`WaitStrategy::poll`]. `None` for a blocking wait.
+    fn polling(&self) -> Option<(Duration, Duration)> {
+        match self.wait {
+            WaitStrategy::Poll { initial, max } => Some((initial, max)),
+            WaitStrategy::Block if self.source.is_shared_session() => match WaitStrategy::poll() {
+                WaitStrategy::Poll { initial, max } => Some((initial, max)),
+                WaitStrategy::Block => unreachable!("a polling strategy"),
+            },
+            WaitStrategy::Block => None,
+        }
+    }
+
     /// The acquiring statement's kind for `deadline` and the lock's wait strategy.
     fn op(&self, deadline: Deadline) -> Op {
-        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let polling = self.polling().is_some();
         match deadline {
             Deadline::Now => Op::TryLock,
             _ if polling => Op::TryLock,
@@ -610,7 +649,7 @@ impl AdvisoryLock {
         let key = self.key;
         let behind_pooler = self.source.behind_pooler();
         let op = self.op(deadline);
-        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let polling = self.polling();
         // A dropped guard's unlock of this key in this mode rides in this acquisition's
         // statement, and the key's reservation passes to it; any other is sent alone first.
         let (prior_release, offered, combined) = match prior {
@@ -632,7 +671,11 @@ impl AdvisoryLock {
         };
         let reservation = match &combined {
             Some(_) => None,
-            None => Some(conn.reserve(key, self.scope).await?),
+            // Held by another guard of the session: a wait waits in-process until it goes.
+            None => match conn.reserve(key, self.scope, deadline.in_process()).await? {
+                Some(reservation) => Some(reservation),
+                None => return Ok(Attempted::Done(None)),
+            },
         };
         // The statements all make the checks the combined one was chosen with, if any: the
         // connection may have been verified since, but the checking forms work on any.
@@ -692,10 +735,7 @@ impl AdvisoryLock {
         attempt.offered = offered;
         attempt.prior_release = prior_release;
         attempt.combined = combined;
-        let mut pause = match self.wait {
-            WaitStrategy::Poll { initial, .. } => initial,
-            WaitStrategy::Block => Duration::ZERO,
-        };
+        let (mut pause, max_pause) = self.polling().unwrap_or_default();
         loop {
             let lock_timeout = match (op, deadline) {
                 (Op::LockWithTimeout, Deadline::At(at)) => {
@@ -736,7 +776,7 @@ impl AdvisoryLock {
                             return Ok(Attempted::Done(Some(guard)));
                         }
                         Some(false) => {
-                            if polling && !matches!(deadline, Deadline::Now) {
+                            if polling.is_some() && !matches!(deadline, Deadline::Now) {
                                 trace::polling(key, Some(pid), pause);
                             }
                         }
@@ -777,9 +817,7 @@ impl AdvisoryLock {
                 }
             };
             tokio::time::sleep_until(until.min(now + pause)).await;
-            if let WaitStrategy::Poll { max, .. } = self.wait {
-                pause = (pause * 2).min(max);
-            }
+            pause = (pause * 2).min(max_pause);
         }
     }
 

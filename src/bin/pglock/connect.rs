@@ -156,7 +156,10 @@ impl Database {
             let _ = connection.await;
             let _ = closed_tx.send(true);
         });
-        let session = Session::from_client(client).with_cancel_tls(connector.clone());
+        // One task waits on it: its waits keep their place in the server's queue.
+        let session = Session::from_client(client)
+            .with_cancel_tls(connector.clone())
+            .dedicated();
         let _ = session.batch_execute(SESSION_SETUP).await;
         Ok(Connection {
             session: Arc::new(session),
