@@ -59,8 +59,15 @@ use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 /// unlocks. pglock never does that. On a pool every acquisition uses its own connection, so a
 /// second acquisition of a held key, even from the same task, waits like any other session
 /// (and would wait forever for a holder in the same task: drop the first guard first). On a
-/// shared [`Session`](crate::Session), asking for a key the session holds fails at once with
-/// [`Error::AlreadyHeld`].
+/// [`Session`](crate::Session), asking for a key the session holds waits in-process until the
+/// guard that holds it is dropped (`try_lock` answers `Ok(None)`), without stacking it.
+///
+/// # Sessions
+///
+/// On a shared [`Session`](crate::Session) (the default) waits poll and transaction scope is
+/// refused, so that nothing pglock does reaches another task's statements; a session declared
+/// [`dedicated`](crate::Session::dedicated) waits in the server's queue. See the `Session`
+/// docs.
 #[derive(Clone, Debug)]
 pub struct AdvisoryLock {
     source: ConnectionSource,
@@ -167,8 +174,9 @@ impl AdvisoryLock {
     /// [`Error::PoolExhausted`] and other pool errors, [`Error::ConnectionLost`],
     /// [`Error::Deadlock`] if the server's deadlock detector ends the wait,
     /// [`Error::Cancelled`] if the wait is cancelled on the server, [`Error::ReadOnlyStandby`],
-    /// [`Error::AlreadyHeld`] on a session that holds the key, [`Error::UnexpectedAnswer`] if
-    /// the statement's answer comes back without its row (never from PostgreSQL itself).
+    /// [`Error::TransactionOnSharedSession`] for transaction scope on a shared
+    /// [`Session`](crate::Session), [`Error::UnexpectedAnswer`] if the statement's answer comes
+    /// back without its row (never from PostgreSQL itself).
     ///
     /// # Cancel safety
     ///
@@ -177,7 +185,9 @@ impl AdvisoryLock {
     /// request, repeated until the statement has ended (PostgreSQL ignores one that arrives
     /// before the statement has started); the pooled connection is then closed. If the grant
     /// crossed the cancellation, the lock is released again. All of this runs in a background
-    /// task, so dropping the future returns at once.
+    /// task, so dropping the future returns at once. On a shared [`Session`](crate::Session)
+    /// nothing waits on the server, so no cancel request is sent: the attempt in flight is
+    /// undone by a conditional release queued behind it.
     pub async fn lock(&self) -> Result<AdvisoryLockGuard> {
         measured!(self, LockMode::Exclusive, Deadline::Never)
             .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
