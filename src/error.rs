@@ -118,8 +118,10 @@ pub enum Error {
 
     /// This session already holds the key through pglock.
     ///
-    /// PostgreSQL would stack the lock, and the first release would then not free it, so pglock
-    /// refuses instead.
+    /// PostgreSQL would stack the lock, and the first release would then not free it. pglock
+    /// no longer returns this error from an acquisition: a second acquisition of a key a
+    /// [`Session`](crate::Session) holds waits in-process until the first guard is gone (or,
+    /// for a `try_lock`, reports the key busy). The variant stays for code that matches it.
     #[error("advisory lock {key} is already held on this session; pglock does not stack session locks: use the guard you have, or another connection")]
     AlreadyHeld {
         /// The key already held.
@@ -155,6 +157,18 @@ pub enum Error {
     #[error("refusing session-scope advisory lock {key}: its connection goes through a transaction pooler, which would leave the lock on a server connection that other clients use; use LockScope::Transaction, or a direct or session-pooled connection for session locks")]
     SessionLockBehindPooler {
         /// The key that was asked for.
+        key: AdvisoryKey,
+    },
+
+    /// A transaction-scoped lock was asked of a shared [`Session`](crate::Session): its
+    /// transaction would take in every statement other tasks send on the session meanwhile,
+    /// and its rollback would undo their writes. Nothing was sent.
+    ///
+    /// Take transaction-scoped locks on a pool (each lock gets its own connection), or on a
+    /// session that one task uses, declared with [`Session::dedicated`](crate::Session::dedicated).
+    #[error("a transaction-scoped lock ({key}) on a shared Session would pull the statements of every task using the session into its transaction; take it on a pool, or on a Session that one task uses, declared with Session::dedicated()")]
+    TransactionOnSharedSession {
+        /// The key asked for.
         key: AdvisoryKey,
     },
 

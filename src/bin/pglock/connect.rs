@@ -157,13 +157,12 @@ impl Database {
             let _ = connection.await;
             let _ = closed_tx.send(true);
         });
-        let session = Arc::new(Session::from_client(client).with_cancel_tls(connector.clone()));
-        // Sent at once, answered along with the caller's first statement: no round trip of its
-        // own.
-        let setup = session.clone();
-        tokio::spawn(async move {
-            let _ = setup.batch_execute(SESSION_SETUP).await;
-        });
+        // One task waits on it: its waits keep their place in the server's queue.
+        let session = Session::from_client(client)
+            .with_cancel_tls(connector.clone())
+            .dedicated();
+        let _ = session.batch_execute(SESSION_SETUP).await;
+        let session = Arc::new(session);
         Ok(Connection {
             session,
             closed,
