@@ -198,11 +198,20 @@ impl AdvisoryLockGuard {
         if registration.is_lost() {
             return true;
         }
-        if Deref::deref(this).is_closed() {
+        if this.pglock_client().is_closed() {
             registration.report_closed();
             return true;
         }
         false
+    }
+
+    /// The client, for pglock's own statements: unlike `Deref`, not counted as handed out to
+    /// the caller (see `Conn::borrows`).
+    pub(crate) fn pglock_client(&self) -> &Client {
+        self.conn
+            .as_ref()
+            .expect("a guard holds its connection until released")
+            .client()
     }
 
     fn registration(&self) -> &Registration {
@@ -403,7 +412,7 @@ impl Deref for AdvisoryLockGuard {
         self.conn
             .as_ref()
             .expect("a guard holds its connection until released")
-            .client()
+            .user_client()
     }
 }
 
