@@ -280,11 +280,12 @@ impl Session {
     /// Sets the health check of this session's loss monitor.
     ///
     /// One monitor probes the session for every lock held on it (one probe per interval,
-    /// however many locks), so this setting takes precedence over
-    /// [`AdvisoryLock::health_check`](crate::AdvisoryLock::health_check) for locks taken on the
-    /// session. Without it, the session's monitor uses the health check of the lock whose
-    /// guard first calls [`loss_signal`](crate::AdvisoryLockGuard::loss_signal) or
-    /// [`is_lost`](crate::AdvisoryLockGuard::is_lost), or [`HealthCheck::default`].
+    /// however many locks). This setting takes precedence over
+    /// [`AdvisoryLock::health_check`](crate::AdvisoryLock::health_check) for every lock taken
+    /// on the session. Without it, each watched lock keeps its own health check (its lock's,
+    /// or [`HealthCheck::default`]): the monitor probes at the shortest interval among them and
+    /// reports each lock's probe timeout after that lock's own `probe_timeout`, so every lock's
+    /// [`detection_bound`](HealthCheck::detection_bound) holds.
     ///
     /// # Examples
     ///
