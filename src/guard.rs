@@ -61,7 +61,10 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// path dies, someone runs `pg_advisory_unlock_all()` on the connection. [`loss_signal`](Self::loss_signal)
 /// returns a [`LossSignal`] that fires when that happens, and [`is_lost`](Self::is_lost) checks
 /// without waiting; both start a monitor that probes the connection (see [`HealthCheck`] for
-/// the bound on detection time). Guards nobody asks about cost nothing.
+/// the bound on detection time). Guards nobody asks about cost nothing. Taking the client
+/// through the guard's `Deref` makes the next probes read the server's lock table, as a
+/// statement of yours may have released the lock; an idle watched connection gets a probe that
+/// costs the server what `SELECT 1` costs.
 ///
 /// Operations on the guard are associated functions (`AdvisoryLockGuard::unlock(guard)`), so
 /// they never shadow the methods of the `Client` it derefs to.

@@ -394,7 +394,9 @@ impl fmt::Display for LossReason {
 /// server restarted, the network path died (no reset: packets simply stop), the server or a
 /// pooler ended the session (`idle_session_timeout`), the backend changed (transaction
 /// pooler), or the lock is no longer in `pg_locks` for the holder's backend. Each is reported
-/// within [`HealthCheck::detection_bound`].
+/// within [`HealthCheck::detection_bound`], except a lock released by a statement you sent
+/// through a `&Client` kept for longer than one interval: within
+/// [`HealthCheck::full_check_bound`] (see [`HealthCheck`]).
 ///
 /// # Examples
 ///
@@ -1064,6 +1066,55 @@ mod tests {
             let s = h.sanitized();
             assert!(h.keepalive_timeout() > s.interval.max(s.probe_timeout) + h.detection_bound());
         }
+    }
+
+    fn batch_of(ids: &[u64], newest: u64, interval_ms: u64, full_ms: u64) -> Batch {
+        let n = ids.len();
+        Batch {
+            ids: ids.to_vec(),
+            pids: vec![1; n],
+            scopes: vec![LockScope::Session; n],
+            timeouts: vec![Duration::from_millis(100); n],
+            keys: vec![0; n],
+            subids: vec![1; n],
+            shared: vec![false; n],
+            newest,
+            interval: Duration::from_millis(interval_ms),
+            loosest_interval: Duration::from_millis(interval_ms),
+            full_check_interval: Duration::from_millis(full_ms),
+            keepalives: None,
+        }
+    }
+
+    #[test]
+    fn the_full_probe_runs_when_the_locks_could_have_changed() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let batch = batch_of(&[0], 1, 100, 1000);
+        let mut schedule = FullCheckSchedule::default();
+        // A new lock: full, and again until a full probe has answered.
+        assert!(schedule.full(&batch, 0, at(0)));
+        assert!(schedule.full(&batch, 0, at(100)));
+        schedule.checked(&batch, at(100));
+        // Idle: cheap.
+        assert!(!schedule.full(&batch, 0, at(200)));
+        assert!(!schedule.full(&batch, 0, at(300)));
+        // The client handed out: full at once, for one interval, and the first probe after.
+        assert!(schedule.full(&batch, 1, at(350)));
+        schedule.checked(&batch, at(350));
+        assert!(schedule.full(&batch, 1, at(400)));
+        assert!(schedule.full(&batch, 1, at(450)));
+        assert!(!schedule.full(&batch, 1, at(550)));
+        // The fallback cadence: a full probe once `full_check_interval` has passed.
+        assert!(!schedule.full(&batch, 1, at(1300)));
+        assert!(schedule.full(&batch, 1, at(1350)));
+        schedule.checked(&batch, at(1350));
+        assert!(!schedule.full(&batch, 1, at(1450)));
+        // A lock added: full until it is checked.
+        let grown = batch_of(&[0, 1], 2, 100, 1000);
+        assert!(schedule.full(&grown, 1, at(1500)));
+        schedule.checked(&grown, at(1500));
+        assert!(!schedule.full(&grown, 1, at(1600)));
     }
 
     #[test]

@@ -292,3 +292,56 @@ async fn the_tightest_health_check_on_a_session_sets_its_probes() {
     AdvisoryLockGuard::unlock(steady).await.unwrap();
     db.assert_no_locks().await;
 }
+
+/// `COMMIT` sent through a transaction-scoped lock's guard ends the lock's transaction: the
+/// full probe that the hand-over brings reports the lock missing, within `detection_bound()`;
+/// 20 injections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_through_a_transaction_locks_guard_is_seen_within_the_bound() {
+    let db = Arc::new(TestDb::new("probe_commit_through_guard").await);
+    let health = HealthCheck::new(Duration::from_millis(100), Duration::from_millis(100));
+    let bound = health.detection_bound();
+    let pool = db.pool(10);
+    let mut latencies = Vec::new();
+    for _ in 0..2 {
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let guard = AdvisoryLock::new(&pool, db.key())
+                .scope(pglock::LockScope::Transaction)
+                .health_check(health)
+                .lock()
+                .await
+                .expect("lock");
+            tasks.push(tokio::spawn(async move {
+                let mut signal = AdvisoryLockGuard::loss_signal(&guard);
+                // Past the first probe: the connection is on cheap probes when the COMMIT goes.
+                let pause = rand::thread_rng().gen_range(150..250);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let t0 = Instant::now();
+                guard.batch_execute("COMMIT").await.unwrap();
+                let reason = tokio::time::timeout(bound * 10, signal.lost())
+                    .await
+                    .expect("loss reported");
+                let latency = t0.elapsed();
+                assert_eq!(reason, LossReason::LockMissing);
+                let _ = AdvisoryLockGuard::rollback(guard).await;
+                latency
+            }));
+        }
+        for task in tasks {
+            latencies.push(task.await.unwrap());
+        }
+    }
+    let worst = latencies.iter().max().unwrap();
+    eprintln!(
+        "PROBE-COMMIT | n {} | worst {worst:?} | bound {bound:?}",
+        latencies.len()
+    );
+    for latency in &latencies {
+        assert!(
+            *latency <= bound + allowance(bound),
+            "detected after {latency:?}, bound {bound:?}"
+        );
+    }
+    db.assert_no_locks().await;
+}
