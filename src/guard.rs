@@ -159,7 +159,9 @@ impl AdvisoryLockGuard {
     /// connection's monitor probes it at once and then every [`HealthCheck::interval`], and a
     /// connection's monitor serves all the locks held on it with one probe. Loss is reported at
     /// most [`HealthCheck::detection_bound`] after it happens (or after this first call, if it
-    /// happened before). See [`LossSignal`] for what counts as loss.
+    /// happened before); a release by a statement of yours sent through a `&Client` kept longer
+    /// than one interval, within [`HealthCheck::full_check_bound`]. See [`LossSignal`] for what
+    /// counts as loss.
     ///
     /// The signal outlives the guard: once the guard is released or dropped, it reports
     /// [`LossReason::Released`](crate::LossReason::Released).
