@@ -872,8 +872,9 @@ async fn run(running: Running, conn: WeakConn) {
                             false
                         });
                         if waiting.is_empty() {
-                            let after = batch.timeouts.iter().copied().max().unwrap_or_default();
-                            break Err(Verdict::Lost(LossReason::ProbeTimedOut { after }));
+                            // Every lock of the batch is lost; a lock added since gets a probe
+                            // (and a timeout) of its own, and with none the task ends.
+                            break Err(Verdict::Abandoned);
                         }
                     }
                 }
@@ -1009,7 +1010,8 @@ enum Verdict {
     TransactionFailed,
     /// Nothing: a cancel request meant for something else hit the probe twice.
     Inconclusive,
-    /// Not waited for: the monitor may have nothing left to watch.
+    /// Not waited for any more: the monitor may have nothing left to watch, or every lock of
+    /// the batch has timed out.
     Abandoned,
 }
 
