@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use deadpool_postgres::{Object, ObjectId, Pool};
@@ -139,6 +139,8 @@ pub struct Session {
     dedicated: bool,
     /// Whether the connection is verified as direct to a primary's backend.
     backend: Verification,
+    /// How many times the client was handed out to the caller (see [`Conn::borrows`]).
+    borrows: AtomicU64,
 }
 
 impl Session {
@@ -245,6 +247,7 @@ impl Session {
             always_check: false,
             dedicated: false,
             backend: Verification::default(),
+            borrows: AtomicU64::new(0),
         }
     }
 
@@ -338,11 +341,12 @@ impl Session {
     /// Sets the health check of this session's loss monitor.
     ///
     /// One monitor probes the session for every lock held on it (one probe per interval,
-    /// however many locks), so this setting takes precedence over
-    /// [`AdvisoryLock::health_check`](crate::AdvisoryLock::health_check) for locks taken on the
-    /// session. Without it, the session's monitor uses the health check of the lock whose
-    /// guard first calls [`loss_signal`](crate::AdvisoryLockGuard::loss_signal) or
-    /// [`is_lost`](crate::AdvisoryLockGuard::is_lost), or [`HealthCheck::default`].
+    /// however many locks). This setting takes precedence over
+    /// [`AdvisoryLock::health_check`](crate::AdvisoryLock::health_check) for every lock taken
+    /// on the session. Without it, each watched lock keeps its own health check (its lock's,
+    /// or [`HealthCheck::default`]): the monitor probes at the shortest interval among them and
+    /// reports each lock's probe timeout after that lock's own `probe_timeout`, so every lock's
+    /// [`detection_bound`](HealthCheck::detection_bound) holds.
     ///
     /// # Examples
     ///
@@ -374,7 +378,13 @@ impl Session {
     }
 
     /// The underlying client.
+    ///
+    /// Statements you run on it (or on the session itself, which derefs to it) may release
+    /// locks pglock holds here (`pg_advisory_unlock_all()`, `DISCARD ALL`): each call of this
+    /// method or of the session's `Deref` makes the loss monitor check the server's lock table
+    /// on its next probes. See [`HealthCheck`] for the bounds.
     pub fn client(&self) -> &Client {
+        self.borrows.fetch_add(1, Ordering::SeqCst);
         &self.client
     }
 
@@ -471,7 +481,7 @@ impl Deref for Session {
     type Target = Client;
 
     fn deref(&self) -> &Client {
-        &self.client
+        self.client()
     }
 }
 
@@ -758,6 +768,8 @@ pub(crate) struct Pooled {
     remembered: Arc<Remembered>,
     /// Where `remembered` is kept, to forget it when the connection is closed.
     prepared: Arc<PreparedByConnection>,
+    /// How many times a guard handed the client out to the caller (see [`Conn::borrows`]).
+    borrows: AtomicU64,
 }
 
 /// What pglock remembers about one pooled connection across checkouts.
@@ -904,6 +916,7 @@ impl Conn {
             monitor: OnceLock::new(),
             remembered,
             prepared,
+            borrows: AtomicU64::new(0),
         }))
     }
 
@@ -976,6 +989,29 @@ impl Conn {
         match self {
             Conn::Pooled(pooled) => pooled.object(),
             Conn::Session(session) => &session.client,
+        }
+    }
+
+    /// The client, handed out to the caller (a guard's `Deref`): counted in
+    /// [`borrows`](Self::borrows).
+    pub(crate) fn user_client(&self) -> &Client {
+        match self {
+            Conn::Pooled(pooled) => {
+                pooled.borrows.fetch_add(1, Ordering::SeqCst);
+                pooled.object()
+            }
+            Conn::Session(session) => session.client(),
+        }
+    }
+
+    /// How many times the client of this connection has been handed out to the caller (by a
+    /// guard's `Deref`, or a session's `Deref` and `client()`). Only the caller's statements can
+    /// release a lock behind pglock's back while the connection lives, so the loss monitor
+    /// checks the server's lock table only after this changes (and at a slow fallback cadence).
+    pub(crate) fn borrows(&self) -> u64 {
+        match self {
+            Conn::Pooled(pooled) => pooled.borrows.load(Ordering::SeqCst),
+            Conn::Session(session) => session.borrows.load(Ordering::SeqCst),
         }
     }
 

@@ -59,7 +59,10 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// path dies, someone runs `pg_advisory_unlock_all()` on the connection. [`loss_signal`](Self::loss_signal)
 /// returns a [`LossSignal`] that fires when that happens, and [`is_lost`](Self::is_lost) checks
 /// without waiting; both start a monitor that probes the connection (see [`HealthCheck`] for
-/// the bound on detection time). Guards nobody asks about cost nothing.
+/// the bound on detection time). Guards nobody asks about cost nothing. Taking the client
+/// through the guard's `Deref` makes the next probes read the server's lock table, as a
+/// statement of yours may have released the lock; an idle watched connection gets a probe that
+/// costs the server what `SELECT 1` costs.
 ///
 /// Operations on the guard are associated functions (`AdvisoryLockGuard::unlock(guard)`), so
 /// they never shadow the methods of the `Client` it derefs to.
@@ -154,7 +157,9 @@ impl AdvisoryLockGuard {
     /// connection's monitor probes it at once and then every [`HealthCheck::interval`], and a
     /// connection's monitor serves all the locks held on it with one probe. Loss is reported at
     /// most [`HealthCheck::detection_bound`] after it happens (or after this first call, if it
-    /// happened before). See [`LossSignal`] for what counts as loss.
+    /// happened before); a release by a statement of yours sent through a `&Client` kept longer
+    /// than one interval, within [`HealthCheck::full_check_bound`]. See [`LossSignal`] for what
+    /// counts as loss.
     ///
     /// The signal outlives the guard: once the guard is released or dropped, it reports
     /// [`LossReason::Released`](crate::LossReason::Released).
@@ -196,11 +201,20 @@ impl AdvisoryLockGuard {
         if registration.is_lost() {
             return true;
         }
-        if Deref::deref(this).is_closed() {
+        if this.pglock_client().is_closed() {
             registration.report_closed();
             return true;
         }
         false
+    }
+
+    /// The client, for pglock's own statements: unlike `Deref`, not counted as handed out to
+    /// the caller (see `Conn::borrows`).
+    pub(crate) fn pglock_client(&self) -> &Client {
+        self.conn
+            .as_ref()
+            .expect("a guard holds its connection until released")
+            .client()
     }
 
     fn registration(&self) -> &Registration {
@@ -401,7 +415,7 @@ impl Deref for AdvisoryLockGuard {
         self.conn
             .as_ref()
             .expect("a guard holds its connection until released")
-            .client()
+            .user_client()
     }
 }
 

@@ -602,7 +602,9 @@ impl LeaderElection {
         let lock_timeout = format!("{}ms", self.election_timeout.as_millis().max(1));
         let mut created = false;
         loop {
+            // pglock's own statement: not a borrow that could release the lock (see `loss`).
             let result = guard
+                .pglock_client()
                 .query_opt(
                     bump.as_str(),
                     &[
@@ -623,7 +625,7 @@ impl LeaderElection {
                     })
                 }
                 Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) && !created => {
-                    self.create_table(guard).await?;
+                    self.create_table(guard.pglock_client()).await?;
                     created = true;
                 }
                 Err(error) => return Err(self.term_table_error(error)),

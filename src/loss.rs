@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, Row};
@@ -24,9 +24,31 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 
 /// How a held lock's connection is watched for loss.
 ///
-/// Every `interval` the connection's monitor sends one probe: a single prepared statement that
-/// returns the backend's pid and which of the watched locks are missing from `pg_locks` for
-/// that backend. A probe that gets no answer within `probe_timeout` counts as loss.
+/// Every `interval` the connection's monitor sends one probe, which gets `probe_timeout` to
+/// answer; one that does not counts as loss. There are two probes:
+///
+/// - the **cheap probe**, `SELECT pg_backend_pid()`: the connection is alive, reaches the
+///   backend that took the locks, and a transaction-scoped lock's transaction has not failed.
+///   Its cost is that of `SELECT 1`, whatever the size of the server's lock table;
+/// - the **full probe**, which also asks `pg_lock_status()` which of the watched locks the
+///   backend no longer holds. That function copies the server's whole lock table, so its cost
+///   grows with every lock of every session (about 10 ms of server CPU with 10,000 advisory
+///   locks held elsewhere).
+///
+/// A session's advisory locks change only through its own statements, or with its end. pglock's
+/// own statements never release a lock they were not sent for, so only a statement of yours on
+/// the lock's connection can release a lock behind pglock's back (`pg_advisory_unlock_all()`,
+/// `pg_advisory_unlock`, `DISCARD ALL`, or `COMMIT` / `ROLLBACK` of a transaction-scoped lock's
+/// transaction). The monitor sends the full probe:
+///
+/// - for a lock it has not checked yet (the first probe after
+///   [`loss_signal`](crate::AdvisoryLockGuard::loss_signal));
+/// - after the client was handed to you: a guard's `Deref` (`guard.execute(...)`), or a
+///   [`Session`](crate::Session)'s `Deref` or [`client`](crate::Session::client). Every probe
+///   that starts within one `interval` of the hand-over, and the first one after, is full;
+/// - every [`full_check_interval`](Self::full_check_interval) (default 10 min) in any case.
+///
+/// The cheap probe the rest of the time.
 ///
 /// # Detection bound
 ///
@@ -35,14 +57,27 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// `2 × probe_timeout` otherwise, plus the time the Tokio runtime takes to run the monitor.
 /// The bound is counted from the later of the loss and the first
 /// [`loss_signal`](crate::AdvisoryLockGuard::loss_signal) /
-/// [`is_lost`](crate::AdvisoryLockGuard::is_lost) call on the guard. A connection that closes
-/// under a [`Session::connect`](crate::Session::connect) session is reported at once.
+/// [`is_lost`](crate::AdvisoryLockGuard::is_lost) call on the guard. It covers: the connection
+/// closed or reset, the backend terminated, the server restarted or failed over, a dead
+/// network path, `idle_session_timeout`, another backend behind a pooler, a failed statement in
+/// a transaction-scoped lock's transaction, and a lock released by a statement of yours that
+/// you send within one `interval` of taking the client for it (as `guard.execute(...).await`
+/// does: each such call takes the client anew). A connection that closes under a
+/// [`Session::connect`](crate::Session::connect) session is reported at once.
+///
+/// A lock released by a statement you send through a `&Client` kept longer than one
+/// `interval` is reported within [`full_check_bound`](Self::full_check_bound):
+/// `full_check_interval + detection_bound()`.
 ///
 /// The probe runs on the lock's own connection, behind any statement of yours in flight there.
 /// A statement of yours that runs longer than `probe_timeout` makes the probe time out, which
 /// is reported as loss ([`LossReason::ProbeTimedOut`]): pglock cannot tell a busy connection
 /// from a dead network path. Run long statements on another connection, or raise
 /// `probe_timeout` above them.
+///
+/// Several locks on one connection share its monitor: it probes every shortest `interval`
+/// among them, and reports each lock's timeout after that lock's own `probe_timeout`, so each
+/// lock's bound holds whatever the others ask for.
 ///
 /// Durations below 1 ms count as 1 ms.
 ///
@@ -55,6 +90,9 @@ use crate::{AdvisoryKey, LockMode, LockScope};
 /// let fast = HealthCheck::new(Duration::from_millis(200), Duration::from_millis(100));
 /// assert_eq!(fast.detection_bound(), Duration::from_millis(300));
 /// assert_eq!(HealthCheck::default().detection_bound(), Duration::from_secs(2));
+/// // Check the lock table at least once a minute, whatever the connection did.
+/// let often = HealthCheck::default().with_full_check_interval(Duration::from_secs(60));
+/// assert_eq!(often.full_check_bound(), Duration::from_secs(62));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
@@ -62,15 +100,18 @@ pub struct HealthCheck {
     pub interval: Duration,
     /// How long a probe may take before the lock counts as lost (default 1 s).
     pub probe_timeout: Duration,
+    /// The longest time between two full probes, which check the server's lock table (default
+    /// 10 min). `Duration::ZERO` makes every probe a full one.
+    pub full_check_interval: Duration,
 }
+
+/// The default [`HealthCheck::full_check_interval`].
+const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 
 impl Default for HealthCheck {
     /// One probe per second, each given one second to answer: loss is reported within 2 s.
     fn default() -> Self {
-        HealthCheck {
-            interval: Duration::from_secs(1),
-            probe_timeout: Duration::from_secs(1),
-        }
+        HealthCheck::new(Duration::from_secs(1), Duration::from_secs(1))
     }
 }
 
@@ -78,12 +119,21 @@ impl Default for HealthCheck {
 const MIN_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HealthCheck {
-    /// A health check probing every `interval`, each probe allowed `probe_timeout`.
+    /// A health check probing every `interval`, each probe allowed `probe_timeout`, with a
+    /// full probe at least every 10 minutes.
     pub const fn new(interval: Duration, probe_timeout: Duration) -> Self {
         HealthCheck {
             interval,
             probe_timeout,
+            full_check_interval: FULL_CHECK_INTERVAL,
         }
+    }
+
+    /// The same health check with a full probe (the lock-table check) at least every
+    /// `full_check_interval`; `Duration::ZERO` makes every probe a full one.
+    pub const fn with_full_check_interval(mut self, full_check_interval: Duration) -> Self {
+        self.full_check_interval = full_check_interval;
+        self
     }
 
     fn sanitized(&self) -> Self {
@@ -91,7 +141,20 @@ impl HealthCheck {
         HealthCheck {
             interval: self.interval.max(floor),
             probe_timeout: self.probe_timeout.max(floor),
+            full_check_interval: self.full_check_interval,
         }
+    }
+
+    /// The longest time between a lock's release by a statement you sent through a `&Client`
+    /// kept longer than one `interval`, and its report: `full_check_interval +
+    /// detection_bound()`, or `detection_bound()` when every probe is a full one
+    /// (`full_check_interval <= interval`).
+    pub fn full_check_bound(&self) -> Duration {
+        let s = self.sanitized();
+        if s.full_check_interval <= s.interval {
+            return self.detection_bound();
+        }
+        s.full_check_interval + self.detection_bound()
     }
 
     /// The longest time between a loss and its report:
@@ -238,6 +301,11 @@ static PROBE_SQL: &str = "SELECT pg_backend_pid(), \
      AND l.objsubid = h.subid \
      AND l.mode = CASE WHEN h.shared THEN 'ShareLock' ELSE 'ExclusiveLock' END";
 
+/// The cheap probe: this backend's pid. Its cost does not depend on the server's lock table.
+/// An answer says the connection is alive, reaches the backend that took the locks, and (for a
+/// transaction-scoped lock) that its transaction has not failed (`25P02` otherwise).
+static CHEAP_PROBE_SQL: &str = "SELECT pg_backend_pid()";
+
 /// Why a held lock is, or must be assumed, lost.
 ///
 /// Every reason but [`Released`](Self::Released) means the server may already have granted
@@ -326,7 +394,9 @@ impl fmt::Display for LossReason {
 /// server restarted, the network path died (no reset: packets simply stop), the server or a
 /// pooler ended the session (`idle_session_timeout`), the backend changed (transaction
 /// pooler), or the lock is no longer in `pg_locks` for the holder's backend. Each is reported
-/// within [`HealthCheck::detection_bound`].
+/// within [`HealthCheck::detection_bound`], except a lock released by a statement you sent
+/// through a `&Client` kept for longer than one interval: within
+/// [`HealthCheck::full_check_bound`] (see [`HealthCheck`]).
 ///
 /// # Examples
 ///
@@ -397,7 +467,8 @@ pub(crate) struct Monitor {
     state: Mutex<State>,
     /// Wakes the task when it has nothing left to watch.
     idle: Notify,
-    health: HealthCheck,
+    /// Wakes the task waiting for its next probe: a lock was added, probe now.
+    added: Notify,
     /// The end of the connection task, when pglock runs it.
     closed: Option<watch::Receiver<Option<String>>>,
 }
@@ -415,11 +486,14 @@ struct Watched {
     mode: LockMode,
     scope: LockScope,
     backend_pid: i32,
+    /// The health check of this lock (sanitized): the monitor probes as often as the most
+    /// demanding lock it watches asks.
+    health: HealthCheck,
     reason: watch::Sender<Option<LossReason>>,
 }
 
 impl Monitor {
-    fn new(health: HealthCheck, closed: Option<watch::Receiver<Option<String>>>) -> Self {
+    fn new(closed: Option<watch::Receiver<Option<String>>>) -> Self {
         Monitor {
             state: Mutex::new(State {
                 watched: HashMap::new(),
@@ -428,7 +502,7 @@ impl Monitor {
                 generation: 0,
             }),
             idle: Notify::new(),
-            health: health.sanitized(),
+            added: Notify::new(),
             closed,
         }
     }
@@ -474,20 +548,38 @@ impl Monitor {
             ids: Vec::with_capacity(n),
             pids: Vec::with_capacity(n),
             scopes: Vec::with_capacity(n),
+            timeouts: Vec::with_capacity(n),
             keys: Vec::with_capacity(n),
             subids: Vec::with_capacity(n),
             shared: Vec::with_capacity(n),
+            newest: state.next_id,
+            interval: Duration::MAX,
+            loosest_interval: Duration::ZERO,
+            full_check_interval: Duration::MAX,
+            keepalives: None,
         };
         for (&id, watched) in &state.watched {
             let (classid, objid, subid) = watched.key.pg_locks_ids();
+            let health = watched.health;
             batch.ids.push(id);
             batch.pids.push(watched.backend_pid);
             batch.scopes.push(watched.scope);
+            batch.timeouts.push(health.probe_timeout);
             batch
                 .keys
                 .push(((u64::from(classid) << 32) | u64::from(objid)) as i64);
             batch.subids.push(subid);
             batch.shared.push(watched.mode == LockMode::Shared);
+            batch.interval = batch.interval.min(health.interval);
+            batch.loosest_interval = batch.loosest_interval.max(health.interval);
+            batch.full_check_interval = batch.full_check_interval.min(health.full_check_interval);
+            // The server must outlast the slowest detection: the longest keepalive wins.
+            if batch
+                .keepalives
+                .is_none_or(|k: HealthCheck| health.keepalive_timeout() > k.keepalive_timeout())
+            {
+                batch.keepalives = Some(health);
+            }
         }
         Some(batch)
     }
@@ -503,14 +595,79 @@ fn set_once(sender: &watch::Sender<Option<LossReason>>, reason: LossReason) {
     });
 }
 
-/// The watched locks of one probe, as parallel arrays (the probe's parameters).
+/// The watched locks of one probe, as parallel arrays (the full probe's parameters), and the
+/// schedule their health checks ask for.
 struct Batch {
     ids: Vec<u64>,
     pids: Vec<i32>,
     scopes: Vec<LockScope>,
+    timeouts: Vec<Duration>,
     keys: Vec<i64>,
     subids: Vec<i16>,
     shared: Vec<bool>,
+    /// Ids below this were registered when the batch was taken.
+    newest: u64,
+    /// The shortest interval of the watched locks: the time between two probes.
+    interval: Duration,
+    /// The longest interval of the watched locks.
+    loosest_interval: Duration,
+    /// The shortest fallback cadence of the full check.
+    full_check_interval: Duration,
+    /// The health check whose keepalive timeout is the longest.
+    keepalives: Option<HealthCheck>,
+}
+
+/// When the monitor checks the server's lock table (the full probe) rather than only the
+/// connection's liveness and backend (the cheap probe).
+///
+/// A session's advisory locks change only through its own statements (or its end, which the
+/// cheap probe sees). pglock's own statements on the connection never release another lock's
+/// key, so the full probe is needed only for locks it has not checked yet, after the caller
+/// was handed the client (it may have run `pg_advisory_unlock_all()`, `DISCARD ALL`, or ended
+/// a transaction-scoped lock's transaction), and as a fallback every `full_check_interval`.
+#[derive(Default)]
+struct FullCheckSchedule {
+    /// Locks with ids below this have been seen by a full probe that answered.
+    checked_below: u64,
+    /// The borrow count the last probe saw.
+    borrows_seen: Option<u64>,
+    /// After a new borrow: probes are full until the first one starting at or after this.
+    full_until: Option<Instant>,
+    /// When the last full probe that answered started.
+    last_full: Option<Instant>,
+}
+
+impl FullCheckSchedule {
+    /// Whether the probe starting `now` with `batch`, on a connection whose client has been
+    /// handed out `borrows` times, must be the full one.
+    fn full(&mut self, batch: &Batch, borrows: u64, now: Instant) -> bool {
+        let mut full = batch.ids.iter().any(|&id| id >= self.checked_below);
+        if self.borrows_seen != Some(borrows) {
+            // A statement of the caller's sent through that borrow up to one interval later
+            // still finds a full probe after it, which starts within one interval.
+            let first = self.borrows_seen.is_none();
+            self.borrows_seen = Some(borrows);
+            if !first || borrows > 0 {
+                self.full_until = Some(now + batch.loosest_interval);
+                full = true;
+            }
+        } else if let Some(until) = self.full_until {
+            full = true;
+            if now >= until {
+                self.full_until = None;
+            }
+        }
+        match self.last_full {
+            Some(last) if now.saturating_duration_since(last) < batch.full_check_interval => full,
+            _ => true,
+        }
+    }
+
+    /// A full probe started at `started` has answered.
+    fn checked(&mut self, batch: &Batch, started: Instant) {
+        self.checked_below = self.checked_below.max(batch.newest);
+        self.last_full = Some(started);
+    }
 }
 
 /// A guard's place in its connection's monitor.
@@ -533,11 +690,10 @@ impl Registration {
     ) -> Self {
         let monitor = conn
             .monitor_slot()
-            .get_or_init(|| {
-                let health = conn.health().or(health).unwrap_or_default();
-                Arc::new(Monitor::new(health, conn.closed_watch()))
-            })
+            .get_or_init(|| Arc::new(Monitor::new(conn.closed_watch())))
             .clone();
+        // A session's own health check applies to every lock on it.
+        let health = conn.health().or(health).unwrap_or_default().sanitized();
         let runtime = Handle::try_current()
             .expect("pglock's loss monitor runs on Tokio: call loss_signal() or is_lost() within a Tokio runtime");
         let (sender, reason) = watch::channel(None);
@@ -552,6 +708,7 @@ impl Registration {
                     mode,
                     scope,
                     backend_pid,
+                    health,
                     reason: sender,
                 },
             );
@@ -562,12 +719,17 @@ impl Registration {
             }
             (id, start.then_some(state.generation))
         };
-        if let Some(generation) = start {
-            let running = Running {
-                monitor: monitor.clone(),
-                generation,
-            };
-            runtime.spawn(run(running, conn.downgrade()));
+        match start {
+            Some(generation) => {
+                let running = Running {
+                    monitor: monitor.clone(),
+                    generation,
+                };
+                runtime.spawn(run(running, conn.downgrade()));
+            }
+            // The running task probes at once (or right after the probe in flight), so the new
+            // lock's bound holds whatever the schedule was.
+            None => monitor.added.notify_one(),
         }
         Registration {
             id,
@@ -628,18 +790,20 @@ impl Drop for Running {
     }
 }
 
-/// The monitor task of one connection: probes every interval until nothing is watched, the
-/// connection is gone, or the probe reports a connection-level loss.
+/// The monitor task of one connection: probes every interval (the shortest of the watched
+/// locks') until nothing is watched, the connection is gone, or the probe reports a
+/// connection-level loss.
 async fn run(running: Running, conn: WeakConn) {
     let monitor = &running.monitor;
-    let health = monitor.health;
-    let mut ticks = tokio::time::interval(health.interval);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut closed = monitor.closed.clone();
-    let mut keepalives_set = false;
+    // The longest keepalive timeout set on the server so far.
+    let mut keepalives_set = Duration::ZERO;
+    let mut schedule = FullCheckSchedule::default();
+    // When the last probe started, and the interval it asked for.
+    let mut last: Option<(Instant, Duration)> = None;
     let mut wait = true;
     loop {
-        if wait {
+        if let (true, Some((started, interval))) = (wait, last) {
             tokio::select! {
                 biased;
                 detail = connection_closed(&mut closed) => {
@@ -647,7 +811,8 @@ async fn run(running: Running, conn: WeakConn) {
                     return;
                 }
                 () = monitor.idle.notified() => {}
-                _ = ticks.tick() => {}
+                () = monitor.added.notified() => {}
+                () = tokio::time::sleep_until(started + interval) => {}
             }
         }
         wait = true;
@@ -666,25 +831,64 @@ async fn run(running: Running, conn: WeakConn) {
             });
             return;
         }
-        let keepalives = (!keepalives_set).then_some(&health);
-        let outcome = tokio::select! {
-            biased;
-            detail = connection_closed(&mut closed) => Err(Verdict::Lost(LossReason::ConnectionClosed { detail })),
-            () = monitor.idle.notified() => {
-                // Nothing may be left to watch: look again now, without waiting for the probe.
-                wait = false;
-                continue;
+        let started = Instant::now();
+        last = Some((started, batch.interval));
+        let full = schedule.full(&batch, conn.borrows(), started);
+        let keepalives = batch
+            .keepalives
+            .filter(|k| k.keepalive_timeout() > keepalives_set);
+        // Each lock gets its own probe timeout; the probe is awaited for the longest.
+        let mut waiting: Vec<usize> = (0..batch.ids.len()).collect();
+        let outcome = {
+            let mut answer = std::pin::pin!(probe(&conn, &batch, full, keepalives.as_ref()));
+            loop {
+                let deadline = waiting
+                    .iter()
+                    .map(|&i| batch.timeouts[i])
+                    .min()
+                    .map_or(started, |timeout| started + timeout);
+                tokio::select! {
+                    biased;
+                    detail = connection_closed(&mut closed) => {
+                        break Err(Verdict::Lost(LossReason::ConnectionClosed { detail }));
+                    }
+                    () = monitor.idle.notified() => {
+                        // Nothing may be left to watch: look again now, without waiting for the
+                        // probe.
+                        break Err(Verdict::Abandoned);
+                    }
+                    answer = &mut answer => break match answer {
+                        Ok(answer) => Ok(answer),
+                        Err(error) => Err(classify(&error)),
+                    },
+                    () = tokio::time::sleep_until(deadline) => {
+                        let now = Instant::now();
+                        waiting.retain(|&i| {
+                            let after = batch.timeouts[i];
+                            if started + after > now {
+                                return true;
+                            }
+                            monitor.lose(batch.ids[i], LossReason::ProbeTimedOut { after });
+                            false
+                        });
+                        if waiting.is_empty() {
+                            // Every lock of the batch is lost; a lock added since gets a probe
+                            // (and a timeout) of its own, and with none the task ends.
+                            break Err(Verdict::Abandoned);
+                        }
+                    }
+                }
             }
-            answer = tokio::time::timeout(health.probe_timeout, probe(&conn, &batch, keepalives)) => match answer {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(error)) => Err(classify(&error)),
-                Err(_) => Err(Verdict::Lost(LossReason::ProbeTimedOut { after: health.probe_timeout })),
-            },
         };
         drop(conn);
         match outcome {
             Ok((pid, missing)) => {
-                keepalives_set = true;
+                if let Some(health) = keepalives {
+                    keepalives_set = health.keepalive_timeout();
+                }
+                if full {
+                    schedule.checked(&batch, started);
+                }
                 for (i, &id) in batch.ids.iter().enumerate() {
                     let expected = batch.pids[i];
                     if expected != pid {
@@ -703,6 +907,7 @@ async fn run(running: Running, conn: WeakConn) {
             Err(Verdict::TransactionFailed) => monitor.lose_transaction_locks(&batch),
             // The backend answered, but not the question. Ask again next tick.
             Err(Verdict::Inconclusive) => {}
+            Err(Verdict::Abandoned) => wait = false,
             Err(Verdict::Lost(reason)) => {
                 monitor.lose_all(reason);
                 return;
@@ -722,32 +927,37 @@ async fn connection_closed(closed: &mut Option<watch::Receiver<Option<String>>>)
     }
 }
 
-/// Runs one probe: `(backend pid, sorted 1-based positions of the missing locks)`.
+/// Runs one probe, the full one or the cheap one: `(backend pid, sorted 1-based positions of
+/// the missing locks)` (none for the cheap probe).
 async fn probe(
     conn: &Conn,
     batch: &Batch,
+    full: bool,
     keepalives: Option<&HealthCheck>,
 ) -> Result<(i32, Vec<i64>), tokio_postgres::Error> {
     let client = conn.client();
     let mut row = match keepalives {
-        // Once per monitor, pipelined with the first probe: no extra round trip.
+        // Pipelined with the probe: no extra round trip.
         Some(health) => {
             let (_, row) = futures_util::future::join(
                 apply_server_keepalives(client, health),
-                probe_once(conn, batch),
+                probe_once(conn, batch, full),
             )
             .await;
             row
         }
-        None => probe_once(conn, batch).await,
+        None => probe_once(conn, batch, full).await,
     };
     // A cancel request meant for an abandoned wait on this session can arrive late and hit the
     // probe; that says nothing about the lock, so ask once more.
     if matches!(&row, Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED)) {
-        row = probe_once(conn, batch).await;
+        row = probe_once(conn, batch, full).await;
     }
     let row = row?;
     let pid: i32 = row.try_get(0)?;
+    if !full {
+        return Ok((pid, Vec::new()));
+    }
     let mut missing: Vec<i64> = row.try_get(1)?;
     missing.sort_unstable();
     Ok((pid, missing))
@@ -757,7 +967,20 @@ async fn probe(
 /// prepared one is unknown to the backend that answers: behind a transaction pooler, the
 /// backend may not be the one the statement was prepared on, and the probe must still reach
 /// the answering backend to tell that it changed.
-async fn probe_once(conn: &Conn, batch: &Batch) -> Result<Row, tokio_postgres::Error> {
+async fn probe_once(conn: &Conn, batch: &Batch, full: bool) -> Result<Row, tokio_postgres::Error> {
+    if !full {
+        let prepared = match conn.prepare(CHEAP_PROBE_SQL).await {
+            Ok(statement) => conn.client().query_one(&statement, &[]).await,
+            Err(error) => Err(error),
+        };
+        return match prepared {
+            Err(error) if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) => {
+                let mut rows = conn.client().query_typed(CHEAP_PROBE_SQL, &[]).await?;
+                Ok(rows.pop().expect("the probe returns one row"))
+            }
+            other => other,
+        };
+    }
     let params: [&(dyn ToSql + Sync); 3] = [&batch.keys, &batch.subids, &batch.shared];
     let prepared = match conn.prepare(PROBE_SQL).await {
         Ok(statement) => conn.client().query_one(&statement, &params).await,
@@ -787,6 +1010,9 @@ enum Verdict {
     TransactionFailed,
     /// Nothing: a cancel request meant for something else hit the probe twice.
     Inconclusive,
+    /// Not waited for any more: the monitor may have nothing left to watch, or every lock of
+    /// the batch has timed out.
+    Abandoned,
 }
 
 fn classify(error: &tokio_postgres::Error) -> Verdict {
@@ -842,6 +1068,55 @@ mod tests {
             let s = h.sanitized();
             assert!(h.keepalive_timeout() > s.interval.max(s.probe_timeout) + h.detection_bound());
         }
+    }
+
+    fn batch_of(ids: &[u64], newest: u64, interval_ms: u64, full_ms: u64) -> Batch {
+        let n = ids.len();
+        Batch {
+            ids: ids.to_vec(),
+            pids: vec![1; n],
+            scopes: vec![LockScope::Session; n],
+            timeouts: vec![Duration::from_millis(100); n],
+            keys: vec![0; n],
+            subids: vec![1; n],
+            shared: vec![false; n],
+            newest,
+            interval: Duration::from_millis(interval_ms),
+            loosest_interval: Duration::from_millis(interval_ms),
+            full_check_interval: Duration::from_millis(full_ms),
+            keepalives: None,
+        }
+    }
+
+    #[test]
+    fn the_full_probe_runs_when_the_locks_could_have_changed() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let batch = batch_of(&[0], 1, 100, 1000);
+        let mut schedule = FullCheckSchedule::default();
+        // A new lock: full, and again until a full probe has answered.
+        assert!(schedule.full(&batch, 0, at(0)));
+        assert!(schedule.full(&batch, 0, at(100)));
+        schedule.checked(&batch, at(100));
+        // Idle: cheap.
+        assert!(!schedule.full(&batch, 0, at(200)));
+        assert!(!schedule.full(&batch, 0, at(300)));
+        // The client handed out: full at once, for one interval, and the first probe after.
+        assert!(schedule.full(&batch, 1, at(350)));
+        schedule.checked(&batch, at(350));
+        assert!(schedule.full(&batch, 1, at(400)));
+        assert!(schedule.full(&batch, 1, at(450)));
+        assert!(!schedule.full(&batch, 1, at(550)));
+        // The fallback cadence: a full probe once `full_check_interval` has passed.
+        assert!(!schedule.full(&batch, 1, at(1300)));
+        assert!(schedule.full(&batch, 1, at(1350)));
+        schedule.checked(&batch, at(1350));
+        assert!(!schedule.full(&batch, 1, at(1450)));
+        // A lock added: full until it is checked.
+        let grown = batch_of(&[0, 1], 2, 100, 1000);
+        assert!(schedule.full(&grown, 1, at(1500)));
+        schedule.checked(&grown, at(1500));
+        assert!(!schedule.full(&grown, 1, at(1600)));
     }
 
     #[test]

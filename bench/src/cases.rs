@@ -280,12 +280,13 @@ pub static CASES: &[Case] = &[
         lockset_try_lock_pipelined
     ),
     case!(once "pglock_loss_probes_10k_held", "6 loss probes", loss_probes),
+    case!(once "pglock_probe_cost_10k_elsewhere", "7 probe cost", probe_cost),
 ];
 
 /// A plain tokio-postgres client with the statements a fair baseline prepares once.
 pub(crate) struct Raw {
     pub(crate) client: Client,
-    select_1: Statement,
+    pub(crate) select_1: Statement,
     pub(crate) lock: Statement,
     pub(crate) unlock: Statement,
     try_lock: Statement,
@@ -1086,4 +1087,121 @@ async fn loss_probes(env: &Env, _: Duration) -> Sample {
             "client_cpu_ms_per_s_watching",
             elapsed.cpu.as_secs_f64() * 1e3 / elapsed.wall.as_secs_f64(),
         )
+}
+
+/// Scenario 7's sizes: the locks another session holds, the probe interval, and the window
+/// over which the backends' CPU is read.
+const LOCKS_ELSEWHERE: i64 = 10_000;
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+const PROBE_COST_WINDOW: Duration = Duration::from_secs(10);
+
+/// The CPU time the server process `pid` has used so far, from `/proc/PID/schedstat`
+/// (nanoseconds on the CPU); `None` when the server is not on this machine.
+fn backend_cpu(pid: i32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// The full probe as the loss monitor sends it, for one key (its cost is that of
+/// `pg_lock_status()`, which copies the whole lock table).
+const FULL_PROBE: &str = "SELECT pg_backend_pid(), \
+     coalesce(array_agg(h.n) FILTER (WHERE l.pid IS NULL), '{}')::int8[] \
+     FROM unnest($1::int8[], $2::int2[], $3::bool[]) WITH ORDINALITY AS h(key, subid, shared, n) \
+     LEFT JOIN pg_lock_status() AS l \
+     ON l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted \
+     AND l.classid = ((h.key >> 32) & 4294967295)::oid \
+     AND l.objid = (h.key & 4294967295)::oid \
+     AND l.objsubid = h.subid \
+     AND l.mode = CASE WHEN h.shared THEN 'ShareLock' ELSE 'ExclusiveLock' END";
+
+/// Scenario 7: another session holds 10,000 advisory locks; a watched guard's connection
+/// (`HealthCheck` interval 5 ms) and a plain session running a prepared `SELECT 1` every 5 ms
+/// run side by side for 10 s, and the server CPU of both backends is read from
+/// `/proc/PID/schedstat` over the same window (after the watched lock's first probe, which is
+/// the full one). `ops` is the number of `SELECT 1`s. Also: the server CPU of one full probe
+/// (the loss monitor's lock-table check) with the same table, over 20 of them.
+async fn probe_cost(env: &Env, _: Duration) -> Sample {
+    let keys = env.keys(LOCKS_ELSEWHERE as usize + 1);
+    let holder = connect(&env.url).await;
+    let held: i64 = holder
+        .query_one(
+            "SELECT count(pg_advisory_lock(k)) FROM generate_series($1::int8, $1::int8 + $2::int8 - 1) AS k",
+            &[&keys[0], &LOCKS_ELSEWHERE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, LOCKS_ELSEWHERE);
+    let health = pglock::HealthCheck::new(PROBE_EVERY, Duration::from_secs(1));
+    let session = Arc::new(Session::connect(&env.url).await.unwrap());
+    let guard = AdvisoryLock::new(session.clone(), keys[LOCKS_ELSEWHERE as usize])
+        .health_check(health)
+        .lock()
+        .await
+        .unwrap();
+    let watched_pid = AdvisoryLockGuard::backend_pid(&guard);
+    let signal = AdvisoryLockGuard::loss_signal(&guard);
+    let plain = Raw::connect(&env.url).await;
+    let plain_pid: i32 = plain
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The first probe (the full one, with the server's keepalive settings) is not counted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (Some(watched_0), Some(plain_0)) = (backend_cpu(watched_pid), backend_cpu(plain_pid))
+    else {
+        eprintln!("7 probe cost: the server's backends are not on this machine; skipped");
+        return Sample::new(0, Stopwatch::start().stop());
+    };
+    let start = Stopwatch::start();
+    let mut ticks = tokio::time::interval(PROBE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ops = 0u64;
+    while start.elapsed() < PROBE_COST_WINDOW {
+        ticks.tick().await;
+        plain.client.query_one(&plain.select_1, &[]).await.unwrap();
+        ops += 1;
+    }
+    let watched_cpu = backend_cpu(watched_pid).unwrap() - watched_0;
+    let plain_cpu = backend_cpu(plain_pid).unwrap() - plain_0;
+    let elapsed = start.stop();
+    assert!(!signal.is_lost(), "{:?}", signal.reason());
+    // One full probe's server CPU, against the same table.
+    let full = plain.client.prepare(FULL_PROBE).await.unwrap();
+    let key = vec![keys[0]];
+    let (subid, shared) = (vec![1i16], vec![false]);
+    plain
+        .client
+        .query_one(&full, &[&key, &subid, &shared])
+        .await
+        .unwrap();
+    let before = backend_cpu(plain_pid).unwrap();
+    const FULL_PROBES: u32 = 20;
+    for _ in 0..FULL_PROBES {
+        plain
+            .client
+            .query_one(&full, &[&key, &subid, &shared])
+            .await
+            .unwrap();
+    }
+    let full_cpu = (backend_cpu(plain_pid).unwrap() - before) / FULL_PROBES;
+    drop(signal);
+    AdvisoryLockGuard::unlock(guard).await.unwrap();
+    drop(session);
+    drop(holder);
+    env.wait_released().await;
+    let per_s = |cpu: Duration| cpu.as_secs_f64() * 1e3 / elapsed.wall.as_secs_f64();
+    Sample::new(ops, elapsed)
+        .with("locks_held_elsewhere", LOCKS_ELSEWHERE as f64)
+        .with("interval_ms", PROBE_EVERY.as_secs_f64() * 1e3)
+        .with("watched_server_cpu_ms_per_s", per_s(watched_cpu))
+        .with("select_1_server_cpu_ms_per_s", per_s(plain_cpu))
+        .with(
+            "watched_over_select_1",
+            watched_cpu.as_secs_f64() / plain_cpu.as_secs_f64(),
+        )
+        .with("full_probe_server_ms", full_cpu.as_secs_f64() * 1e3)
 }

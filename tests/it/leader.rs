@@ -16,10 +16,7 @@ use crate::support::TcpProxy;
 
 /// A health check quick enough for tests: loss is reported within 500 ms (`max(interval, probe_timeout) + probe_timeout`).
 fn fast_health() -> HealthCheck {
-    HealthCheck {
-        interval: Duration::from_millis(100),
-        probe_timeout: Duration::from_millis(250),
-    }
+    HealthCheck::new(Duration::from_millis(100), Duration::from_millis(250))
 }
 
 /// A leadership name no other test uses.
@@ -102,10 +99,7 @@ async fn graceful_step_down_hands_over_at_once() {
     let db = TestDb::new("leader_step_down").await;
     let name = unique_name("step-down");
     // A health check so slow that a takeover by timeout would take 10 s.
-    let slow = HealthCheck {
-        interval: Duration::from_secs(10),
-        probe_timeout: Duration::from_secs(5),
-    };
+    let slow = HealthCheck::new(Duration::from_secs(10), Duration::from_secs(5));
     let (pool_a, pool_b) = (db.pool(2), db.pool(2));
     let a = LeaderElection::new(&pool_a, &name).health_check(slow);
     let b = Arc::new(LeaderElection::new(&pool_b, &name).health_check(slow));

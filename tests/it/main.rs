@@ -18,6 +18,7 @@ mod handoff;
 mod leader;
 mod lock_set;
 mod loss;
+mod loss_probe;
 // The library's metrics (feature `metrics`, which `cli` turns on).
 #[cfg(feature = "metrics")]
 mod lib_metrics;
