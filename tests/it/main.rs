@@ -26,6 +26,7 @@ mod partition;
 mod pgbouncer;
 mod release;
 mod send_sync;
+mod soak;
 mod support_selftest;
 mod timeouts;
 mod tls;
