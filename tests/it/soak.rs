@@ -64,6 +64,9 @@ const KEY_CLASS: i64 = 0x504C_534B;
 /// Keys per run: few, so that the tasks contend.
 const KEYS: u32 = 6;
 
+/// An acquisition that waits this long waits for a lock that nobody holds any more.
+const STUCK: Duration = Duration::from_secs(15);
+
 /// The environment variable that makes this binary the soak's second process.
 const PEER_ENV: &str = "PGLOCK_SOAK_PEER";
 
@@ -305,6 +308,15 @@ impl Ctx {
         LockSet::from_sessions(sessions).unwrap()
     }
 
+    /// Notes what the worker of `holder` is doing now.
+    fn stage(&self, holder: &str, what: String) {
+        let worker = holder.split(':').nth(1).unwrap_or(holder).to_owned();
+        if let Some(entry) = self.doing.lock().unwrap().get_mut(&worker) {
+            entry.0 = format!("{holder} {what}");
+            entry.1 = Instant::now();
+        }
+    }
+
     fn id(&self) -> u64 {
         self.next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -421,6 +433,14 @@ fn random_op(rng: &mut StdRng, path: Path) -> Op {
         4..=6 => Method::TryLock,
         7..=8 => Method::TryFor(Duration::from_micros(rng.gen_range(0..30_000))),
         _ => Method::TryUntil(Duration::from_micros(rng.gen_range(0..30_000))),
+    };
+    // A set's `lock` polls, and a poller mostly loses to the queued waiters of the other
+    // paths: bound most of its waits, so that its worker gets on.
+    let method = match method {
+        Method::Lock if path == Path::Set && rng.gen_bool(0.8) => {
+            Method::TryFor(Duration::from_micros(rng.gen_range(0..50_000)))
+        }
+        other => other,
     };
     let cancel = match rng.gen_range(0..100) {
         0..=54 => Cancel::None,
@@ -816,23 +836,48 @@ async fn release(ctx: &Ctx, op: &Op, held: Held) {
 /// One operation, in a task of its own (so that it can be aborted or panic).
 async fn operation(ctx: Arc<Ctx>, op: Op, target: Target, holder: String) {
     let acquisition = acquire(target, op);
-    let outcome = match op.cancel {
-        Cancel::AfterPolls(n) => drop_after_polls(acquisition, n).await,
-        Cancel::Timeout(d) => tokio::time::timeout(d, acquisition).await.ok(),
-        _ => Some(acquisition.await),
-    };
+    let outcome = tokio::time::timeout(STUCK, async {
+        match op.cancel {
+            Cancel::AfterPolls(n) => drop_after_polls(acquisition, n).await,
+            Cancel::Timeout(d) => tokio::time::timeout(d, acquisition).await.ok(),
+            _ => Some(acquisition.await),
+        }
+    })
+    .await;
     let label = op.label();
+    let Ok(outcome) = outcome else {
+        let polls = op.polling || (op.path == Path::Set && !op.shared);
+        if polls {
+            // A polling wait is unfair: the server grants each release to its queued waiters
+            // first, so under contention a poller may wait this long.
+            ctx.tally
+                .count(format!("polling-gave-up-after-{}s", STUCK.as_secs()));
+        } else {
+            // Every hold ends within 1.2 s, and a deadlock is broken within a second, so a
+            // queued wait this long waits for a key held by nobody: a leak, which the final
+            // check reports.
+            ctx.tally.violation(
+                None,
+                format!("{holder}: an acquisition of {label} waited {STUCK:?}: {op:?}"),
+            );
+        }
+        return;
+    };
     match outcome {
         None => ctx.tally.count("cancelled-acquisitions"),
         Some(Err(error)) => judge_error(&ctx, &op, "acquire", &error),
         Some(Ok(None)) => ctx.tally.count(format!("busy/{label}")),
         Some(Ok(Some(held))) => {
             ctx.tally.count(format!("granted/{label}"));
+            let pid = AdvisoryLockGuard::backend_pid(held.guard());
+            ctx.stage(&holder, format!("in its critical section on {pid}: {op:?}"));
             if critical(&ctx, &op, &held, &holder).await {
+                ctx.stage(&holder, format!("releasing on {pid}: {op:?}"));
                 release(&ctx, &op, held).await;
             }
         }
     }
+    ctx.stage(&holder, format!("done: {op:?}"));
 }
 
 /// One worker: operations on `path` until the deadline.
@@ -840,8 +885,17 @@ async fn worker(ctx: Arc<Ctx>, path: Path, index: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut session: Option<Arc<Session>> = None;
     let mut n = 0u64;
+    let name = format!("{}{index}", path.name());
     while Instant::now() < ctx.deadline {
-        let op = random_op(&mut rng, path);
+        let mut op = random_op(&mut rng, path);
+        if op.shared_txn() && ctx.plan.allowed.contains(SHARED_TXN) {
+            // With that defect tolerated, its fallout (other tasks' statements, unlocks
+            // included, failing in the lock's failed transaction) is kept out of the run.
+            op.scope = LockScope::Session;
+            if matches!(op.release, Release::Commit | Release::Rollback) {
+                op.release = Release::Unlock;
+            }
+        }
         let key = ctx.plan.key(op.key);
         let target = match path {
             Path::Pool => Target::Lock(AdvisoryLock::new(&ctx.pool, key).health_check(HEALTH)),
@@ -877,7 +931,7 @@ async fn worker(ctx: Arc<Ctx>, path: Path, index: usize, seed: u64) {
         ctx.tally.count(format!("ops/{}", path.name()));
         ctx.doing.lock().unwrap().insert(
             format!("{}{index}", path.name()),
-            (format!("{holder} {op:?}"), Instant::now()),
+            (format!("{holder} acquiring: {op:?}"), Instant::now()),
         );
         let task = tokio::spawn(operation(ctx.clone(), op, target, holder));
         match op.cancel {
@@ -914,6 +968,7 @@ async fn worker(ctx: Arc<Ctx>, path: Path, index: usize, seed: u64) {
             },
         }
     }
+    ctx.doing.lock().unwrap().remove(&name);
 }
 
 /// A task that runs its own statements on a shared session beside the lock tasks: none of them
@@ -1154,6 +1209,45 @@ async fn dump(ctx: &Ctx) {
     }
 }
 
+/// Checks that no backend of this process holds or awaits a soak key once its workers ended
+/// (the guards' releases finish in the background within a round trip or so).
+async fn check_left(ctx: &Ctx) {
+    let (classid, _, _) = ctx.plan.key(0).pg_locks_ids();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = ctx
+            .db
+            .admin()
+            .query(
+                "SELECT a.pid::text || ' ' || coalesce(a.state, '') || ' [' || a.query || '] '
+                        || l.objid::text || ' ' || l.mode || ' ' || l.granted::text
+                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.classid = $1::int8::oid
+                   AND a.application_name = $2",
+                &[&i64::from(classid), &ctx.db.app],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            ctx.tally.violation(
+                None,
+                format!(
+                    "locks left by the {} process's backends: {left:?}",
+                    ctx.process
+                ),
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Checks what a process left: every pooled connection clean.
 async fn check_pools(ctx: &Ctx) {
     for (name, pool) in [("pool", &ctx.pool), ("cohort pool", &ctx.cohort_pool)] {
@@ -1232,6 +1326,7 @@ async fn soak() {
         .spawn()
         .expect("start the second process");
     let ctx = run_process(plan.clone(), "first", true).await;
+    check_left(&ctx).await;
     let peer = tokio::time::timeout(Duration::from_secs(plan.secs + 60), peer.wait_with_output())
         .await
         .expect("the second process finished")
@@ -1270,7 +1365,25 @@ async fn soak() {
             break;
         }
         if Instant::now() > deadline {
-            violations.push(format!("{left} advisory lock(s) left on the soak's keys"));
+            let holders: Vec<String> = admin
+                .admin()
+                .query(
+                    "SELECT a.pid::text || ' ' || a.application_name || ' ' || coalesce(a.state, '')
+                            || ' [' || a.query || '] ' || l.objid::text || ' ' || l.mode || ' '
+                            || l.granted::text
+                     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.locktype = 'advisory' AND l.classid = $1::int8::oid
+                       AND l.objid::int8 = ANY($2)",
+                    &[&i64::from(classid), &keys],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            violations.push(format!(
+                "{left} advisory lock(s) left on the soak's keys: {holders:?}"
+            ));
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1364,6 +1477,7 @@ async fn soak_peer() {
     let plan = Plan::decode(&encoded);
     install_panic_hook();
     let ctx = run_process(plan, "second", false).await;
+    check_left(&ctx).await;
     check_pools(&ctx).await;
     for panic in PANICS.lock().unwrap().iter() {
         let known = panic
