@@ -28,10 +28,17 @@
 //! Seed: `PGLOCK_SOAK_SEED` (else random; printed at the start). Duration: `PGLOCK_SOAK_SECS`
 //! (default 45). The counts are printed at the end (`SOAK |` lines).
 //!
-//! Defects known from issue 21 (a transaction-scoped lock on a shared `Session` that is lost
-//! while its guard lives on, stray cancels hitting statements on a `Session`, a panic of a
-//! background task) each have a named check, on by default. `PGLOCK_SOAK_ALLOW=shared-txn,
-//! stray-cancel,background-panic` (any of them) counts their findings instead of failing.
+//! Defects known from issue 21 each have a named check, on by default: `shared-txn` (a
+//! transaction-scoped lock on a shared `Session` lost while its guard lives on, and other
+//! tasks' statements, unlocks included, run in its failed transaction), `stray-cancel` (an
+//! abandoned wait's cancel request ending another statement on a `Session`: a user statement,
+//! a bystander's, another acquisition), `background-panic` (a panic in a pglock background
+//! task, e.g. "`async fn` resumed after completion"). `PGLOCK_SOAK_ALLOW=shared-txn,
+//! stray-cancel,background-panic` (any of them) counts their findings instead of failing; with
+//! `shared-txn` allowed, no transaction-scoped lock is taken on a shared session (its fallout,
+//! keys left held by unlocks that failed in the lock's failed transaction, would hide the rest).
+//! Waits are bounded (`STUCK`): a queued wait that long fails the run (a key held by nobody);
+//! a polling wait that long is counted (polling is unfair).
 //!
 //! Each worker's choices come from its own generator seeded from the run's seed, so a seed
 //! replays the same sequence of choices; the interleaving, and so the outcome, is the
@@ -1259,7 +1266,17 @@ async fn check_pools(ctx: &Ctx) {
         let size = pool.status().size;
         let mut objects = Vec::new();
         for _ in 0..size {
-            objects.push(pool.get().await.expect("a pooled connection"));
+            match tokio::time::timeout(Duration::from_secs(5), pool.get()).await {
+                Ok(Ok(object)) => objects.push(object),
+                Ok(Err(error)) => ctx.tally.violation(
+                    None,
+                    format!("{name}: no connection from the pool at the end: {error}"),
+                ),
+                Err(_) => ctx.tally.violation(
+                    None,
+                    format!("{name}: a pooled connection never came back to the pool"),
+                ),
+            }
         }
         for object in &objects {
             if object.is_closed() {
