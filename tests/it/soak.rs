@@ -1465,7 +1465,7 @@ async fn soak() {
     }
     violations.extend(report(&ctx));
     eprintln!(
-        "SOAK | total | operations {} | intervals recorded (both processes) {intervals} | seed {}",
+        "SOAK | total | operations of the first process {} | intervals recorded (both processes) {intervals} | seed {}",
         ctx.tally.get("ops/pool")
             + ctx.tally.get("ops/dedicated-session")
             + ctx.tally.get("ops/shared-session")
