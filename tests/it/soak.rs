@@ -452,7 +452,9 @@ fn random_op(rng: &mut StdRng, path: Path) -> Op {
     let cancel = match rng.gen_range(0..100) {
         0..=54 => Cancel::None,
         55..=69 => Cancel::AfterPolls(rng.gen_range(1..=6)),
-        70..=86 => Cancel::Timeout(Duration::from_micros(rng.gen_range(0..2_000))),
+        // A zero timeout drops the acquisition after its first poll, with its statement sent.
+        70..=74 => Cancel::Timeout(Duration::ZERO),
+        75..=86 => Cancel::Timeout(Duration::from_micros(rng.gen_range(0..2_000))),
         87..=94 => Cancel::Abort(Duration::from_micros(rng.gen_range(0..3_000))),
         _ => Cancel::Panic,
     };
@@ -853,7 +855,8 @@ async fn operation(ctx: Arc<Ctx>, op: Op, target: Target, holder: String) {
     .await;
     let label = op.label();
     let Ok(outcome) = outcome else {
-        let polls = op.polling || (op.path == Path::Set && !op.shared);
+        // A set's locks all poll (its `advisory_lock` has the set's polling strategy).
+        let polls = op.polling || op.path == Path::Set;
         if polls {
             // A polling wait is unfair: the server grants each release to its queued waiters
             // first, so under contention a poller may wait this long.
