@@ -27,9 +27,10 @@ use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
+use crate::background;
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, unlock_outcome, Release};
+use crate::guard::{release, unlock_outcome, Release};
 use crate::handoff::ReleaseTask;
 use crate::sql::{self, statement, Checks, Form, Op, PreparedUnlock};
 use crate::trace;
@@ -99,8 +100,9 @@ impl Drop for Waiting {
 /// What a batch answers one request.
 pub(crate) enum Answer {
     Granted(AdvisoryLockGuard),
-    /// Held elsewhere; the pid of the session's backend that asked.
-    Busy(i32),
+    /// Held elsewhere; the pid of the session's backend that asked (`None`: held by another
+    /// guard of the same session, found without asking the server).
+    Busy(Option<i32>),
     /// The server is a standby: nothing was taken.
     Standby,
     /// The batch failed and was undone: ask again alone.
@@ -109,7 +111,8 @@ pub(crate) enum Answer {
     Failed(Error),
 }
 
-/// Asks for `key` exclusively on `session` in the session's next batch.
+/// Asks for `key` exclusively on `session` in the session's next batch, after waiting
+/// in-process as `wait` says (see `Conn::reserve`) while another guard of the session holds it.
 ///
 /// `Ok(Answer::Retry)` when the batch could not answer for this key (its statement failed, or
 /// the runtime is shutting down): nothing is held for it then, and the caller asks alone.
@@ -119,13 +122,23 @@ pub(crate) enum Answer {
 /// Dropping the future marks the key as being cleaned up (new acquisitions of it wait). Before
 /// the batch is sent, the request leaves it; after, the batch finds nobody to hand the guard to
 /// and drops it, which releases the lock as any drop does.
-pub(crate) async fn try_lock(session: &Arc<Session>, key: AdvisoryKey) -> Result<Answer> {
+pub(crate) async fn try_lock(
+    session: &Arc<Session>,
+    key: AdvisoryKey,
+    wait: Option<Option<tokio::time::Instant>>,
+) -> Result<Answer> {
     let Ok(runtime) = Handle::try_current() else {
         return Ok(Answer::Retry);
     };
-    let reservation = Conn::Session(session.clone())
-        .reserve(key, LockScope::Session)
-        .await?;
+    // Held by another guard of the session: busy, as when another session holds it; a
+    // waiting caller (`LockSet::lock`) waits in-process until `wait` instead.
+    let reservation = match Conn::Session(session.clone())
+        .reserve(key, LockScope::Session, wait)
+        .await?
+    {
+        Some(reservation) => reservation,
+        None => return Ok(Answer::Busy(None)),
+    };
     let (reply, answer) = oneshot::channel();
     let claim = Claim(Arc::new(Mutex::new(Some(reservation))));
     let mut waiting = Waiting {
@@ -289,7 +302,7 @@ async fn answer(
             )),
             Some((Some(false), backend_pid)) => {
                 drop(request.claim.take());
-                Answer::Busy(backend_pid)
+                Answer::Busy(Some(backend_pid))
             }
             Some((None, _)) => {
                 drop(request.claim.take());
@@ -355,7 +368,7 @@ impl Drop for InFlight<'_> {
         for key in self.keys {
             let undo = Release::UnlockIfHeld(LockMode::Exclusive);
             let mut release = std::pin::pin!(release(self.conn, &undo, *key));
-            let _ = poll_once(release.as_mut());
+            background::queue_and_forget(release.as_mut());
         }
     }
 }
@@ -398,7 +411,7 @@ pub(crate) fn unlock_together(
         reservations.push(reservation);
     }
     let sql = sql::unlock_batch(mode, form);
-    let mut task: ReleaseTask = Box::pin(async move {
+    let task: ReleaseTask = Box::pin(async move {
         let client = conn.client();
         // Run again once if a late cancel request (for an abandoned wait on the session) ended
         // it, as a single unlock is: the keys would otherwise stay held.
@@ -409,12 +422,10 @@ pub(crate) fn unlock_together(
         report_unlocks(&keys, &pids, result);
     });
     // Queued now, ahead of anything sent later on the session: the keys may be taken again.
-    let _ = poll_once(task.as_mut());
+    // The first poll finishes the task when the connection is closed: only the rest of a
+    // pending task is spawned.
+    background::queue_and_spawn(task);
     drop(reservations);
-    // Without a runtime the statement still runs on the server; only its answer is not read.
-    if let Ok(runtime) = Handle::try_current() {
-        runtime.spawn(task);
-    }
 }
 
 /// Sends a batched unlock statement and reads its rows.

@@ -68,14 +68,29 @@ impl fmt::Debug for Canceller {
 ///
 /// A `Session` wraps a [`tokio_postgres::Client`] (it derefs to it, so you can run your own
 /// queries on it) and remembers which keys pglock holds on it, so that pglock never stacks a
-/// session lock: asking for a key the session already holds fails with
-/// [`Error::AlreadyHeld`] instead of silently taking a second count that the first release
-/// would not free.
+/// session lock (PostgreSQL would count it twice, and the first release would not free it).
+/// A second acquisition of a key the session holds, from another task, waits in-process until
+/// the first guard is dropped, as [`CohortLock`](crate::CohortLock) waiters do; a `try_lock`
+/// of it returns `Ok(None)`, as when another session holds the key. (From the task that holds
+/// the guard, `lock` would wait forever, as on a pool: drop the guard first.)
 ///
-/// A blocking wait ([`WaitStrategy::Block`](crate::WaitStrategy::Block)) occupies the whole
-/// connection until it is granted: other queries on the session queue behind it. Share a
-/// session between locks that are taken with `try_lock` or
-/// [`WaitStrategy::Poll`](crate::WaitStrategy::Poll), or give blocking waiters a pool.
+/// # Shared by default
+///
+/// A session is assumed *shared*: other tasks may run their own statements on it whenever they
+/// like, and nothing pglock does may disturb them. So on a shared session:
+///
+/// - waits poll: [`lock`](crate::AdvisoryLock::lock) and the `try_lock_for` family send
+///   `pg_try_advisory_lock` attempts (pauses from 10 ms doubling up to 1 s, as
+///   [`WaitStrategy::poll`](crate::WaitStrategy::poll), unless the lock sets its own polling
+///   strategy). No statement of pglock's ever waits in the server's queue there, so an
+///   abandoned acquisition never needs a cancel request, which would end whatever statement
+///   the session runs when it arrives. Polling waiters are not served in order.
+/// - transaction-scoped locks are refused ([`Error::TransactionOnSharedSession`]): their
+///   transaction would take in every other task's statements, and its rollback undo their
+///   writes. Use a pool, or a dedicated session.
+///
+/// A session that one task uses can say so with [`dedicated`](Self::dedicated): waits then
+/// queue on the server (in order, cancelled when abandoned), and transaction scope is allowed.
 ///
 /// # Examples
 ///
@@ -120,6 +135,8 @@ pub struct Session {
     behind_pooler: bool,
     /// Declared with [`always_check_backend`](Self::always_check_backend).
     always_check: bool,
+    /// Declared with [`dedicated`](Self::dedicated).
+    dedicated: bool,
     /// Whether the connection is verified as direct to a primary's backend.
     backend: Verification,
 }
@@ -226,6 +243,7 @@ impl Session {
             closed: None,
             behind_pooler: false,
             always_check: false,
+            dedicated: false,
             backend: Verification::default(),
         }
     }
@@ -239,6 +257,49 @@ impl Session {
     /// [`LockScope::Transaction`](crate::LockScope::Transaction). See `docs/pgbouncer.md`.
     pub fn behind_transaction_pooler(mut self) -> Self {
         self.behind_pooler = true;
+        self
+    }
+
+    /// Declares that one task uses this session: pglock may then wait for a lock in the
+    /// server's queue, cancel such a wait when it is abandoned, and open transactions for
+    /// transaction-scoped locks on it.
+    ///
+    /// Without this declaration a session is *shared*: other tasks may run their own
+    /// statements on it at any time, and pglock keeps clear of them.
+    ///
+    /// | | shared (the default) | `dedicated()` |
+    /// |---|---|---|
+    /// | [`lock`](crate::AdvisoryLock::lock), `try_lock_for` | poll with `pg_try_advisory_lock`, one short statement per attempt, with pauses from 10 ms doubling up to 1 s ([`WaitStrategy::poll`](crate::WaitStrategy::poll)); waiters are not served in order | wait in the server's lock queue ([`WaitStrategy::Block`](crate::WaitStrategy::Block), the default), served in order |
+    /// | an abandoned wait | nothing to cancel: the attempt in flight is one short statement, undone behind it | cancelled on the server by cancel requests, repeated until the wait has ended |
+    /// | [`LockScope::Transaction`](crate::LockScope::Transaction) | refused: [`Error::TransactionOnSharedSession`] | one pglock transaction at a time |
+    ///
+    /// A cancel request reaches whatever statement the session runs when it arrives, and a
+    /// transaction takes in every statement sent on the session while it is open: on a session
+    /// other tasks use, a dedicated session's abandoned wait could cancel their statements
+    /// (SQLSTATE 57014) and a transaction-scoped lock's rollback could undo their writes.
+    /// pglock's own guarantees (mutual exclusion, nothing left held) hold either way.
+    ///
+    /// The `pglock` command uses its session from one task and declares it dedicated, so that
+    /// its waits keep their place in the server's queue.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> pglock::Result<()> {
+    /// use pglock::{AdvisoryLock, AdvisoryLockGuard, LockScope, Session};
+    ///
+    /// // One job, one connection: its lock may wait in the server's queue, in a transaction.
+    /// let session = Session::connect("postgres://postgres@localhost/test").await?.dedicated();
+    /// let guard = AdvisoryLock::new(session, "nightly-report")
+    ///     .scope(LockScope::Transaction)
+    ///     .lock()
+    ///     .await?;
+    /// guard.execute("INSERT INTO reports DEFAULT VALUES", &[]).await?;
+    /// AdvisoryLockGuard::commit(guard).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn dedicated(mut self) -> Self {
+        self.dedicated = true;
         self
     }
 
@@ -370,7 +431,7 @@ impl Session {
         match held.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(KeyState::Held);
+                vacant.insert(KeyState::HELD);
                 Some(Reservation::on(self, key, LockScope::Session))
             }
         }
@@ -612,6 +673,12 @@ impl ConnectionSource {
     /// Whether connections come from a pool (one per held lock).
     pub(crate) fn is_pool(&self) -> bool {
         matches!(self.kind, SourceKind::Pool(..))
+    }
+
+    /// Whether this source is a [`Session`] other tasks may use (not declared
+    /// [`dedicated`](Session::dedicated)): no server-side wait, no transaction.
+    pub(crate) fn is_shared_session(&self) -> bool {
+        matches!(&self.kind, SourceKind::Session(session) if !session.dedicated)
     }
 
     /// Whether this source is a [`Session`] whose connection has closed: nothing taken from it
@@ -996,17 +1063,25 @@ impl Conn {
 
     /// Marks `key` held on a shared session (and its transaction open, for transaction scope)
     /// until the returned reservation is dropped. Waits while an abandoned acquisition of the
-    /// same key is still being cleaned up.
-    pub(crate) async fn reserve(&self, key: AdvisoryKey, scope: LockScope) -> Result<Reservation> {
+    /// same key is still being cleaned up. While another guard or acquisition on the session
+    /// holds the key, waits in-process for it to go, as `wait` says: `None` (a `try_lock`)
+    /// answers `Ok(None)` at once, `Some(None)` waits as long as it takes, `Some(Some(at))`
+    /// until `at`, then answers `Ok(None)`.
+    pub(crate) async fn reserve(
+        &self,
+        key: AdvisoryKey,
+        scope: LockScope,
+        wait: Option<Option<tokio::time::Instant>>,
+    ) -> Result<Option<Reservation>> {
         let Conn::Session(session) = self else {
-            return Ok(Reservation::none(key, scope));
+            return Ok(Some(Reservation::none(key, scope)));
         };
         loop {
             let cleaned = {
                 let mut held = session.held.lock().unwrap();
                 match held.get_mut(&key) {
-                    Some(KeyState::Held) => return Err(Error::AlreadyHeld { key }),
-                    Some(KeyState::Cleaning { waited }) => {
+                    Some(KeyState::Held { .. }) if wait.is_none() => return Ok(None),
+                    Some(KeyState::Held { waited } | KeyState::Cleaning { waited }) => {
                         *waited = true;
                         // Registered while the map is locked: the cleanup notifies only after
                         // it has updated the map, so the notification cannot be missed.
@@ -1022,12 +1097,19 @@ impl Conn {
                             }
                             *in_transaction = true;
                         }
-                        held.insert(key, KeyState::Held);
-                        return Ok(Reservation::on(session, key, scope));
+                        held.insert(key, KeyState::HELD);
+                        return Ok(Some(Reservation::on(session, key, scope)));
                     }
                 }
             };
-            cleaned.await;
+            match wait.flatten() {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, cleaned).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                None => cleaned.await,
+            }
         }
     }
 }
@@ -1077,16 +1159,13 @@ impl Reservation {
     /// Undoes [`mark_cleaning`](Self::mark_cleaning): an acquisition takes the key over.
     pub(crate) fn mark_held(&self) {
         if let Some(session) = &self.session {
-            let state = session
-                .held
-                .lock()
-                .unwrap()
-                .insert(self.key, KeyState::Held);
-            // Whoever waited for the cleanup finds the key held again (`AlreadyHeld`), as if
-            // this acquisition had reserved it first.
-            if state.is_some_and(KeyState::waited) {
-                session.cleaned.notify_waiters();
-            }
+            let mut held = session.held.lock().unwrap();
+            let state = held.entry(self.key).or_insert(KeyState::HELD);
+            // Whoever waited for the cleanup finds the key held again, as if this acquisition
+            // had reserved it first, and waits on for it (or reports it busy).
+            *state = KeyState::Held {
+                waited: state.waited(),
+            };
         }
     }
 
@@ -1095,28 +1174,33 @@ impl Reservation {
     pub(crate) fn mark_cleaning(&self) {
         if let Some(session) = &self.session {
             let mut held = session.held.lock().unwrap();
-            let state = held.entry(self.key).or_insert(KeyState::Held);
-            if *state == KeyState::Held {
-                *state = KeyState::Cleaning { waited: false };
+            let state = held.entry(self.key).or_insert(KeyState::HELD);
+            if let KeyState::Held { waited } = *state {
+                *state = KeyState::Cleaning { waited };
             }
         }
     }
 }
 
-/// A key pglock holds on a shared session.
+/// A key pglock holds on a shared session. A new acquisition of it waits for
+/// `Session::cleaned` (or, a `try_lock` of a held key, reports it busy), and says so in
+/// `waited`, so that the common case, with nobody waiting, notifies nobody.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KeyState {
-    /// Held by a guard or an acquisition: a new acquisition fails with `AlreadyHeld`.
-    Held,
+    /// Held by a guard or an acquisition.
+    Held { waited: bool },
     /// Being cleaned up (a dropped guard's unlock not sent yet, an abandoned acquisition's
-    /// undo): a new acquisition waits for `Session::cleaned`, and says so in `waited`, so that
-    /// the common case, with nobody waiting, notifies nobody.
+    /// undo).
     Cleaning { waited: bool },
 }
 
 impl KeyState {
+    const HELD: KeyState = KeyState::Held { waited: false };
+
     fn waited(self) -> bool {
-        self == KeyState::Cleaning { waited: true }
+        match self {
+            KeyState::Held { waited } | KeyState::Cleaning { waited } => waited,
+        }
     }
 }
 

@@ -118,8 +118,10 @@ pub enum Error {
 
     /// This session already holds the key through pglock.
     ///
-    /// PostgreSQL would stack the lock, and the first release would then not free it, so pglock
-    /// refuses instead.
+    /// PostgreSQL would stack the lock, and the first release would then not free it. pglock
+    /// no longer returns this error from an acquisition: a second acquisition of a key a
+    /// [`Session`](crate::Session) holds waits in-process until the first guard is gone (or,
+    /// for a `try_lock`, reports the key busy). The variant stays for code that matches it.
     #[error("advisory lock {key} is already held on this session; pglock does not stack session locks: use the guard you have, or another connection")]
     AlreadyHeld {
         /// The key already held.
@@ -155,6 +157,18 @@ pub enum Error {
     #[error("refusing session-scope advisory lock {key}: its connection goes through a transaction pooler, which would leave the lock on a server connection that other clients use; use LockScope::Transaction, or a direct or session-pooled connection for session locks")]
     SessionLockBehindPooler {
         /// The key that was asked for.
+        key: AdvisoryKey,
+    },
+
+    /// A transaction-scoped lock was asked of a shared [`Session`](crate::Session): its
+    /// transaction would take in every statement other tasks send on the session meanwhile,
+    /// and its rollback would undo their writes. Nothing was sent.
+    ///
+    /// Take transaction-scoped locks on a pool (each lock gets its own connection), or on a
+    /// session that one task uses, declared with [`Session::dedicated`](crate::Session::dedicated).
+    #[error("a transaction-scoped lock ({key}) on a shared Session would pull the statements of every task using the session into its transaction; take it on a pool, or on a Session that one task uses, declared with Session::dedicated()")]
+    TransactionOnSharedSession {
+        /// The key asked for.
         key: AdvisoryKey,
     },
 
@@ -398,17 +412,83 @@ impl From<deadpool_postgres::PoolError> for Error {
             PoolError::Timeout(TimeoutType::Wait) => Error::PoolExhausted,
             PoolError::Backend(source) if source.code().is_none() => {
                 let target = "the pool's server";
-                #[cfg(feature = "rustls")]
-                let source = match crate::tls::pool_tls_error(target, source) {
-                    Ok(tls) => return tls,
-                    Err(source) => source,
-                };
-                Error::Connect {
-                    target: target.to_owned(),
-                    source,
-                }
+                Error::connect(target, source)
             }
             other => Error::Pool(other),
         }
     }
+}
+
+impl Error {
+    /// A connection error: [`Error::Tls`] when TLS is what failed, else [`Error::Connect`].
+    pub(crate) fn connect(target: &str, error: tokio_postgres::Error) -> Error {
+        #[cfg(feature = "rustls")]
+        if let Some((failure, detail)) = tls_failure(&error) {
+            return Error::Tls {
+                target: target.to_owned(),
+                failure,
+                detail,
+                source: error,
+            };
+        }
+        Error::Connect {
+            target: target.to_owned(),
+            source: error,
+        }
+    }
+}
+
+/// What failed in a TLS set-up, and the innermost description of it; `None` when TLS is not
+/// what failed.
+#[cfg(feature = "rustls")]
+fn tls_failure(error: &tokio_postgres::Error) -> Option<(TlsFailure, String)> {
+    use rustls::CertificateError;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        // tokio-rustls wraps rustls's error in an io::Error, whose `source` skips it.
+        let rustls_error = current.downcast_ref::<rustls::Error>().or_else(|| {
+            current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls_error) = rustls_error {
+            let failure = match rustls_error {
+                rustls::Error::InvalidCertificate(cert) => match cert {
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                        TlsFailure::UntrustedCertificate
+                    }
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. } => {
+                        TlsFailure::HostnameMismatch
+                    }
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. } => TlsFailure::CertificateExpired,
+                    _ => TlsFailure::Handshake,
+                },
+                _ => TlsFailure::Handshake,
+            };
+            return Some((failure, rustls_error.to_string()));
+        }
+        // tokio-postgres's own TLS errors have no type of their own, only this text.
+        let text = current.to_string();
+        if text.contains("server does not support TLS") {
+            return Some((TlsFailure::ServerWithoutTls, text));
+        }
+        next = current.source();
+    }
+    let text = error.to_string();
+    text.starts_with("error performing TLS handshake")
+        .then(|| (TlsFailure::Handshake, innermost(error)))
+}
+
+#[cfg(feature = "rustls")]
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }

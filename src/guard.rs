@@ -3,9 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::Handle;
 use tokio_postgres::Client;
@@ -678,7 +676,7 @@ pub(crate) fn release_in_background_traced(
     let Ok(runtime) = Handle::try_current() else {
         // No runtime to confirm the release on: the request is queued all the same, and
         // dropping the task closes a pooled connection, which is therefore not parked.
-        let _ = poll_once(task.as_mut());
+        crate::background::queue_and_forget(task.as_mut());
         return;
     };
     // Parked (or offered to the session) only once the release is queued, and before its task
@@ -691,12 +689,6 @@ pub(crate) fn release_in_background_traced(
             session.offer_release(in_flight);
         }
     });
-}
-
-/// Polls `future` once, with a waker that does nothing: enough to make a tokio-postgres request
-/// send itself.
-pub(crate) fn poll_once<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
-    future.poll(&mut Context::from_waker(Waker::noop()))
 }
 
 /// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the

@@ -32,7 +32,6 @@
 //! guard dropped meanwhile go out with it, together (`batch::unlock_together`).
 
 use std::future::{poll_fn, Future};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
@@ -672,7 +671,7 @@ impl std::fmt::Debug for Parking {
 }
 
 /// The task that reads a release's answer and settles the connection accordingly.
-pub(crate) type ReleaseTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type ReleaseTask = crate::background::Task;
 
 /// A release queued on a connection whose answer nobody reads yet.
 ///

@@ -532,6 +532,7 @@ impl LeaderElection {
             | Error::TermTable { .. }
             | Error::AlreadyHeld { .. }
             | Error::SessionLockBehindPooler { .. }
+            | Error::TransactionOnSharedSession { .. }
             | Error::TransactionInProgress => true,
             // A certificate that does not verify will not verify on the next attempt either.
             Error::Tls { failure, .. } => *failure != crate::TlsFailure::Handshake,

@@ -38,6 +38,7 @@
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
 mod backend;
+mod background;
 mod batch;
 mod cohort;
 mod connection;

@@ -12,9 +12,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
+use crate::background;
 use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
-use crate::guard::{poll_once, release, release_in_background, unlock_outcome, ConnSlot, Release};
+use crate::guard::{release, release_in_background, unlock_outcome, ConnSlot, Release};
 use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
@@ -58,8 +59,15 @@ use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 /// unlocks. pglock never does that. On a pool every acquisition uses its own connection, so a
 /// second acquisition of a held key, even from the same task, waits like any other session
 /// (and would wait forever for a holder in the same task: drop the first guard first). On a
-/// shared [`Session`](crate::Session), asking for a key the session holds fails at once with
-/// [`Error::AlreadyHeld`].
+/// [`Session`](crate::Session), asking for a key the session holds waits in-process until the
+/// guard that holds it is dropped (`try_lock` answers `Ok(None)`), without stacking it.
+///
+/// # Sessions
+///
+/// On a shared [`Session`](crate::Session) (the default) waits poll and transaction scope is
+/// refused, so that nothing pglock does reaches another task's statements; a session declared
+/// [`dedicated`](crate::Session::dedicated) waits in the server's queue. See the `Session`
+/// docs.
 #[derive(Clone, Debug)]
 pub struct AdvisoryLock {
     source: ConnectionSource,
@@ -78,6 +86,18 @@ enum Deadline {
     Never,
     Now,
     At(Instant),
+}
+
+impl Deadline {
+    /// How long to wait in-process for a key another guard of the same session holds (see
+    /// `Conn::reserve`).
+    fn in_process(self) -> Option<Option<Instant>> {
+        match self {
+            Deadline::Now => None,
+            Deadline::Never => Some(None),
+            Deadline::At(at) => Some(Some(at)),
+        }
+    }
 }
 
 /// `$lock.acquire($mode, $deadline).await`, measured for the metrics (`trace::Measure`, empty
@@ -154,8 +174,9 @@ impl AdvisoryLock {
     /// [`Error::PoolExhausted`] and other pool errors, [`Error::ConnectionLost`],
     /// [`Error::Deadlock`] if the server's deadlock detector ends the wait,
     /// [`Error::Cancelled`] if the wait is cancelled on the server, [`Error::ReadOnlyStandby`],
-    /// [`Error::AlreadyHeld`] on a session that holds the key, [`Error::UnexpectedAnswer`] if
-    /// the statement's answer comes back without its row (never from PostgreSQL itself).
+    /// [`Error::TransactionOnSharedSession`] for transaction scope on a shared
+    /// [`Session`](crate::Session), [`Error::UnexpectedAnswer`] if the statement's answer comes
+    /// back without its row (never from PostgreSQL itself).
     ///
     /// # Cancel safety
     ///
@@ -164,7 +185,9 @@ impl AdvisoryLock {
     /// request, repeated until the statement has ended (PostgreSQL ignores one that arrives
     /// before the statement has started); the pooled connection is then closed. If the grant
     /// crossed the cancellation, the lock is released again. All of this runs in a background
-    /// task, so dropping the future returns at once.
+    /// task, so dropping the future returns at once. On a shared [`Session`](crate::Session)
+    /// nothing waits on the server, so no cancel request is sent: the attempt in flight is
+    /// undone by a conditional release queued behind it.
     pub async fn lock(&self) -> Result<AdvisoryLockGuard> {
         measured!(self, LockMode::Exclusive, Deadline::Never)
             .map(|guard| guard.expect("an acquisition without deadline returns a guard"))
@@ -339,6 +362,11 @@ impl AdvisoryLock {
         };
         match granted {
             Some(true) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+            Some(false) if matches!(deadline, Deadline::Never) => {
+                // The first attempt of a polling `lock`: poll on (boxed, as the waiting path).
+                drop(attempt);
+                Box::pin(self.acquire_untraced(mode, deadline, None, false)).await
+            }
             Some(false) => Ok(None),
             None => Err(Error::ReadOnlyStandby),
         }
@@ -352,11 +380,16 @@ impl AdvisoryLock {
     ///
     /// Only `lock` and `try_lock` qualify: a timeout or a polling wait takes the general path.
     fn start_direct(&self, mode: LockMode, deadline: Deadline) -> Start {
-        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct.
+        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct, except
+        // for the first attempt of a `lock` on a session (which polls when shared): granted,
+        // it is done; busy, the general path polls on.
         let op = self.op(deadline);
+        let first_try = op == Op::TryLock
+            && matches!(deadline, Deadline::Never)
+            && self.source.session().is_some();
         if self.scope != LockScope::Session
             || self.source.behind_pooler()
-            || !(op == Op::Lock || matches!(deadline, Deadline::Now))
+            || !(op == Op::Lock || matches!(deadline, Deadline::Now) || first_try)
         {
             return Start::General(None);
         }
@@ -497,6 +530,9 @@ impl AdvisoryLock {
         if behind_pooler && self.scope == LockScope::Session {
             return Err(Error::SessionLockBehindPooler { key: self.key });
         }
+        if self.scope == LockScope::Transaction && self.source.is_shared_session() {
+            return Err(Error::TransactionOnSharedSession { key: self.key });
+        }
         // One call site for `acquire_on`, so that its future is stored (and its code generated)
         // once in this one.
         let mut next = match (&self.parking, self.scope) {
@@ -556,9 +592,23 @@ impl AdvisoryLock {
         error
     }
 
+    /// The pauses of a polling wait, first and longest: the lock's wait strategy's, or on a
+    /// shared session (where nothing waits on the server, see `Session::dedicated`) those of
+    /// [`WaitStrategy::poll`]. `None` for a blocking wait.
+    fn polling(&self) -> Option<(Duration, Duration)> {
+        match self.wait {
+            WaitStrategy::Poll { initial, max } => Some((initial, max)),
+            WaitStrategy::Block if self.source.is_shared_session() => match WaitStrategy::poll() {
+                WaitStrategy::Poll { initial, max } => Some((initial, max)),
+                WaitStrategy::Block => unreachable!("a polling strategy"),
+            },
+            WaitStrategy::Block => None,
+        }
+    }
+
     /// The acquiring statement's kind for `deadline` and the lock's wait strategy.
     fn op(&self, deadline: Deadline) -> Op {
-        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let polling = self.polling().is_some();
         match deadline {
             Deadline::Now => Op::TryLock,
             _ if polling => Op::TryLock,
@@ -609,7 +659,7 @@ impl AdvisoryLock {
         let key = self.key;
         let behind_pooler = self.source.behind_pooler();
         let op = self.op(deadline);
-        let polling = matches!(self.wait, WaitStrategy::Poll { .. });
+        let polling = self.polling();
         // A dropped guard's unlock of this key in this mode rides in this acquisition's
         // statement, and the key's reservation passes to it; any other is sent alone first.
         let (prior_release, offered, combined) = match prior {
@@ -631,7 +681,11 @@ impl AdvisoryLock {
         };
         let reservation = match &combined {
             Some(_) => None,
-            None => Some(conn.reserve(key, self.scope).await?),
+            // Held by another guard of the session: a wait waits in-process until it goes.
+            None => match conn.reserve(key, self.scope, deadline.in_process()).await? {
+                Some(reservation) => Some(reservation),
+                None => return Ok(Attempted::Done(None)),
+            },
         };
         // The statements all make the checks the combined one was chosen with, if any: the
         // connection may have been verified since, but the checking forms work on any.
@@ -691,10 +745,7 @@ impl AdvisoryLock {
         attempt.offered = offered;
         attempt.prior_release = prior_release;
         attempt.combined = combined;
-        let mut pause = match self.wait {
-            WaitStrategy::Poll { initial, .. } => initial,
-            WaitStrategy::Block => Duration::ZERO,
-        };
+        let (mut pause, max_pause) = self.polling().unwrap_or_default();
         loop {
             let lock_timeout = match (op, deadline) {
                 (Op::LockWithTimeout, Deadline::At(at)) => {
@@ -735,7 +786,7 @@ impl AdvisoryLock {
                             return Ok(Attempted::Done(Some(guard)));
                         }
                         Some(false) => {
-                            if polling && !matches!(deadline, Deadline::Now) {
+                            if polling.is_some() && !matches!(deadline, Deadline::Now) {
                                 trace::polling(key, Some(pid), pause);
                             }
                         }
@@ -776,9 +827,7 @@ impl AdvisoryLock {
                 }
             };
             tokio::time::sleep_until(until.min(now + pause)).await;
-            if let WaitStrategy::Poll { max, .. } = self.wait {
-                pause = (pause * 2).min(max);
-            }
+            pause = (pause * 2).min(max_pause);
         }
     }
 
@@ -1250,6 +1299,7 @@ impl Attempt {
     fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
+        let mut free_when_queued = false;
         // `ended` answers once the abandoned statement has ended on the server: it is a request
         // queued right behind it. Cancel requests are repeated until then.
         let ended: Option<ReleaseTask> = match slot.conn() {
@@ -1274,8 +1324,10 @@ impl Attempt {
                 }
             }
             Conn::Session(_) if self.in_transaction => {
-                // The rollback is on its way: the session is free for the next transaction.
-                reservation = None;
+                // The session's transaction stays reserved until the rollback is queued (below):
+                // a `BEGIN` another task queued first would run inside this transaction, and the
+                // rollback would end that task's transaction with its lock.
+                free_when_queued = true;
                 Some(Box::pin(async move {
                     let _ = release(slot.conn(), &Release::Rollback, key).await;
                 }))
@@ -1300,8 +1352,12 @@ impl Attempt {
             }
         };
         // Queued at once, right behind the statement, so nothing else runs there in between.
-        let ended =
-            ended.and_then(|mut ended| poll_once(ended.as_mut()).is_pending().then_some(ended));
+        let ended = ended.and_then(background::queue);
+        if free_when_queued {
+            // The rollback is queued: the session is free for the next transaction, whose
+            // statements travel behind it.
+            reservation = None;
+        }
         // Without a runtime, the undo already queued still runs on the server (only its answer
         // is not read), and a pooled slot dropped here closes its connection.
         let Ok(runtime) = Handle::try_current() else {

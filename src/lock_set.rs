@@ -147,7 +147,8 @@ impl LockSet {
         AdvisoryLock::new(self.session_for(key).clone(), key).wait_strategy(self.wait)
     }
 
-    /// Tries once to take `key` exclusively; `Ok(None)` if another session holds it.
+    /// Tries once to take `key` exclusively; `Ok(None)` if another session holds it, or if the
+    /// set holds it already (another guard of the set has it).
     ///
     /// Sent in one statement with the other `try_lock`s queued on the same session meanwhile
     /// (see [`LockSet`]): a lone request costs one round trip, as [`AdvisoryLock::try_lock`];
@@ -155,8 +156,8 @@ impl LockSet {
     ///
     /// # Errors
     ///
-    /// As [`AdvisoryLock::try_lock`]: notably [`Error::AlreadyHeld`] if the set holds `key`,
-    /// and [`Error::OutOfLockMemory`] when the server's lock table is full.
+    /// As [`AdvisoryLock::try_lock`]: notably [`Error::OutOfLockMemory`] when the server's
+    /// lock table is full.
     ///
     /// # Cancel safety
     ///
@@ -164,19 +165,24 @@ impl LockSet {
     /// the request leaves the batch; dropped after, its guard, granted to nobody, is dropped by
     /// the batch, which releases the lock as any drop does.
     pub async fn try_lock(&self, key: impl Into<AdvisoryKey>) -> Result<Option<AdvisoryLockGuard>> {
-        Ok(self.attempt(key.into()).await?.0)
+        Ok(self.attempt(key.into(), None).await?.0)
     }
 
     /// One attempt at `key`, in its session's next batch: the guard, or `None` with the pid of
-    /// the session's backend that found the key busy (when known).
-    async fn attempt(&self, key: AdvisoryKey) -> Result<(Option<AdvisoryLockGuard>, Option<i32>)> {
+    /// the session's backend that found the key busy (when known). While another guard of the
+    /// set holds the key, waits in-process first, as `wait` says (see `Conn::reserve`).
+    async fn attempt(
+        &self,
+        key: AdvisoryKey,
+        wait: Option<Option<Instant>>,
+    ) -> Result<(Option<AdvisoryLockGuard>, Option<i32>)> {
         let session = self.session_for(key);
         if !session.is_behind_pooler() {
             let timer = trace::Timer::start();
             let measure = trace::Measure::start();
-            let answer = batch::try_lock(session, key).await;
+            let answer = batch::try_lock(session, key, wait).await;
             let busy_on = match &answer {
-                Ok(batch::Answer::Busy(backend_pid)) => Some(*backend_pid),
+                Ok(batch::Answer::Busy(backend_pid)) => *backend_pid,
                 _ => None,
             };
             if let Some(result) = answer.map_or_else(|e| Some(Err(e)), batch::Answer::into_result) {
@@ -201,7 +207,9 @@ impl LockSet {
     ///
     /// Each attempt is a [`try_lock`](Self::try_lock), batched with the session's other
     /// requests; between attempts the pause doubles within the bounds of the set's
-    /// [`WaitStrategy`].
+    /// [`WaitStrategy`]. While another guard of the set holds the key (another task's, or
+    /// this task's: drop it first), the wait is in-process, and the attempt follows as soon as
+    /// that guard is dropped.
     ///
     /// # Errors
     ///
@@ -243,7 +251,9 @@ impl LockSet {
             WaitStrategy::Block => unreachable!("a set starts polling, and refuses Block"),
         };
         loop {
-            let (guard, busy_on) = self.attempt(key).await?;
+            // While another guard of the set holds the key, the attempt waits in-process for it
+            // to go (until the deadline), and only then asks the server.
+            let (guard, busy_on) = self.attempt(key, Some(deadline)).await?;
             if guard.is_some() {
                 return Ok(guard);
             }

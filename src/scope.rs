@@ -38,6 +38,10 @@ pub enum LockScope {
 pub enum WaitStrategy {
     /// Wait in PostgreSQL's lock queue (`pg_advisory_lock`): granted in queue order, one round
     /// trip once the key comes free. Dropping the future cancels the server-side wait.
+    ///
+    /// On a pool or a [`dedicated`](crate::Session::dedicated) session. A shared
+    /// [`Session`](crate::Session) polls instead, as with [`WaitStrategy::poll`], so that no
+    /// cancel request can reach another task's statement there.
     #[default]
     Block,
     /// Retry `pg_try_advisory_lock` with exponential backoff between `initial` and `max`.

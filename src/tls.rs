@@ -69,7 +69,7 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::database_url::DatabaseUrl;
-use crate::error::{Error, Result, TlsFailure};
+use crate::error::{Error, Result};
 use crate::{ConnectionSource, Session};
 
 /// libpq's `sslmode`: whether to use TLS and how far to trust the server's certificate.
@@ -245,7 +245,7 @@ impl TlsConfig {
     /// into [`Error::Tls`] when TLS failed, or [`Error::Connect`] otherwise, for connections
     /// made by hand.
     pub fn connect_error(&self, error: tokio_postgres::Error) -> Error {
-        classify(&self.target, error)
+        Error::connect(&self.target, error)
     }
 
     /// Sets the trusted root certificates, replacing `sslrootcert`. With `require` or lower
@@ -371,7 +371,7 @@ impl TlsConfig {
         let tls = self.connector()?;
         Session::connect_config(self.config.clone(), tls)
             .await
-            .map_err(|error| classify(&self.target, error))
+            .map_err(|error| Error::connect(&self.target, error))
     }
 
     /// A deadpool pool of at most `max_size` TLS connections, ready for
@@ -454,7 +454,7 @@ impl TlsPool {
     /// [`Error::Tls`], [`Error::Connect`], [`Error::PoolExhausted`] or [`Error::Pool`].
     pub async fn get(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|error| match error {
-            deadpool_postgres::PoolError::Backend(source) => classify(&self.target, source),
+            deadpool_postgres::PoolError::Backend(source) => Error::connect(&self.target, source),
             other => Error::from(other),
         })
     }
@@ -645,89 +645,6 @@ impl ServerCertVerifier for CaOnly {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
     }
-}
-
-/// [`Error::Tls`] for a pool's connection error when TLS is what failed, else the error back.
-pub(crate) fn pool_tls_error(
-    target: &str,
-    error: tokio_postgres::Error,
-) -> std::result::Result<Error, tokio_postgres::Error> {
-    match tls_failure(&error) {
-        Some((failure, detail)) => Ok(Error::Tls {
-            target: target.to_owned(),
-            failure,
-            detail,
-            source: error,
-        }),
-        None => Err(error),
-    }
-}
-
-/// Turns a connection error into [`Error::Tls`] when TLS is what failed.
-fn classify(target: &str, error: tokio_postgres::Error) -> Error {
-    match tls_failure(&error) {
-        Some((failure, detail)) => Error::Tls {
-            target: target.to_owned(),
-            failure,
-            detail,
-            source: error,
-        },
-        None => Error::Connect {
-            target: target.to_owned(),
-            source: error,
-        },
-    }
-}
-
-/// What failed, and the innermost description of it.
-fn tls_failure(error: &tokio_postgres::Error) -> Option<(TlsFailure, String)> {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = next {
-        // tokio-rustls wraps rustls's error in an io::Error, whose `source` skips it.
-        let rustls_error = current.downcast_ref::<rustls::Error>().or_else(|| {
-            current
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls_error) = rustls_error {
-            let failure = match rustls_error {
-                rustls::Error::InvalidCertificate(cert) => match cert {
-                    CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                        TlsFailure::UntrustedCertificate
-                    }
-                    CertificateError::NotValidForName
-                    | CertificateError::NotValidForNameContext { .. } => {
-                        TlsFailure::HostnameMismatch
-                    }
-                    CertificateError::Expired
-                    | CertificateError::ExpiredContext { .. }
-                    | CertificateError::NotValidYet
-                    | CertificateError::NotValidYetContext { .. } => TlsFailure::CertificateExpired,
-                    _ => TlsFailure::Handshake,
-                },
-                _ => TlsFailure::Handshake,
-            };
-            return Some((failure, rustls_error.to_string()));
-        }
-        // tokio-postgres's own TLS errors have no type of their own, only this text.
-        let text = current.to_string();
-        if text.contains("server does not support TLS") {
-            return Some((TlsFailure::ServerWithoutTls, text));
-        }
-        next = current.source();
-    }
-    let text = error.to_string();
-    text.starts_with("error performing TLS handshake")
-        .then(|| (TlsFailure::Handshake, innermost(error)))
-}
-
-fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ async fn release_sole_holder(db: &TestDb, holder: AdvisoryLockGuard) {
 async fn dropped_after_n_polls_on_a_free_key() {
     let db = TestDb::new("cancel_polls_free").await;
     let pool = db.pool(4);
-    let session = db.session().await;
+    let session = db.dedicated_session().await;
     let key = db.key();
     let mut completed = 0;
     for polls in 1..=8 {
@@ -98,7 +98,7 @@ async fn dropped_after_n_polls_on_a_free_key() {
 async fn dropped_waiter_leaves_the_server_queue() {
     let db = TestDb::new("cancel_queue").await;
     let pool = db.pool(4);
-    let session = db.session().await;
+    let session = db.dedicated_session().await;
     let key = db.key();
     let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
     for (i, scope) in [LockScope::Session, LockScope::Transaction]
@@ -145,7 +145,7 @@ async fn dropped_waiter_leaves_the_server_queue() {
 async fn a_wait_abandoned_behind_a_slow_query_still_leaves_the_queue() {
     let db = TestDb::new("cancel_behind_slow").await;
     let pool = db.pool(2);
-    let session = db.session().await;
+    let session = db.dedicated_session().await;
     let key = db.key();
     let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
     // Prepares the session's statements, so that the acquisition below sends its lock at once.
@@ -232,7 +232,7 @@ async fn waits_abandoned_at_once_leave_no_ghost_waiter() {
 async fn dropped_at_random_moments_while_the_holder_releases() {
     let db = TestDb::new("cancel_random").await;
     let pool = db.pool(6);
-    let session = db.session().await;
+    let session = db.dedicated_session().await;
     let key = db.key();
     let mut rng = rand::rngs::StdRng::from_entropy();
     use rand::SeedableRng;

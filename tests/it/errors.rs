@@ -113,7 +113,8 @@ async fn a_hot_standby_is_refused() {
         .unwrap()
         .get(0);
     assert!(in_recovery, "the cluster should be a standby");
-    let session = std::sync::Arc::new(session);
+    // Dedicated to this task: transaction scope is allowed there.
+    let session = std::sync::Arc::new(session.dedicated());
     for lock in [
         AdvisoryLock::new(&session, "migrations"),
         AdvisoryLock::new(&session, "migrations").scope(pglock::LockScope::Transaction),

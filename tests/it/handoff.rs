@@ -174,7 +174,7 @@ async fn a_waiter_in_the_server_queue_gets_the_lock_before_the_handoff() {
     let key = db.key();
     let lock = AdvisoryLock::new(&pool, key);
     let guard = lock.lock().await.unwrap();
-    let other_session = db.session().await;
+    let other_session = db.dedicated_session().await;
     let waiter = tokio::spawn({
         let lock = AdvisoryLock::new(other_session, key);
         async move { lock.lock().await }
@@ -252,7 +252,7 @@ async fn abandoned_acquisitions_on_a_handed_off_connection_leave_nothing() {
     db.assert_no_locks().await;
     // Busy key: the claimed acquisition waits in the server's queue behind another session
     // (which took the lock from our unlock) and is abandoned there.
-    let other = AdvisoryLock::new(db.session().await, key);
+    let other = AdvisoryLock::new(db.dedicated_session().await, key);
     for polls in 1..=4u64 {
         let guard = lock.lock().await.unwrap();
         let waiter = tokio::spawn({

@@ -99,6 +99,17 @@ impl TestDb {
         )
     }
 
+    /// A session declared [`dedicated`](Session::dedicated) to one task: its waits queue on
+    /// the server and it may hold transaction-scoped locks.
+    pub async fn dedicated_session(&self) -> Arc<Session> {
+        Arc::new(
+            Session::connect(&self.url())
+                .await
+                .expect("connect a session")
+                .dedicated(),
+        )
+    }
+
     /// A plain client of this test (counted by the leak check).
     pub async fn client(&self) -> Client {
         connect(&self.url()).await

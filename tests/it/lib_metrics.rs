@@ -91,22 +91,20 @@ async fn acquisitions_by_outcome_with_their_waits() {
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     let shared = lock.lock_shared().await.unwrap();
     drop(shared);
-    // A session that holds the key refuses it again: a failed acquisition.
+    // A shared session refuses a transaction-scoped lock: a failed acquisition.
     let session = db.session().await;
-    let on_session = AdvisoryLock::new(session.clone(), key);
-    let held = on_session.lock().await.unwrap();
+    let on_session = AdvisoryLock::new(session.clone(), key).scope(pglock::LockScope::Transaction);
     assert!(matches!(
         on_session.try_lock().await,
-        Err(Error::AlreadyHeld { .. })
+        Err(Error::TransactionOnSharedSession { .. })
     ));
-    AdvisoryLockGuard::unlock(held).await.unwrap();
 
     let total = |mode: &str, outcome: &str| {
         recorded.count(&format!(
             "pglock_acquisitions_total{{mode=\"{mode}\",outcome=\"{outcome}\"}}"
         ))
     };
-    assert_eq!(total("exclusive", "granted"), 2.0);
+    assert_eq!(total("exclusive", "granted"), 1.0);
     assert_eq!(total("exclusive", "busy"), 1.0);
     assert_eq!(total("exclusive", "timed_out"), 1.0);
     assert_eq!(total("exclusive", "failed"), 1.0);
@@ -116,7 +114,7 @@ async fn acquisitions_by_outcome_with_their_waits() {
             "pglock_lock_wait_seconds_count{{outcome=\"{outcome}\"}}"
         ))
     };
-    assert_eq!(waits("granted"), 3.0);
+    assert_eq!(waits("granted"), 2.0);
     assert_eq!(waits("busy"), 1.0);
     assert_eq!(waits("failed"), 1.0);
     assert_eq!(waits("timed_out"), 1.0);
@@ -126,8 +124,8 @@ async fn acquisitions_by_outcome_with_their_waits() {
         "{}",
         recorded.handle.render()
     );
-    // Three guards ended: two unlocked, one dropped.
-    assert_eq!(recorded.count("pglock_lock_hold_seconds_count"), 3.0);
+    // Two guards ended: one unlocked, one dropped.
+    assert_eq!(recorded.count("pglock_lock_hold_seconds_count"), 2.0);
     // The help text is there for the exposition (described at the first acquisition).
     pglock::metrics::describe();
     assert!(recorded

@@ -26,6 +26,7 @@ mod partition;
 mod pgbouncer;
 mod release;
 mod send_sync;
+mod shared_session;
 mod soak;
 mod support_selftest;
 mod timeouts;

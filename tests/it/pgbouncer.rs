@@ -256,12 +256,14 @@ async fn session_lock_is_refused_behind_a_declared_transaction_pooler() {
     }
     assert!(db.holders(key).await.is_empty());
 
-    // The same for a Session declared to be behind the pooler.
+    // The same for a Session declared to be behind the pooler (and dedicated to one task, as
+    // transaction scope on a session requires).
     let session = Arc::new(
         pglock::Session::connect(&bouncer.url(&db.app))
             .await
             .unwrap()
-            .behind_transaction_pooler(),
+            .behind_transaction_pooler()
+            .dedicated(),
     );
     let on_session = AdvisoryLock::new(session.clone(), key);
     assert!(matches!(

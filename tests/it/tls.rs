@@ -466,7 +466,8 @@ async fn abandoned_wait_is_cancelled_over_tls() {
 
     let pool = pglock::tls::make_pool(&target, 2).unwrap();
     let holder = AdvisoryLock::new(&pool, key).lock().await.unwrap();
-    let session = Arc::new(pglock::tls::connect(&target).await.unwrap());
+    // Dedicated: its wait queues on the server (a shared session would poll).
+    let session = Arc::new(pglock::tls::connect(&target).await.unwrap().dedicated());
     let waiter = AdvisoryLock::new(&session, key);
 
     let waiting_pid: i32 = session

@@ -20,8 +20,8 @@ const PLAIN_COMBINED: &str = "SELECT pg_advisory_lock($1::int8) IS NOT NULL, u.r
 #[tokio::test]
 async fn a_direct_session_is_verified_by_its_first_lock() {
     let db = TestDb::new("verify_session").await;
-    let session = db.session().await;
-    let other = db.session().await;
+    let session = db.dedicated_session().await;
+    let other = db.dedicated_session().await;
     let key = db.key();
     let lock = AdvisoryLock::new(&session, key);
 
@@ -48,7 +48,12 @@ async fn a_direct_session_is_verified_by_its_first_lock() {
         .unwrap()
         .expect("free");
     assert!(!db.statement_of(pid).await.contains("pg_backend_pid()"));
-    assert!(lock.try_lock_for(Duration::from_millis(50)).await.is_err());
+    // Held by the session itself: waited for in-process, busy once the timeout has passed.
+    assert!(lock
+        .try_lock_for(Duration::from_millis(50))
+        .await
+        .unwrap()
+        .is_none());
     AdvisoryLockGuard::unlock(guard).await.unwrap();
     let shared = lock.lock_shared().await.unwrap();
     assert_eq!(
@@ -77,7 +82,7 @@ async fn a_direct_session_is_verified_by_its_first_lock() {
 #[tokio::test]
 async fn a_lock_and_drop_loop_reaches_the_plain_combined_statement() {
     let db = TestDb::new("verify_drop_loop").await;
-    let session = db.session().await;
+    let session = db.dedicated_session().await;
     let pool = db.pool(1);
     for lock in [
         AdvisoryLock::new(&session, db.key()),

@@ -14,6 +14,7 @@ use pglock::tls::{TlsConfig, TlsConnector};
 use pglock::{DatabaseUrl, Error, HealthCheck, Session};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 
 use crate::format::human_duration;
 use crate::output::{with_causes, Output};
@@ -156,10 +157,14 @@ impl Database {
             let _ = connection.await;
             let _ = closed_tx.send(true);
         });
-        let session = Session::from_client(client).with_cancel_tls(connector.clone());
+        // One task waits on it: its waits keep their place in the server's queue.
+        let session = Session::from_client(client)
+            .with_cancel_tls(connector.clone())
+            .dedicated();
         let _ = session.batch_execute(SESSION_SETUP).await;
+        let session = Arc::new(session);
         Ok(Connection {
-            session: Arc::new(session),
+            session,
             closed,
             connector,
         })
@@ -224,6 +229,9 @@ pub struct Refusals {
 /// The first pause after a refusal; it doubles up to [`LONGEST_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
+/// The same after `53300` (too many clients).
+const FIRST_PAUSE_WHEN_FULL: Duration = Duration::from_millis(500);
+const LONGEST_PAUSE_WHEN_FULL: Duration = Duration::from_secs(5);
 
 impl Refusals {
     /// Counts a refusal (saying so on the first of a run, with when pglock gives up and the
@@ -249,8 +257,16 @@ impl Refusals {
             ));
         }
         self.current += 1;
-        let doubled = FIRST_PAUSE.saturating_mul(1 << self.current.min(8).saturating_sub(1));
-        jitter(doubled.min(LONGEST_PAUSE))
+        // A server out of connection slots is refusing a whole fleet: coming back sooner would
+        // only take the slots the holder's command needs. A server starting up is worth asking
+        // again soon.
+        let (first, longest) = if error.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) {
+            (FIRST_PAUSE_WHEN_FULL, LONGEST_PAUSE_WHEN_FULL)
+        } else {
+            (FIRST_PAUSE, LONGEST_PAUSE)
+        };
+        let doubled = first.saturating_mul(1 << self.current.min(8).saturating_sub(1));
+        jitter(doubled.min(longest))
     }
 
     /// Says how long the refusals of the current run lasted, if there were any.

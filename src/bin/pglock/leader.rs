@@ -1,5 +1,6 @@
 //! `pglock leader NAME -- COMMAND`: run the command only while this instance leads.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use pglock::{AdvisoryKey, Error, LeaderElection, Leadership};
@@ -7,10 +8,11 @@ use tokio::time::Instant;
 
 use crate::args::{LeaderArgs, Restart};
 use crate::child::{self, ChildOptions, Signals};
-use crate::connect::{jitter, AppName, Database, Refusals};
+use crate::connect::{jitter, Database, Refusals};
 use crate::exit;
 use crate::format::{human_duration, key_arg};
-use crate::http::{self, Role, State};
+use crate::http::{Role, State};
+use crate::instance::Instance;
 use crate::output::{with_causes, Output};
 use crate::standby::{stand_by, StoodBy};
 use crate::supervise::{supervise, Outcome};
@@ -20,22 +22,16 @@ const LONGEST_RETRY: Duration = Duration::from_secs(30);
 
 pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
     let name = args.name.clone();
-    let default_app = pglock::introspect::application_name("leader", &name);
-    let app = match &args.session.application_name {
-        Some(app) => AppName::Forced(app),
-        None => AppName::Default(&default_app),
-    };
-    let state = match http::start(args.serve.http, Role::Leader { name: name.clone() }, out).await {
-        Ok(state) => state,
+    let role = Role::Leader { name: name.clone() };
+    let Instance {
+        session_name,
+        state,
+        mut signals,
+    } = match Instance::start("leader", &name, args.serve.http, role, out).await {
+        Ok(instance) => instance,
         Err(code) => return code,
     };
-    let mut signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(error) => {
-            out.error(format_args!("cannot install signal handlers: {error}"));
-            return exit::SOFTWARE;
-        }
-    };
+    let app = session_name.app(args.session.application_name.as_deref());
     let pool = match db.pool(app) {
         Ok(pool) => pool,
         Err(error) => return out.report_error(&error),
@@ -69,35 +65,16 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
             Ok(StoodBy::Leading(leadership)) => *leadership,
             Ok(StoodBy::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
             Err(error) if permanent(&error) => return out.report_error(&error),
-            Err(error) if error.is_transient() => {
-                // Before the first contact, pglock is still connecting.
-                if give_up.is_none() {
-                    state.lost(&with_causes(&error));
-                }
-                let now = Instant::now();
-                if give_up.is_some_and(|at| now >= at) {
-                    return out.report_error(&error);
-                }
-                let bound = give_up.map(|at| (at, "--connect-timeout"));
-                let wait = refusals.refused(&error, bound, out);
-                let wait = give_up.map_or(wait, |at| wait.min(at - now));
-                if let Some(code) = pause_or_signal(&mut signals, wait).await {
-                    return code;
-                }
-                continue;
-            }
             Err(error) => {
-                state.lost(&with_causes(&error));
-                out.info(format_args!(
-                    "campaign for {name} failed: {}; retrying in {}",
-                    with_causes(&error),
-                    human_duration(pause)
-                ));
-                if let Some(code) = pause_or_signal(&mut signals, jitter(pause)).await {
-                    return code;
+                let retry = if error.is_transient() {
+                    Retry::Refused(&mut refusals, &mut give_up)
+                } else {
+                    Retry::Failed(&mut pause)
+                };
+                match after_failed_campaign(&error, retry, &name, &mut signals, &state, out).await {
+                    ControlFlow::Continue(()) => continue,
+                    ControlFlow::Break(code) => return code,
                 }
-                pause = (pause * 2).min(LONGEST_RETRY);
-                continue;
             }
         };
         give_up = None;
@@ -201,6 +178,58 @@ async fn lead(
             let _ = leadership.step_down().await;
             Led::Failed(exit::SOFTWARE)
         }
+    }
+}
+
+/// How to campaign again after a failed campaign.
+enum Retry<'a> {
+    /// The server refused the connection for a passing reason (see [`Error::is_transient`]):
+    /// waited out with the fleet's backoff, within `--connect-timeout` until the first contact
+    /// (the deadline, `None` after it).
+    Refused(&'a mut Refusals, &'a mut Option<Instant>),
+    /// Anything else: retried after this pause, which doubles up to [`LONGEST_RETRY`].
+    Failed(&'a mut Duration),
+}
+
+/// Waits before the next campaign, as `retry` says; breaks with the exit code when pglock gives
+/// up or a signal comes.
+async fn after_failed_campaign(
+    error: &Error,
+    retry: Retry<'_>,
+    name: &str,
+    signals: &mut Signals,
+    state: &State,
+    out: &Output,
+) -> ControlFlow<i32> {
+    let wait = match retry {
+        Retry::Refused(refusals, give_up) => {
+            // Before the first contact, pglock is still connecting.
+            if give_up.is_none() {
+                state.lost(&with_causes(error));
+            }
+            let now = Instant::now();
+            if give_up.is_some_and(|at| now >= at) {
+                return ControlFlow::Break(out.report_error(error));
+            }
+            let bound = give_up.map(|at| (at, "--connect-timeout"));
+            let wait = refusals.refused(error, bound, out);
+            give_up.map_or(wait, |at| wait.min(at - now))
+        }
+        Retry::Failed(pause) => {
+            state.lost(&with_causes(error));
+            out.info(format_args!(
+                "campaign for {name} failed: {}; retrying in {}",
+                with_causes(error),
+                human_duration(*pause)
+            ));
+            let wait = jitter(*pause);
+            *pause = (*pause * 2).min(LONGEST_RETRY);
+            wait
+        }
+    };
+    match pause_or_signal(signals, wait).await {
+        Some(code) => ControlFlow::Break(code),
+        None => ControlFlow::Continue(()),
     }
 }
 

@@ -8,6 +8,7 @@ mod exit;
 mod format;
 mod holders;
 mod http;
+mod instance;
 mod leader;
 mod output;
 mod run;

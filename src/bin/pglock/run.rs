@@ -4,32 +4,26 @@ use pglock::{AdvisoryLockGuard, LockMode};
 use tokio::time::Instant;
 
 use crate::args::{Resolved, RunArgs};
-use crate::child::{self, ChildOptions, Signals};
-use crate::connect::{AppName, Database, Refusals};
+use crate::child::{self, ChildOptions};
+use crate::connect::{Database, Refusals};
 use crate::exit;
-use crate::format::{human_duration, key_arg};
-use crate::http::{self, Role};
+use crate::format::{human_duration, key_arg, signal_name};
+use crate::http::Role;
+use crate::instance::Instance;
 use crate::output::Output;
+use crate::slots;
 use crate::supervise::{supervise, Outcome};
 use crate::wait::{Acquired, Patience, Waiter};
 
 pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     let target = args.target.resolve();
-    let default_app = pglock::introspect::application_name("run", &target.label);
-    let app = match &args.session.application_name {
-        Some(name) => AppName::Forced(name),
-        None => AppName::Default(&default_app),
-    };
-    let state = match http::start(args.serve.http, Role::Run, out).await {
-        Ok(state) => state,
+    let Instance {
+        session_name,
+        state,
+        mut signals,
+    } = match Instance::start("run", &target.label, args.serve.http, Role::Run, out).await {
+        Ok(instance) => instance,
         Err(code) => return code,
-    };
-    let mut signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(error) => {
-            out.error(format_args!("cannot install signal handlers: {error}"));
-            return exit::SOFTWARE;
-        }
     };
     let mode = if args.shared {
         LockMode::Shared
@@ -44,7 +38,7 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     };
     let mut waiter = Waiter {
         db,
-        app,
+        app: session_name.app(args.session.application_name.as_deref()),
         out,
         label: &target.label,
         progress_every: args.session.progress_every,
@@ -69,6 +63,16 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         mode_name(mode),
         AdvisoryLockGuard::backend_pid(&guard)
     ));
+    // At a fleet's start the server may be out of connection slots for a moment; the command
+    // may need some of its own.
+    tokio::select! {
+        () = slots::room_for_the_command(connection.session.client(), out) => {}
+        signal = signals.recv() => {
+            out.info(format_args!("{} before the command started: giving up", signal_name(signal)));
+            let _ = AdvisoryLockGuard::unlock(guard).await;
+            return exit::SIGNAL_BASE + signal;
+        }
+    }
     let env = child_env(&target, mode);
     let mut running = match child::spawn(&args.command, &env, &ChildOptions::from(&args.child)) {
         Ok(running) => running,

@@ -7,6 +7,10 @@
 //! others, counting every connection open at that moment (the other waiters deciding included),
 //! and polls without a connection otherwise.
 
+use std::time::Duration;
+
+use pglock::AdvisoryKey;
+use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use crate::args::WaitMode;
@@ -37,39 +41,128 @@ const FREE_SLOTS: &str = "SELECT current_setting('max_connections')::int \
      current_setting('max_connections')::int \
      FROM pg_roles r WHERE r.rolname = current_user";
 
+/// The connection slots free to this role now, and `max_connections`; `None` when they cannot
+/// be counted (a pooler in between, a restricted catalog).
+pub async fn free_slots(client: &Client) -> Option<(i32, i32)> {
+    let row = client.query_one(FREE_SLOTS, &[]).await.ok()?;
+    Some((row.get(0), row.get(1)))
+}
+
 /// Chooses how to wait: as `mode` says, or for `auto` by the free slots seen on `client` (the
 /// waiter's own connection, idle). Says on stderr when `auto` chooses to poll.
 pub async fn choose(mode: WaitMode, client: &Client, label: &str, out: &Output) -> Waiting {
+    let free = match mode {
+        WaitMode::Auto => free_slots(client).await,
+        WaitMode::Queue | WaitMode::Poll => None,
+    };
+    decide(mode, free, None, label, out)
+}
+
+/// Chooses how to wait: as `mode` says, or for `auto` by `free`, the free slots and
+/// `max_connections` (when they could be counted). `now` is how the waiter waits so far, if it
+/// has chosen before: a polling waiter goes back to the queue once the server has room again,
+/// with two slots to spare so that waiters do not flap between the two. Says on stderr when
+/// `auto` changes its choice.
+pub fn decide(
+    mode: WaitMode,
+    free: Option<(i32, i32)>,
+    now: Option<Waiting>,
+    label: &str,
+    out: &Output,
+) -> Waiting {
     match mode {
         WaitMode::Queue => Waiting::Queue,
         WaitMode::Poll => Waiting::Poll,
         WaitMode::Auto => {
-            let row = match client.query_one(FREE_SLOTS, &[]).await {
-                Ok(row) => row,
-                Err(error) => {
-                    out.verbose(format_args!(
-                        "cannot count the server's free connection slots ({error}): waiting in its queue"
-                    ));
-                    return Waiting::Queue;
-                }
-            };
-            let (free, max): (i32, i32) = (row.get(0), row.get(1));
-            let needed = headroom(max);
-            if free >= needed {
+            let Some((free, max)) = free else {
                 out.verbose(format_args!(
-                    "{free} of {max} connection slots free: waiting for {label} in the server's queue"
+                    "cannot count the server's free connection slots: waiting in its queue"
                 ));
+                return now.unwrap_or(Waiting::Queue);
+            };
+            let needed = headroom(max) + if now == Some(Waiting::Poll) { 2 } else { 0 };
+            let chosen = if free >= needed {
                 Waiting::Queue
             } else {
-                out.info(format_args!(
+                Waiting::Poll
+            };
+            match (now, chosen) {
+                (Some(before), chosen) if before == chosen => {}
+                (_, Waiting::Queue) => out.verbose(format_args!(
+                    "{free} of {max} connection slots free: waiting for {label} in the server's queue"
+                )),
+                (_, Waiting::Poll) => out.info(format_args!(
                     "only {free} of {max} connection slots free (fewer than {needed}): waiting for \
                      {label} without holding a connection, trying again every few seconds"
-                ));
-                Waiting::Poll
+                )),
             }
+            chosen
         }
     }
 }
+
+/// The waiters in the server's queue for the advisory lock `key`.
+pub async fn queued(client: &Client, key: AdvisoryKey) -> Option<i64> {
+    let (classid, objid, objsubid) = key.pg_locks_ids();
+    let row = client
+        .query_one(QUEUED, &[&i64::from(classid), &i64::from(objid), &objsubid])
+        .await
+        .ok()?;
+    Some(row.get(0))
+}
+
+const QUEUED: &str = "SELECT count(*) FROM pg_catalog.pg_locks \
+     WHERE locktype = 'advisory' AND NOT granted \
+     AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = $3::int2";
+
+/// How long the holder waits at most for a free connection slot before it starts its command.
+const ROOM_WAIT: Duration = Duration::from_secs(10);
+
+/// The slots the holder wants free before it starts its command, which may need connections of
+/// its own (a migration tool connects as soon as it starts).
+const ROOM_FOR_THE_COMMAND: i32 = 2;
+
+/// Waits, when the server is out of connection slots, until some are free again (at most
+/// [`ROOM_WAIT`]), so that the command the holder starts next can connect: at a fleet's start,
+/// the instances that just connected and found the lock busy leave within moments.
+///
+/// # Cancel safety
+///
+/// Cancel-safe.
+pub async fn room_for_the_command(client: &Client, out: &Output) {
+    match free_slots(client).await {
+        Some((free, _)) if free < ROOM_FOR_THE_COMMAND => {
+            out.info(format_args!(
+                "the server has {free} connection slots free: waiting up to {} for room for the \
+                 command's own connections",
+                crate::format::human_duration(ROOM_WAIT)
+            ));
+        }
+        _ => return,
+    }
+    // Once full, the server's slots come and go while a fleet arrives: wait until they have
+    // stayed free for a moment.
+    let give_up = Instant::now() + ROOM_WAIT;
+    let mut free_since = None;
+    while Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match free_slots(client).await {
+            Some((free, _)) if free >= ROOM_FOR_THE_COMMAND => {
+                let since = *free_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= ROOM_STEADY {
+                    return;
+                }
+            }
+            Some(_) => free_since = None,
+            None => return,
+        }
+    }
+}
+
+/// How long the slots must have stayed free after the server was found full: the refused
+/// instances of a fleet come back in waves (see `connect::Refusals`), a second or more apart
+/// once they have been refused twice.
+const ROOM_STEADY: Duration = Duration::from_secs(1);
 
 /// Chooses how to wait when the free slots cannot be counted: as `mode` says, and in the queue
 /// for `auto`.

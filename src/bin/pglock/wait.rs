@@ -113,10 +113,26 @@ impl Reports {
 /// [`LONGEST_POLL`], each pause jittered so that polling waiters spread out.
 pub const FIRST_POLL: Duration = Duration::from_millis(250);
 pub const LONGEST_POLL: Duration = Duration::from_secs(2);
+/// The first pause of a waiter that polls because the server is short of connection slots.
+const FIRST_POLL_WHEN_FULL: Duration = Duration::from_secs(1);
 
 /// The next pause of a polling waiter after `pause`.
 pub fn next_poll(pause: Duration) -> Duration {
     (pause * 2).min(LONGEST_POLL)
+}
+
+/// Each waiter queued on the server adds this much to a polling waiter's pause: those waiters
+/// are served first.
+const POLL_PER_QUEUED: Duration = Duration::from_millis(500);
+
+/// The longest pause of a polling waiter behind queued waiters.
+pub const LONGEST_POLL_BEHIND_QUEUE: Duration = Duration::from_secs(10);
+
+/// The pause of a polling waiter: `pause`, plus [`POLL_PER_QUEUED`] for each of the `queued`
+/// waiters in the server's queue, at most [`LONGEST_POLL_BEHIND_QUEUE`] (before jitter).
+pub fn poll_pause(pause: Duration, queued: i64) -> Duration {
+    let queued = u32::try_from(queued.max(0)).unwrap_or(u32::MAX);
+    (pause + POLL_PER_QUEUED.saturating_mul(queued)).min(LONGEST_POLL_BEHIND_QUEUE.max(pause))
 }
 
 /// A waiter: where it connects, how it waits, what it says.
@@ -176,21 +192,50 @@ impl Waiter<'_> {
                     LockMode::Shared => lock.try_lock_shared().await,
                 }
             };
-            let first = tokio::select! {
-                first = attempt => first?,
+            // What a busy lock calls for (who holds it, the server's free slots, the waiters
+            // queued) goes out with the attempt, in the same round trip: a waiter that goes on to
+            // poll gives its connection slot back sooner, and a fleet arriving at once holds the
+            // server's slots for as short a time as it can.
+            let client = connection.session.client();
+            let report_due = reports.is_due() && !self.out.quiet;
+            let may_choose =
+                !matches!(patience, Patience::NoWait) && waiting != Some(Waiting::Queue);
+            let lookups = futures_util::future::join3(
+                async {
+                    if report_due {
+                        who_holds(client, key).await
+                    } else {
+                        None
+                    }
+                },
+                async {
+                    if may_choose {
+                        slots::free_slots(client).await
+                    } else {
+                        None
+                    }
+                },
+                async {
+                    if may_choose {
+                        slots::queued(client, key).await
+                    } else {
+                        None
+                    }
+                },
+            );
+            let (first, (holders, free, waiters)) = tokio::select! {
+                both = futures_util::future::join(attempt, lookups) => both,
                 signal = signals.recv() => return Ok(self.interrupted(signal)),
             };
-            if let Some(guard) = first {
+            if let Some(guard) = first? {
                 if waiting.is_some() {
                     self.acquired(started);
                 }
                 return Ok(Acquired::Held(connection, guard));
             }
-            // Busy. The holders are looked up on this connection, which is idle now.
             self.state.waiting();
-            let client = connection.session.client();
-            if reports.is_due() && !self.out.quiet {
-                held_by = who_holds(client, key).await;
+            if report_due {
+                held_by = holders;
                 self.report_busy(held_by.as_deref(), patience.plan(started.elapsed()));
                 reports.done();
             }
@@ -200,12 +245,13 @@ impl Waiter<'_> {
                 }
                 return Ok(Acquired::Busy);
             }
-            let chosen = match waiting {
-                Some(chosen) => chosen,
-                None => {
-                    *waiting.insert(slots::choose(self.mode, client, self.label, self.out).await)
-                }
+            let choice = match waiting {
+                Some(Waiting::Queue) => Waiting::Queue,
+                before => slots::decide(self.mode, free, before, self.label, self.out),
             };
+            // How to wait: chosen when the lock is first found busy, and again at each poll (a
+            // polling waiter goes back to the queue once the server has room).
+            let chosen = *waiting.insert(choice);
             match chosen {
                 Waiting::Queue => {
                     let wait = async {
@@ -262,12 +308,21 @@ impl Waiter<'_> {
                     }
                 }
                 Waiting::Poll => {
+                    // Waiters in the server's queue get the lock before any poller: while some
+                    // are queued, polling sooner only takes connection slots from the holder's
+                    // command.
+                    let queued = waiters.unwrap_or(0);
+                    if self.mode == WaitMode::Auto && pause < FIRST_POLL_WHEN_FULL {
+                        // Polling because the server is short of slots: come back less often.
+                        pause = FIRST_POLL_WHEN_FULL;
+                    }
                     // Closes the connection: a polling waiter holds none between attempts.
                     drop(lock);
                     drop(connection);
+                    let wait = poll_pause(pause, queued);
                     let wake = match patience.deadline() {
-                        Some(at) => at.min(Instant::now() + jitter(pause)),
-                        None => Instant::now() + jitter(pause),
+                        Some(at) => at.min(Instant::now() + jitter(wait)),
+                        None => Instant::now() + jitter(wait),
                     };
                     pause = next_poll(pause);
                     tokio::select! {
