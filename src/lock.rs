@@ -1338,7 +1338,15 @@ impl Attempt {
                 }
                 let undo = Release::UnlockIfHeld(self.mode);
                 Some(Box::pin(async move {
-                    let released = release(slot.conn(), &undo, key).await;
+                    // The cancel requests repeat until this undo has answered, so when it runs
+                    // longer than their pause they end it more often than `release` retries it:
+                    // run it until one run is not cancelled, or the key would stay held here.
+                    let released = loop {
+                        match release(slot.conn(), &undo, key).await {
+                            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {}
+                            released => break released,
+                        }
+                    };
                     slot.finish(released.is_ok());
                 }))
             }

@@ -308,3 +308,43 @@ async fn dropped_polling_waits() {
     drop(holder);
     db.assert_no_locks().await;
 }
+
+/// An abandoned acquisition on a session whose undo (the conditional unlock queued behind it)
+/// is itself ended by the repeated cancel requests, three times: the key stays held on the
+/// session, which pglock then counts as free. The repeats land on the undo when it runs longer
+/// than the pause between them (20 ms, then 40 ms, ...), as on a loaded machine; here an
+/// administrator's `LOCK TABLE pg_locks` makes it wait that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_ended_by_the_repeated_cancels_still_releases() {
+    let db = TestDb::new("cancel_undo_cancelled").await;
+    let session = db.session().await;
+    let key = db.key();
+    // Prepares the session's statements, so that the acquisition below sends its lock at once.
+    let warm_up = AdvisoryLock::new(&session, db.key()).lock().await.unwrap();
+    AdvisoryLockGuard::unlock(warm_up).await.unwrap();
+    let blocker = crate::harness::connect(&crate::harness::database_url()).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_locks IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Sent on the first poll and dropped: the key is free, so the lock is granted at once, and
+    // the undo queued behind it waits for the view's lock while the cancel requests repeat.
+    // (Rarely the answer is in within that first poll: release and try again.)
+    let mut abandoned = false;
+    for _ in 0..20 {
+        match drop_after_polls(AdvisoryLock::new(&session, key).lock(), 1).await {
+            None => {
+                abandoned = true;
+                break;
+            }
+            Some(granted) => AdvisoryLockGuard::unlock(granted.unwrap()).await.unwrap(),
+        }
+    }
+    assert!(abandoned, "an acquisition abandoned in flight");
+    // Long enough for the first three repeats (20 + 40 + 80 ms after the first request).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    session_cleaned_up(&session, key).await;
+    // pglock counts the key free on the session; the server must agree.
+    db.assert_no_locks().await;
+}

@@ -28,6 +28,7 @@ mod pgbouncer;
 mod release;
 mod send_sync;
 mod shared_session;
+mod soak;
 mod support_selftest;
 mod timeouts;
 mod tls;
