@@ -409,11 +409,44 @@ async fn proxy_drop_closes_connections_and_listener() {
     let client = connect(&cluster.url_with_port(proxy.port()))
         .await
         .expect("connect via proxy");
+    assert!(listens_here(addr), "the proxy listens on {addr}");
     proxy.blackhole(); // dropping must not wait for a heal
     drop(proxy);
     assert_broken(&client, "after proxy drop").await;
-    let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
-    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // Whether the listener is closed is asked of this process's own sockets: connecting to the
+    // address would prove nothing, as another test process may have been given the freed port.
+    assert!(
+        !listens_here(addr),
+        "the dropped proxy still listens on {addr}"
+    );
+}
+
+/// Whether a socket of this process listens on `addr` (an IPv4 TCP address), by the socket
+/// inodes of `/proc/self/fd` and the listening sockets of `/proc/net/tcp`.
+fn listens_here(addr: std::net::SocketAddr) -> bool {
+    let own: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = format!(":{:04X}", addr.port());
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local_address, st (0A: LISTEN), inode
+        fields.len() > 9
+            && fields[1].ends_with(&port)
+            && fields[3] == "0A"
+            && own.contains(fields[9])
+    })
 }
 
 /// The timeline the server writes WAL on now (a promotion starts a new one).

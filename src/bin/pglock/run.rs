@@ -1,5 +1,7 @@
 //! `pglock run NAME -- COMMAND`: take the lock, run the command, release, exit with its status.
 
+use std::time::Duration;
+
 use pglock::{AdvisoryLockGuard, LockMode};
 use tokio::time::Instant;
 
@@ -15,7 +17,11 @@ use crate::slots;
 use crate::supervise::{supervise, Outcome};
 use crate::wait::{Acquired, Patience, Waiter};
 
+/// A holder that got the lock this soon after it started may be one of a fleet started at once.
+const JUST_STARTED: Duration = Duration::from_secs(3);
+
 pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
+    let began = Instant::now();
     let target = args.target.resolve();
     let Instance {
         session_name,
@@ -66,7 +72,11 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     // At a fleet's start the server may be out of connection slots for a moment; the command
     // may need some of its own.
     tokio::select! {
-        () = slots::room_for_the_command(connection.session.client(), out) => {}
+        () = slots::room_for_the_command(
+            connection.session.client(),
+            began.elapsed() < JUST_STARTED,
+            out,
+        ) => {}
         signal = signals.recv() => {
             out.info(format_args!("{} before the command started: giving up", signal_name(signal)));
             let _ = AdvisoryLockGuard::unlock(guard).await;

@@ -32,14 +32,31 @@ pub fn headroom(max_connections: i32) -> i32 {
 }
 
 /// The connection slots still free to this role, and `max_connections`. Superusers may use the
-/// slots reserved for them; other roles may not.
-const FREE_SLOTS: &str = "SELECT current_setting('max_connections')::int \
-     - CASE WHEN r.rolsuper THEN 0 \
-       ELSE current_setting('superuser_reserved_connections')::int \
-          + coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0) END \
-     - (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend'), \
-     current_setting('max_connections')::int \
-     FROM pg_roles r WHERE r.rolname = current_user";
+/// slots reserved for them; other roles may not. (A macro, so that [`ROOM`] can build on it.)
+macro_rules! free_slots_sql {
+    () => {
+        "SELECT current_setting('max_connections')::int \
+         - CASE WHEN r.rolsuper THEN 0 \
+           ELSE current_setting('superuser_reserved_connections')::int \
+              + coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0) END \
+         - (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+         current_setting('max_connections')::int \
+         FROM pg_roles r WHERE r.rolname = current_user"
+    };
+}
+const FREE_SLOTS: &str = free_slots_sql!();
+
+/// The free slots and `max_connections` (as [`FREE_SLOTS`]), and the other sessions with this
+/// session's `application_name` (the other instances of the same lock) that connected in the
+/// last two seconds: a fleet arriving.
+const ROOM: &str = concat!(
+    "SELECT f.free, f.max, (SELECT count(*)::int FROM pg_stat_activity a \
+     WHERE a.application_name = current_setting('application_name') \
+     AND a.pid <> pg_backend_pid() \
+     AND a.backend_start > clock_timestamp() - interval '2 seconds') FROM (",
+    free_slots_sql!(),
+    ") AS f(free, max)"
+);
 
 /// The connection slots free to this role now, and `max_connections`; `None` when they cannot
 /// be counted (a pooler in between, a restricted catalog).
@@ -115,33 +132,58 @@ const QUEUED: &str = "SELECT count(*) FROM pg_catalog.pg_locks \
      WHERE locktype = 'advisory' AND NOT granted \
      AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = $3::int2";
 
-/// How long the holder waits at most for a free connection slot before it starts its command.
+/// How long the holder waits at most for room before it starts its command.
 const ROOM_WAIT: Duration = Duration::from_secs(10);
 
 /// The slots the holder wants free before it starts its command, which may need connections of
 /// its own (a migration tool connects as soon as it starts).
 const ROOM_FOR_THE_COMMAND: i32 = 2;
 
-/// Waits, when the server is out of connection slots, until some are free again (at most
-/// [`ROOM_WAIT`]), so that the command the holder starts next can connect: at a fleet's start,
-/// the instances that just connected and found the lock busy leave within moments.
+/// How long the slots must have stayed free: the refused instances of a fleet come back in
+/// waves (see `connect::Refusals`), a second or more apart once they have been refused twice.
+const ROOM_STEADY: Duration = Duration::from_secs(1);
+
+/// Whether `arriving` instances, and as many again still on their way, could take the `free`
+/// slots but the waiters' [`headroom`].
+fn crowded(free: i32, max: i32, arriving: i32) -> bool {
+    arriving > 0 && free < headroom(max) + 2 * arriving
+}
+
+/// [`ROOM`]'s answer; `None` when it cannot be had (a pooler in between, a restricted catalog).
+async fn room(client: &Client) -> Option<(i32, i32, i32)> {
+    let row = client.query_one(ROOM, &[]).await.ok()?;
+    Some((row.get(0), row.get(1), row.get(2)))
+}
+
+/// Waits, when the server is short of connection slots or (for a holder that has just started)
+/// other instances of the same lock are arriving in numbers that could fill it, until at least [`ROOM_FOR_THE_COMMAND`] slots
+/// have stayed free for [`ROOM_STEADY`] (at most [`ROOM_WAIT`]), so that the command the holder
+/// starts next can connect. A fleet started at once arrives over a second or more: free slots
+/// seen by its first holder at one moment may be gone by the time its command connects. Later
+/// holders see the other instances come and go as they poll, and wait only when slots are
+/// short. A holder that finds neither (the usual case) starts its command at once.
 ///
 /// # Cancel safety
 ///
 /// Cancel-safe.
-pub async fn room_for_the_command(client: &Client, out: &Output) {
-    match free_slots(client).await {
-        Some((free, _)) if free < ROOM_FOR_THE_COMMAND => {
-            out.info(format_args!(
-                "the server has {free} connection slots free: waiting up to {} for room for the \
-                 command's own connections",
+pub async fn room_for_the_command(client: &Client, just_started: bool, out: &Output) {
+    match room(client).await {
+        Some((free, max, arriving))
+            if free < ROOM_FOR_THE_COMMAND || (just_started && crowded(free, max, arriving)) =>
+        {
+            let message = format_args!(
+                "{free} of {max} connection slots free, {arriving} other instances connected \
+                 in the last 2s: waiting up to {} for room for the command's own connections",
                 crate::format::human_duration(ROOM_WAIT)
-            ));
+            );
+            if free < ROOM_FOR_THE_COMMAND {
+                out.info(message);
+            } else {
+                out.verbose(message);
+            }
         }
         _ => return,
     }
-    // Once full, the server's slots come and go while a fleet arrives: wait until they have
-    // stayed free for a moment.
     let give_up = Instant::now() + ROOM_WAIT;
     let mut free_since = None;
     while Instant::now() < give_up {
@@ -158,11 +200,6 @@ pub async fn room_for_the_command(client: &Client, out: &Output) {
         }
     }
 }
-
-/// How long the slots must have stayed free after the server was found full: the refused
-/// instances of a fleet come back in waves (see `connect::Refusals`), a second or more apart
-/// once they have been refused twice.
-const ROOM_STEADY: Duration = Duration::from_secs(1);
 
 /// Chooses how to wait when the free slots cannot be counted: as `mode` says, and in the queue
 /// for `auto`.
