@@ -330,15 +330,7 @@ impl ThrowawayCluster {
                 namespace: None,
                 watchdog: Mutex::new(None),
             };
-            let mut backup = pg_command("pg_basebackup");
-            backup
-                .current_dir(&dir)
-                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
-                .args(["-U", SUPERUSER, "-D"])
-                .arg(&data)
-                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-            let out = run_sync(backup);
-            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            base_backup(&dir, &data, from_port);
             // The copied configuration names the primary's socket directory.
             append_lines(
                 &data.join("postgresql.conf"),
@@ -366,15 +358,7 @@ impl ThrowawayCluster {
             remove.arg("-rf").arg(&data);
             let out = run_sync(remove);
             assert!(out.status.success(), "rm -rf data: {}", describe(&out));
-            let mut backup = pg_command("pg_basebackup");
-            backup
-                .current_dir(&dir)
-                .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
-                .args(["-U", SUPERUSER, "-D"])
-                .arg(&data)
-                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-            let out = run_sync(backup);
-            assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
+            base_backup(&dir, &data, from_port);
             append_lines(
                 &data.join("postgresql.conf"),
                 &[
@@ -930,4 +914,18 @@ fn describe(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     )
+}
+
+/// Copies the server at `127.0.0.1:from_port` into `data` as a streaming standby of it
+/// (`pg_basebackup -R`), run from `dir`.
+fn base_backup(dir: &Path, data: &Path, from_port: u16) {
+    let mut backup = pg_command("pg_basebackup");
+    backup
+        .current_dir(dir)
+        .args(["-h", "127.0.0.1", "-p", &from_port.to_string()])
+        .args(["-U", SUPERUSER, "-D"])
+        .arg(data)
+        .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+    let out = run_sync(backup);
+    assert!(out.status.success(), "pg_basebackup: {}", describe(&out));
 }
