@@ -2,10 +2,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -13,56 +11,16 @@ use deadpool_postgres::{Object, ObjectId, Pool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{CancelToken, Client, Config, NoTls, Socket, Statement};
+use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
 use crate::backend::{self, Verification};
 use crate::batch::TryLockQueue;
+use crate::cancel::Canceller;
 use crate::database_url::{redact_url, DatabaseUrl};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
 use crate::loss::{self, HealthCheck, Monitor};
 use crate::{AdvisoryKey, LockScope};
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// Sends a cancel request for the query running on a connection, over the right transport.
-#[derive(Clone)]
-pub(crate) struct Canceller(Arc<dyn Fn(CancelToken) -> BoxFuture<()> + Send + Sync>);
-
-impl Canceller {
-    pub(crate) fn new<T>(tls: T) -> Self
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::Stream: Send,
-        T::TlsConnect: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
-        Canceller(Arc::new(move |token: CancelToken| {
-            let tls = tls.clone();
-            Box::pin(async move {
-                // A failed cancel leaves the server-side wait in place until it is granted;
-                // the caller closes the connection as well, which ends it then.
-                let _ = token.cancel_query(tls).await;
-            })
-        }))
-    }
-
-    pub(crate) fn cancel(&self, token: CancelToken) -> BoxFuture<()> {
-        (self.0)(token)
-    }
-}
-
-impl Default for Canceller {
-    fn default() -> Self {
-        Canceller::new(NoTls)
-    }
-}
-
-impl fmt::Debug for Canceller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Canceller")
-    }
-}
 
 /// One PostgreSQL connection that pglock may share between several locks.
 ///
@@ -217,7 +175,7 @@ impl Session {
         let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
         session.deferred_unlock = deferred_unlock;
-        session.canceller = Canceller::new(tls);
+        session.canceller = Canceller::for_config(&config, tls);
         session.connection_task = Some(task);
         session.closed = Some(closed_rx);
         Ok(session)

@@ -40,6 +40,7 @@
 mod backend;
 mod background;
 mod batch;
+mod cancel;
 mod cohort;
 mod connection;
 mod database_url;

@@ -13,7 +13,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::background;
-use crate::connection::{Canceller, Conn, ConnectionSource, Reservation};
+use crate::cancel::Canceller;
+use crate::connection::{Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
 use crate::guard::{release, release_in_background, unlock_outcome, ConnSlot, Release};
 use crate::handoff::{
@@ -1353,9 +1354,11 @@ impl Attempt {
         };
         // Queued at once, right behind the statement, so nothing else runs there in between.
         let ended = ended.and_then(background::queue);
-        if free_when_queued {
+        if free_when_queued && cancel.is_none() {
             // The rollback is queued: the session is free for the next transaction, whose
-            // statements travel behind it.
+            // statements travel behind it. With cancel requests in flight, it stays reserved
+            // until they are over (see `cancel_until_ended`): one landing late would cancel the
+            // next transaction's statement.
             reservation = None;
         }
         // Without a runtime, the undo already queued still runs on the server (only its answer
@@ -1431,6 +1434,10 @@ const CANCEL_RETRY_MAX: Duration = Duration::from_secs(1);
 /// the request is repeated, 20 ms after the first and then at doubling intervals up to a second,
 /// until the statement has ended. A repeat that lands on the undo queued behind the statement
 /// makes the undo run again (see [`release`]).
+///
+/// A request still in flight when the statement ends is waited for too (until the server has
+/// acted on it, where the canceller can tell): the caller frees the connection for the next
+/// statement when this returns, and a request landing then would cancel that statement.
 async fn cancel_until_ended(
     key: AdvisoryKey,
     token: CancelToken,
@@ -1440,7 +1447,10 @@ async fn cancel_until_ended(
     use futures_util::future::{select, Either};
     let mut pause = CANCEL_RETRY_FIRST;
     loop {
-        if let Either::Left(_) = select(ended.as_mut(), canceller.cancel(token.clone())).await {
+        if let Either::Left(((), request)) =
+            select(ended.as_mut(), canceller.cancel(token.clone())).await
+        {
+            request.await;
             return;
         }
         if tokio::time::timeout(pause, ended.as_mut()).await.is_ok() {
