@@ -28,13 +28,16 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::background;
+use crate::connection::Session;
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
 use crate::guard::{release, unlock_outcome, Release};
 use crate::handoff::ReleaseTask;
+use crate::key::AdvisoryKey;
+use crate::scope::{LockMode, LockScope};
 use crate::sql::{self, statement, Checks, Form, Op, PreparedUnlock};
 use crate::trace;
-use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
 
 /// The most keys one statement asks for; a longer queue goes out in several.
 pub(crate) const MAX_BATCH: usize = 1_000;

@@ -19,8 +19,10 @@ use crate::cancel::Canceller;
 use crate::database_url::{redact_url, DatabaseUrl};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
-use crate::loss::{self, HealthCheck, Monitor};
-use crate::{AdvisoryKey, LockScope};
+use crate::health::{self, HealthCheck};
+use crate::key::AdvisoryKey;
+use crate::loss::monitor::Monitor;
+use crate::scope::LockScope;
 
 /// One PostgreSQL connection that pglock may share between several locks.
 ///
@@ -172,7 +174,7 @@ impl Session {
         }));
         // Best effort: a server or pooler that refuses these settings still gives a usable
         // session, only one that a dead network path keeps longer.
-        let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;
+        let _ = health::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
         session.deferred_unlock = deferred_unlock;
         session.canceller = Canceller::for_config(&config, tls);

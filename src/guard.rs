@@ -11,10 +11,13 @@ use tokio_postgres::Client;
 use crate::connection::{Conn, Reservation};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
-use crate::loss::{HealthCheck, LossSignal, Registration};
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::loss::monitor::Registration;
+use crate::loss::signal::LossSignal;
+use crate::scope::{LockMode, LockScope};
 use crate::sql::{first_row, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
-use crate::{AdvisoryKey, LockMode, LockScope};
 
 /// A held advisory lock. The lock is released when the guard is dropped.
 ///

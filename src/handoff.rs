@@ -43,8 +43,9 @@ use tokio::sync::oneshot;
 use crate::batch;
 use crate::connection::{Conn, Reservation};
 use crate::guard::{release_in_background_traced, Release};
+use crate::key::AdvisoryKey;
+use crate::scope::LockMode;
 use crate::sql::{Checks, Form, PreparedUnlock};
-use crate::{AdvisoryKey, LockMode};
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) parks the connection of its last dropped
 /// guard. Shared by the lock's clones.

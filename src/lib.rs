@@ -47,12 +47,19 @@ mod database_url;
 mod error;
 mod guard;
 mod handoff;
+mod health;
 pub mod introspect;
 mod key;
 mod leader;
 mod lock;
 mod lock_set;
-mod loss;
+mod loss {
+    //! Lock-loss detection: a monitor per connection, its probes, and the signal a guard
+    //! hands out.
+    pub(crate) mod monitor;
+    pub(crate) mod probe;
+    pub(crate) mod signal;
+}
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod scope;
@@ -66,11 +73,12 @@ pub use connection::{ConnectionSource, Session};
 pub use database_url::{redact_url, DatabaseUrl, UrlForm};
 pub use error::{Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
+pub use health::HealthCheck;
 pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
 pub use lock_set::LockSet;
-pub use loss::{HealthCheck, LossReason, LossSignal};
+pub use loss::signal::{LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
 
 /// The Rust examples in the guides of `docs/`, compiled (and run, where they need no server)

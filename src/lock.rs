@@ -16,14 +16,16 @@ use crate::background;
 use crate::cancel::Canceller;
 use crate::connection::{Conn, ConnectionSource, Reservation};
 use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
 use crate::guard::{release, release_in_background, unlock_outcome, ConnSlot, Release};
 use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };
-use crate::loss::HealthCheck;
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::scope::{LockMode, LockScope, WaitStrategy};
 use crate::sql::{first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::trace;
-use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, WaitStrategy};
 
 /// A named (or numbered) advisory lock and where to take it.
 ///

@@ -7,11 +7,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::batch;
+use crate::connection::Session;
 use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
+use crate::key::AdvisoryKey;
+use crate::lock::AdvisoryLock;
+use crate::scope::{LockMode, LockScope, WaitStrategy};
 use crate::trace;
-use crate::{
-    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, LockMode, LockScope, Session, WaitStrategy,
-};
 
 /// Many session locks held at once by one process, on a small, fixed set of connections.
 ///

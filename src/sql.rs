@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
-use crate::{AdvisoryKey, LockMode, LockScope};
+use crate::key::AdvisoryKey;
+use crate::scope::{LockMode, LockScope};
 
 /// What a statement does to the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -68,9 +68,9 @@ use rustls::{SignatureScheme, SupportedProtocolVersion};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::connection::{ConnectionSource, Session};
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
-use crate::{ConnectionSource, Session};
 
 /// libpq's `sslmode`: whether to use TLS and how far to trust the server's certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

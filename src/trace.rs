@@ -33,8 +33,10 @@ use std::time::Instant;
 use tracing::Level;
 
 use crate::error::Error;
-use crate::loss::LossReason;
-use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
+use crate::guard::AdvisoryLockGuard;
+use crate::key::AdvisoryKey;
+use crate::loss::signal::LossReason;
+use crate::scope::{LockMode, LockScope};
 
 /// The target of every pglock event, for filters (`RUST_LOG=pglock=debug`).
 pub(crate) const TARGET: &str = "pglock";
