@@ -422,6 +422,12 @@ impl Deref for AdvisoryLockGuard {
     }
 }
 
+impl trace::Granted for AdvisoryLockGuard {
+    fn backend_pid(&self) -> i32 {
+        AdvisoryLockGuard::backend_pid(self)
+    }
+}
+
 impl fmt::Debug for AdvisoryLockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdvisoryLockGuard")
