@@ -15,7 +15,7 @@ use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
 use crate::backend::{self, Verification};
 use crate::batch::TryLockQueue;
-use crate::cancel::Canceller;
+use crate::cancel::{Canceller, CancelsInFlight};
 use crate::database_url::{redact_url, DatabaseUrl};
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredSlot, ReleaseInFlight};
@@ -72,6 +72,8 @@ pub struct Session {
     /// such a key waits for `cleaned`).
     held: Mutex<HashMap<AdvisoryKey, KeyState, KeyHash>>,
     cleaned: tokio::sync::Notify,
+    /// Cancel requests for abandoned statements not yet over (dedicated sessions only).
+    cancels: Arc<CancelsInFlight>,
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
@@ -193,6 +195,7 @@ impl Session {
             statements: Mutex::new(Vec::new()),
             held: Mutex::new(HashMap::default()),
             cleaned: tokio::sync::Notify::new(),
+            cancels: Arc::default(),
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
             offered: AtomicBool::new(false),
@@ -394,9 +397,18 @@ impl Session {
             || self.offered_release.lock().unwrap().strong_count() == 0
     }
 
+    /// The cancel requests in flight on this session.
+    pub(crate) fn cancels(&self) -> &Arc<CancelsInFlight> {
+        &self.cancels
+    }
+
     /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up
-    /// already; `None` otherwise (see [`Conn::reserve`], which waits or fails then).
+    /// already and no cancel request is in flight; `None` otherwise (see [`Conn::reserve`],
+    /// which waits or fails then).
     pub(crate) fn try_reserve(self: &Arc<Self>, key: AdvisoryKey) -> Option<Reservation> {
+        if !self.cancels.none() {
+            return None;
+        }
         let mut held = self.held.lock().unwrap();
         match held.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => None,
@@ -1072,6 +1084,21 @@ impl Conn {
         let Conn::Session(session) = self else {
             return Ok(Some(Reservation::none(key, scope)));
         };
+        // A cancel request of an abandoned statement that lands late would end this
+        // acquisition's statement: wait until they are over (a round trip or two).
+        if !session.cancels.none() {
+            match wait.flatten() {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, session.cancels.over())
+                        .await
+                        .is_err()
+                    {
+                        return Ok(None);
+                    }
+                }
+                None => session.cancels.over().await,
+            }
+        }
         loop {
             let cleaned = {
                 let mut held = session.held.lock().unwrap();

@@ -1302,6 +1302,11 @@ impl Attempt {
     fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
+        // On a session, nothing new of pglock's starts until the cancel requests are over.
+        let cancelling = match (slot.conn(), &cancel) {
+            (Conn::Session(session), Some(_)) => Some(session.cancels().start()),
+            _ => None,
+        };
         let mut free_when_queued = false;
         // `ended` answers once the abandoned statement has ended on the server: it is a request
         // queued right behind it. Cancel requests are repeated until then.
@@ -1356,11 +1361,10 @@ impl Attempt {
         };
         // Queued at once, right behind the statement, so nothing else runs there in between.
         let ended = ended.and_then(background::queue);
-        if free_when_queued && cancel.is_none() {
+        if free_when_queued {
             // The rollback is queued: the session is free for the next transaction, whose
-            // statements travel behind it. With cancel requests in flight, it stays reserved
-            // until they are over (see `cancel_until_ended`): one landing late would cancel the
-            // next transaction's statement.
+            // statements travel behind it (after any cancel request in flight, see
+            // `CancelsInFlight`).
             reservation = None;
         }
         // Without a runtime, the undo already queued still runs on the server (only its answer
@@ -1373,6 +1377,7 @@ impl Attempt {
         }
         runtime.spawn(async move {
             let _reservation = reservation;
+            let _cancelling = cancelling;
             match (cancel, ended) {
                 (Some((token, canceller)), Some(ended)) => {
                     cancel_until_ended(key, token, canceller, ended).await
