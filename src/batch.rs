@@ -28,8 +28,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::background;
-use crate::connection::Session;
-use crate::connection::{Conn, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::session::Session;
 use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
 use crate::guard::{release, unlock_outcome, Release};

@@ -105,7 +105,7 @@ impl fmt::Debug for Canceller {
 /// rollback or an unlock already queued behind the abandoned statement still runs first, and
 /// the next acquisition waits a round trip or two.
 ///
-/// [`Conn::reserve`]: crate::connection::Conn::reserve
+/// [`Conn::reserve`]: crate::conn::handle::Conn::reserve
 #[derive(Debug, Default)]
 pub(crate) struct CancelsInFlight {
     count: AtomicUsize,

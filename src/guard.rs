@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock};
 use tokio::runtime::Handle;
 use tokio_postgres::Client;
 
-use crate::connection::{Conn, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::slot::ConnSlot;
 use crate::error::{Error, Result};
 use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
 use crate::health::HealthCheck;
@@ -712,42 +714,4 @@ pub(crate) fn release_in_background_traced(
             session.offer_release(in_flight);
         }
     });
-}
-
-/// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
-/// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
-pub(crate) struct ConnSlot {
-    conn: Option<Conn>,
-}
-
-impl ConnSlot {
-    pub(crate) fn new(conn: Conn) -> Self {
-        ConnSlot { conn: Some(conn) }
-    }
-
-    pub(crate) fn conn(&self) -> &Conn {
-        self.conn
-            .as_ref()
-            .expect("the slot holds its connection until finished")
-    }
-
-    /// Ends the slot: the lock is released (`clean`) or its state is unknown.
-    pub(crate) fn finish(mut self, clean: bool) {
-        let conn = self.conn.take().expect("finished once");
-        if !clean {
-            conn.discard();
-        }
-    }
-
-    pub(crate) fn into_conn(mut self) -> Conn {
-        self.conn.take().expect("taken once")
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.discard();
-        }
-    }
 }

@@ -41,7 +41,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::batch;
-use crate::connection::{Conn, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
 use crate::guard::{release_in_background_traced, Release};
 use crate::key::AdvisoryKey;
 use crate::scope::LockMode;

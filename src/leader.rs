@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::connection::ConnectionSource;
+use crate::conn::source::ConnectionSource;
 use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
 use crate::health::HealthCheck;

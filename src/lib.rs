@@ -37,12 +37,19 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
-mod backend;
 mod background;
 mod batch;
 mod cancel;
 mod cohort;
-mod connection;
+mod conn {
+    //! Connections: pooled ones and sessions, where a lock gets one, and which backend it is.
+    pub(crate) mod backend;
+    pub(crate) mod handle;
+    pub(crate) mod pooled;
+    pub(crate) mod session;
+    pub(crate) mod slot;
+    pub(crate) mod source;
+}
 mod database_url;
 mod error;
 mod guard;
@@ -69,7 +76,8 @@ pub mod tls;
 mod trace;
 
 pub use cohort::{CohortGuard, CohortLock};
-pub use connection::{ConnectionSource, Session};
+pub use conn::session::Session;
+pub use conn::source::ConnectionSource;
 pub use database_url::{redact_url, DatabaseUrl, UrlForm};
 pub use error::{Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;

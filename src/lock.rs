@@ -14,10 +14,13 @@ use tokio_postgres::{CancelToken, Row, Statement};
 
 use crate::background;
 use crate::cancel::Canceller;
-use crate::connection::{Conn, ConnectionSource, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::slot::ConnSlot;
+use crate::conn::source::ConnectionSource;
 use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::guard::{release, release_in_background, unlock_outcome, ConnSlot, Release};
+use crate::guard::{release, release_in_background, unlock_outcome, Release};
 use crate::handoff::{
     Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
 };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::batch;
-use crate::connection::Session;
+use crate::conn::session::Session;
 use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
 use crate::key::AdvisoryKey;

@@ -68,7 +68,8 @@ use rustls::{SignatureScheme, SupportedProtocolVersion};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::connection::{ConnectionSource, Session};
+use crate::conn::session::Session;
+use crate::conn::source::ConnectionSource;
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 

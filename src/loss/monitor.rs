@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::connection::{Conn, WeakConn};
+use crate::conn::handle::{Conn, WeakConn};
 use crate::health::HealthCheck;
 use crate::key::AdvisoryKey;
 use crate::loss::probe::{classify, probe, Batch, Verdict};

@@ -7,7 +7,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
-use crate::connection::Conn;
+use crate::conn::handle::Conn;
 use crate::health::HealthCheck;
 use crate::loss::signal::LossReason;
 use crate::scope::LockScope;
