@@ -55,7 +55,7 @@ use tokio_postgres::{Client, Config};
 ///
 /// The probe runs on the lock's own connection, behind any statement of yours in flight there.
 /// A statement of yours that runs longer than `probe_timeout` makes the probe time out, which
-/// is reported as loss ([`LossReason::ProbeTimedOut`]): pglock cannot tell a busy connection
+/// is reported as loss ([`LossReason::ProbeTimedOut`](crate::LossReason::ProbeTimedOut)): pglock cannot tell a busy connection
 /// from a dead network path. Run long statements on another connection, or raise
 /// `probe_timeout` above them.
 ///

@@ -38,7 +38,11 @@
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
 mod background;
-mod batch;
+mod acquire {
+    //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
+    //! a shared session.
+    pub(crate) mod try_lock_queue;
+}
 mod cancel;
 mod cohort;
 mod conn {
@@ -53,7 +57,17 @@ mod conn {
 mod database_url;
 mod error;
 mod guard;
-mod handoff;
+mod release {
+    //! Release: the statements that end a lock, and what a dropped guard leaves to the next
+    //! acquisition on its connection.
+    pub(crate) mod background;
+    pub(crate) mod deferred;
+    pub(crate) mod flush;
+    pub(crate) mod in_flight;
+    pub(crate) mod parking;
+    pub(crate) mod statement;
+    pub(crate) mod together;
+}
 mod health;
 pub mod introspect;
 mod key;

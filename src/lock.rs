@@ -12,7 +12,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
-use crate::background;
 use crate::cancel::Canceller;
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
@@ -20,15 +19,16 @@ use crate::conn::slot::ConnSlot;
 use crate::conn::source::ConnectionSource;
 use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::guard::{release, release_in_background, unlock_outcome, Release};
-use crate::handoff::{
-    Claimed, DeferredUnlock, Parking, PriorRelease, ReleaseInFlight, ReleaseTask,
-};
 use crate::health::HealthCheck;
 use crate::key::AdvisoryKey;
+use crate::release::background::release_in_background;
+use crate::release::deferred::DeferredUnlock;
+use crate::release::in_flight::{ReleaseInFlight, ReleaseTask};
+use crate::release::parking::{Claimed, Parking, PriorRelease};
+use crate::release::statement::{release, unlock_outcome, Release};
 use crate::scope::{LockMode, LockScope, WaitStrategy};
 use crate::sql::{first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
-use crate::trace;
+use crate::{background, trace};
 
 /// A named (or numbered) advisory lock and where to take it.
 ///

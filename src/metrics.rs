@@ -32,8 +32,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, SharedString, Unit,
+};
 
 use crate::loss::signal::LossReason;
 use crate::scope::LockMode;

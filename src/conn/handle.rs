@@ -1,5 +1,12 @@
 //! The connection an attempt or a guard works on: a pooled one, or a shared [`Session`].
 
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use deadpool_postgres::Object;
+use tokio::sync::watch;
+use tokio_postgres::{Client, Statement};
+
 use crate::conn::backend::{self, Verification};
 use crate::conn::pooled::{Pooled, PreparedByConnection, Remembered, DISCARD, LEAK, RETURN};
 use crate::conn::session::{Reservation, Session};
@@ -8,11 +15,6 @@ use crate::health::HealthCheck;
 use crate::key::AdvisoryKey;
 use crate::loss::monitor::Monitor;
 use crate::scope::LockScope;
-use deadpool_postgres::Object;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
-use tokio::sync::watch;
-use tokio_postgres::{Client, Statement};
 
 /// The connection one lock works on: exclusively owned (pooled) or shared (a session).
 // Boxing the pooled object would cost an allocation per acquisition to save a memcpy.

@@ -1,15 +1,17 @@
 //! A connection checked out of a deadpool pool, and the statements pglock prepared on each of
 //! the pool's connections.
 
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use deadpool_postgres::{Object, ObjectId};
+use tokio_postgres::Statement;
+
 use crate::conn::backend::Verification;
 use crate::conn::session::find_prepared;
 use crate::error::Result;
 use crate::loss::monitor::Monitor;
-use deadpool_postgres::{Object, ObjectId};
-use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use tokio_postgres::Statement;
 
 /// A pooled connection, shared between a guard and its loss monitor.
 ///

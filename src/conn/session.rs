@@ -13,15 +13,16 @@ use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
-use crate::batch::TryLockQueue;
+use crate::acquire::try_lock_queue::TryLockQueue;
 use crate::cancel::{Canceller, CancelsInFlight};
 use crate::conn::backend::Verification;
 use crate::database_url::{redact_url, DatabaseUrl};
 use crate::error::{Error, Result};
-use crate::handoff::{DeferredSlot, ReleaseInFlight};
 use crate::health::{self, HealthCheck};
 use crate::key::AdvisoryKey;
 use crate::loss::monitor::Monitor;
+use crate::release::deferred::DeferredSlot;
+use crate::release::in_flight::ReleaseInFlight;
 use crate::scope::LockScope;
 
 /// One PostgreSQL connection that pglock may share between several locks.
@@ -80,7 +81,7 @@ pub struct Session {
     /// Whether `offered_release` may hold one, read first so that an acquisition with none
     /// offered before it takes no lock.
     offered: AtomicBool,
-    /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
+    /// The unlock of a dropped guard, not sent yet (see `release::deferred::DeferredUnlock`).
     pub(crate) deferred_unlock: Arc<DeferredSlot>,
     /// `try_lock` requests waiting for this session's next batch (see `batch`).
     pub(crate) try_locks: TryLockQueue,

@@ -1,15 +1,17 @@
 //! Where a lock's connection comes from: a deadpool pool, or a [`Session`] the caller owns.
 
+use std::sync::Arc;
+
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::Socket;
+
 use crate::cancel::Canceller;
-use crate::conn::backend::{self};
+use crate::conn::backend;
 use crate::conn::handle::Conn;
 use crate::conn::pooled::PreparedByConnection;
 use crate::conn::session::Session;
 use crate::error::Result;
-use deadpool_postgres::{Object, Pool};
-use std::sync::Arc;
-use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::Socket;
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.
 ///
@@ -56,7 +58,7 @@ impl ConnectionSource {
     ///
     /// pglock then sends its statements without preparing them (one round trip each, as
     /// before), so they work on poolers that do not carry prepared statements between
-    /// transactions, and refuses session-scope locks with [`Error::SessionLockBehindPooler`]
+    /// transactions, and refuses session-scope locks with [`Error::SessionLockBehindPooler`](crate::Error::SessionLockBehindPooler)
     /// before sending anything: behind such a pooler only
     /// [`LockScope::Transaction`](crate::LockScope::Transaction) locks hold. See
     /// `docs/pgbouncer.md`.

@@ -93,9 +93,9 @@ impl fmt::Display for LossReason {
 /// server restarted, the network path died (no reset: packets simply stop), the server or a
 /// pooler ended the session (`idle_session_timeout`), the backend changed (transaction
 /// pooler), or the lock is no longer in `pg_locks` for the holder's backend. Each is reported
-/// within [`HealthCheck::detection_bound`], except a lock released by a statement you sent
+/// within [`HealthCheck::detection_bound`](crate::HealthCheck::detection_bound), except a lock released by a statement you sent
 /// through a `&Client` kept for longer than one interval: within
-/// [`HealthCheck::full_check_bound`] (see [`HealthCheck`]).
+/// [`HealthCheck::full_check_bound`](crate::HealthCheck::full_check_bound) (see [`HealthCheck`](crate::HealthCheck)).
 ///
 /// # Examples
 ///
