@@ -41,6 +41,8 @@ mod background;
 mod acquire {
     //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
     //! a shared session.
+    pub(crate) mod acquirer;
+    pub(crate) mod attempt;
     pub(crate) mod try_lock_queue;
 }
 mod cancel;
