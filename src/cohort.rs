@@ -25,10 +25,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::base::error::{Error, Result};
+use crate::base::scope::LockScope;
 use crate::guard::AdvisoryLockGuard;
 use crate::lock::AdvisoryLock;
-use crate::scope::LockScope;
 
 /// An exclusive advisory lock whose local waiters are served in-process (lock cohorting).
 ///

@@ -6,21 +6,21 @@ use std::sync::{Arc, OnceLock};
 
 use tokio_postgres::Client;
 
+use crate::base::error::{Error, Result};
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::loss::LossSignal;
+use crate::base::scope::{LockMode, LockScope};
+use crate::base::sql::PreparedUnlock;
+use crate::base::trace;
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
 use crate::conn::slot::ConnSlot;
-use crate::error::{Error, Result};
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
 use crate::loss::monitor::Registration;
-use crate::loss::signal::LossSignal;
 use crate::release::background::release_in_background_traced;
 use crate::release::deferred::DeferredUnlock;
 use crate::release::parking::Parking;
 use crate::release::statement::{release, unlock_session, Release};
-use crate::scope::{LockMode, LockScope};
-use crate::sql::PreparedUnlock;
-use crate::trace;
 
 /// A held advisory lock. The lock is released when the guard is dropped.
 ///

@@ -52,9 +52,9 @@ use std::time::SystemTime;
 
 use tokio_postgres::Client;
 
-use crate::error::{Error, Result};
-use crate::key::AdvisoryKey;
-use crate::scope::{LockMode, LockScope};
+use crate::base::error::{Error, Result};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope};
 
 /// The prefix of the `application_name` that the `pglock` command gives its connections, as in
 /// `pglock run migrations`.

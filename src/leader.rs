@@ -13,15 +13,15 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::base::error::{Error, Result};
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::loss::{LossReason, LossSignal};
+use crate::base::scope::WaitStrategy;
+use crate::base::trace;
 use crate::conn::source::ConnectionSource;
-use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
 use crate::lock::AdvisoryLock;
-use crate::loss::signal::{LossReason, LossSignal};
-use crate::scope::WaitStrategy;
-use crate::trace;
 
 /// The default of [`LeaderElection::queue_round`]: how long a campaign waits in the server's lock
 /// queue before it re-checks its connection and queues again. It bounds how long a campaign can

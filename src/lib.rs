@@ -37,7 +37,20 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
-mod background;
+mod base {
+    //! Foundations: keys, options, errors, connection strings, SQL text, tracing events and small
+    //! runtime utilities. They import nothing of the crate but each other (and `metrics`).
+    pub(crate) mod background;
+    pub(crate) mod cancel;
+    pub(crate) mod database_url;
+    pub(crate) mod error;
+    pub(crate) mod health;
+    pub(crate) mod key;
+    pub(crate) mod loss;
+    pub(crate) mod scope;
+    pub(crate) mod sql;
+    pub(crate) mod trace;
+}
 mod acquire {
     //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
     //! a shared session.
@@ -45,7 +58,6 @@ mod acquire {
     pub(crate) mod attempt;
     pub(crate) mod try_lock_queue;
 }
-mod cancel;
 mod cohort;
 mod conn {
     //! Connections: pooled ones and sessions, where a lock gets one, and which backend it is.
@@ -56,8 +68,6 @@ mod conn {
     pub(crate) mod slot;
     pub(crate) mod source;
 }
-mod database_url;
-mod error;
 mod guard;
 mod release {
     //! Release: the statements that end a lock, and what a dropped guard leaves to the next
@@ -70,40 +80,33 @@ mod release {
     pub(crate) mod statement;
     pub(crate) mod together;
 }
-mod health;
 pub mod introspect;
-mod key;
 mod leader;
 mod lock;
 mod lock_set;
 mod loss {
-    //! Lock-loss detection: a monitor per connection, its probes, and the signal a guard
-    //! hands out.
+    //! Lock-loss detection: a monitor per connection and its probes.
     pub(crate) mod monitor;
     pub(crate) mod probe;
-    pub(crate) mod signal;
 }
 #[cfg(feature = "metrics")]
 pub mod metrics;
-mod scope;
-mod sql;
 #[cfg(feature = "rustls")]
 pub mod tls;
-mod trace;
 
+pub use base::database_url::{redact_url, DatabaseUrl, UrlForm};
+pub use base::error::{Error, Result, TlsFailure};
+pub use base::health::HealthCheck;
+pub use base::key::AdvisoryKey;
+pub use base::loss::{LossReason, LossSignal};
+pub use base::scope::{LockMode, LockScope, WaitStrategy};
 pub use cohort::{CohortGuard, CohortLock};
 pub use conn::session::Session;
 pub use conn::source::ConnectionSource;
-pub use database_url::{redact_url, DatabaseUrl, UrlForm};
-pub use error::{Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
-pub use health::HealthCheck;
-pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
 pub use lock_set::LockSet;
-pub use loss::signal::{LossReason, LossSignal};
-pub use scope::{LockMode, LockScope, WaitStrategy};
 
 /// The Rust examples in the guides of `docs/`, compiled (and run, where they need no server)
 /// by `cargo test --doc`, so that the guides stay true to the API.

@@ -6,13 +6,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::acquire::acquirer::{Acquirer, Deadline};
+use crate::base::error::Result;
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope, WaitStrategy};
+use crate::base::trace;
 use crate::conn::source::ConnectionSource;
-use crate::error::Result;
 use crate::guard::AdvisoryLockGuard;
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
-use crate::scope::{LockMode, LockScope, WaitStrategy};
-use crate::trace;
 
 /// A named (or numbered) advisory lock and where to take it.
 ///

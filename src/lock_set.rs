@@ -7,13 +7,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::acquire::try_lock_queue;
+use crate::base::error::{Error, Result};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope, WaitStrategy};
+use crate::base::trace;
 use crate::conn::session::Session;
-use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::key::AdvisoryKey;
 use crate::lock::AdvisoryLock;
-use crate::scope::{LockMode, LockScope, WaitStrategy};
-use crate::trace;
 
 /// Many session locks held at once by one process, on a small, fixed set of connections.
 ///

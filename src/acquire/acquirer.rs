@@ -10,21 +10,24 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Statement;
 
 use crate::acquire::attempt::{client_conn, Acquire, Attempt, Attempted};
+use crate::base::error::{Error, Result};
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope, WaitStrategy};
+use crate::base::trace;
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
 use crate::conn::slot::ConnSlot;
 use crate::conn::source::ConnectionSource;
-use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
 use crate::release::deferred::DeferredUnlock;
 use crate::release::in_flight::ReleaseInFlight;
 use crate::release::parking::{Claimed, Parking, PriorRelease};
 use crate::release::statement::{release, Release};
-use crate::scope::{LockMode, LockScope, WaitStrategy};
-use crate::sql::{first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
-use crate::trace;
+
+use crate::base::sql::{
+    first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock,
+};
 
 /// What an [`AdvisoryLock`](crate::AdvisoryLock) acquires with: where its connections come
 /// from, its key, its scope, how it waits and how its guards are watched.
@@ -281,7 +284,13 @@ impl Acquirer {
         };
         let may_wait = op == Op::Lock;
         let canceller = may_wait.then(|| self.source.canceller(&conn));
-        let mut attempt = Attempt::new(ConnSlot::new(conn), reservation, self, mode, checks);
+        let mut attempt = Attempt::new(
+            ConnSlot::new(conn),
+            reservation,
+            (self.key, self.scope),
+            mode,
+            checks,
+        );
         attempt.canceller = canceller;
         attempt.may_wait = may_wait;
         attempt.combined = combined;
@@ -548,7 +557,7 @@ impl Acquirer {
             Conn::Session(session) => session.take_offered_release(),
             Conn::Pooled(_) => offered,
         };
-        let mut attempt = Attempt::new(slot, reservation, self, mode, checks);
+        let mut attempt = Attempt::new(slot, reservation, (self.key, self.scope), mode, checks);
         attempt.offered = offered;
         attempt.prior_release = prior_release;
         attempt.combined = combined;

@@ -13,21 +13,20 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row, Statement};
 
-use crate::acquire::acquirer::Acquirer;
-use crate::cancel::Canceller;
+use crate::base::cancel::Canceller;
+use crate::base::error::{Error, Result};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope};
+use crate::base::sql::{Checks, KeyParams, PreparedUnlock};
+use crate::base::{background, trace};
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
 use crate::conn::slot::ConnSlot;
-use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::key::AdvisoryKey;
 use crate::release::background::release_in_background;
 use crate::release::in_flight::{ReleaseInFlight, ReleaseTask};
 use crate::release::parking::PriorRelease;
 use crate::release::statement::{release, unlock_outcome, Release};
-use crate::scope::{LockMode, LockScope};
-use crate::sql::{Checks, KeyParams, PreparedUnlock};
-use crate::{background, trace};
 
 /// How an acquisition on one connection ended, short of an error.
 pub(crate) enum Attempted {
@@ -110,7 +109,7 @@ impl Attempt {
     pub(super) fn new(
         slot: ConnSlot,
         reservation: Reservation,
-        lock: &Acquirer,
+        (key, scope): (AdvisoryKey, LockScope),
         mode: LockMode,
         checks: Checks,
     ) -> Self {
@@ -121,8 +120,8 @@ impl Attempt {
             in_flight: false,
             may_wait: false,
             in_transaction: false,
-            key: lock.key,
-            scope: lock.scope,
+            key,
+            scope,
             canceller: None,
             reservation: Some(reservation),
             mode,

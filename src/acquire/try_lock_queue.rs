@@ -26,16 +26,16 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
 
-use crate::background;
+use crate::base::background;
+use crate::base::error::{Error, Result};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope};
 use crate::conn::handle::Conn;
 use crate::conn::session::{Reservation, Session};
-use crate::error::{Error, Result};
 use crate::guard::AdvisoryLockGuard;
-use crate::key::AdvisoryKey;
 use crate::release::statement::{release, Release};
-use crate::scope::{LockMode, LockScope};
 
-use crate::sql::{
+use crate::base::sql::{
     self, by_index, statement, Checks, Form, KeyArrays, Op, PreparedUnlock, MAX_BATCH,
 };
 

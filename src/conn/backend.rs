@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use tokio_postgres::Client;
 
-use crate::sql::Checks;
+use crate::base::sql::Checks;
 
 /// What pglock learned about one connection's backend: nothing yet, or the verdict of its first
 /// acquiring statement, kept for the connection's life.

@@ -7,14 +7,14 @@ use deadpool_postgres::Object;
 use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 
+use crate::base::error::Result;
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::LockScope;
 use crate::conn::backend::{self, Verification};
 use crate::conn::pooled::{Pooled, PreparedByConnection, Remembered, DISCARD, LEAK, RETURN};
 use crate::conn::session::{Reservation, Session};
-use crate::error::Result;
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
 use crate::loss::monitor::Monitor;
-use crate::scope::LockScope;
 
 /// The connection one lock works on: exclusively owned (pooled) or shared (a session).
 // Boxing the pooled object would cost an allocation per acquisition to save a memcpy.

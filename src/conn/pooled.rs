@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use deadpool_postgres::{Object, ObjectId};
 use tokio_postgres::Statement;
 
+use crate::base::error::Result;
 use crate::conn::backend::Verification;
 use crate::conn::session::find_prepared;
-use crate::error::Result;
 use crate::loss::monitor::Monitor;
 
 /// A pooled connection, shared between a guard and its loss monitor.

@@ -14,16 +14,16 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
 use crate::acquire::try_lock_queue::TryLockQueue;
-use crate::cancel::{Canceller, CancelsInFlight};
+use crate::base::cancel::{Canceller, CancelsInFlight};
+use crate::base::database_url::{redact_url, DatabaseUrl};
+use crate::base::error::{Error, Result};
+use crate::base::health::{self, HealthCheck};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::LockScope;
 use crate::conn::backend::Verification;
-use crate::database_url::{redact_url, DatabaseUrl};
-use crate::error::{Error, Result};
-use crate::health::{self, HealthCheck};
-use crate::key::AdvisoryKey;
 use crate::loss::monitor::Monitor;
 use crate::release::deferred::DeferredSlot;
 use crate::release::in_flight::ReleaseInFlight;
-use crate::scope::LockScope;
 
 /// One PostgreSQL connection that pglock may share between several locks.
 ///

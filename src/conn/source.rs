@@ -6,12 +6,12 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
-use crate::cancel::Canceller;
+use crate::base::cancel::Canceller;
+use crate::base::error::Result;
 use crate::conn::backend;
 use crate::conn::handle::Conn;
 use crate::conn::pooled::PreparedByConnection;
 use crate::conn::session::Session;
-use crate::error::Result;
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.
 ///

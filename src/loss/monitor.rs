@@ -14,12 +14,12 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::base::health::HealthCheck;
+use crate::base::key::AdvisoryKey;
+use crate::base::loss::{LossReason, LossSignal};
+use crate::base::scope::{LockMode, LockScope};
 use crate::conn::handle::{Conn, WeakConn};
-use crate::health::HealthCheck;
-use crate::key::AdvisoryKey;
 use crate::loss::probe::{classify, probe, Batch, Verdict};
-use crate::loss::signal::{LossReason, LossSignal};
-use crate::scope::{LockMode, LockScope};
 
 /// The loss monitor of one connection: the locks it watches and whether its task runs.
 pub(crate) struct Monitor {
@@ -70,7 +70,7 @@ impl Monitor {
     fn lose(&self, id: u64, reason: LossReason) {
         let watched = self.state.lock().unwrap().watched.remove(&id);
         if let Some(watched) = watched {
-            crate::trace::lock_lost(watched.key, watched.backend_pid, &reason);
+            crate::base::trace::lock_lost(watched.key, watched.backend_pid, &reason);
             set_once(&watched.reason, reason);
         }
     }
@@ -79,7 +79,7 @@ impl Monitor {
     fn lose_all(&self, reason: LossReason) {
         let mut state = self.state.lock().unwrap();
         for (_, watched) in state.watched.drain() {
-            crate::trace::lock_lost(watched.key, watched.backend_pid, &reason);
+            crate::base::trace::lock_lost(watched.key, watched.backend_pid, &reason);
             set_once(&watched.reason, reason.clone());
         }
         state.running = false;

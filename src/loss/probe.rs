@@ -7,10 +7,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
+use crate::base::health::HealthCheck;
+use crate::base::loss::LossReason;
+use crate::base::scope::LockScope;
 use crate::conn::handle::Conn;
-use crate::health::HealthCheck;
-use crate::loss::signal::LossReason;
-use crate::scope::LockScope;
 
 /// The probe: this backend's pid, and the 1-based positions of the watched locks that this
 /// backend does not hold (granted, in that mode). `pg_lock_status()` is the function behind the
@@ -65,7 +65,7 @@ pub(crate) async fn probe(
         // Pipelined with the probe: no extra round trip.
         Some(health) => {
             let (_, row) = futures_util::future::join(
-                crate::health::apply_server_keepalives(client, health),
+                crate::base::health::apply_server_keepalives(client, health),
                 probe_once(conn, batch, full),
             )
             .await;

@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
+use crate::base::key::AdvisoryKey;
+use crate::base::trace;
 use crate::conn::handle::Conn;
 use crate::conn::slot::ConnSlot;
-use crate::key::AdvisoryKey;
 use crate::release::in_flight::{ReleaseInFlight, ReleaseTask};
 use crate::release::parking::Parking;
 use crate::release::statement::{release, Release};
-use crate::trace;
 
 /// Queues `release` on the connection now and confirms it in the background: in the next
 /// acquisition on the connection, or in a task of its own (see [`ReleaseInFlight`]).
@@ -65,7 +65,7 @@ pub(crate) fn release_in_background_traced(
     let Ok(runtime) = Handle::try_current() else {
         // No runtime to confirm the release on: the request is queued all the same, and
         // dropping the task closes a pooled connection, which is therefore not parked.
-        crate::background::queue_and_forget(task.as_mut());
+        crate::base::background::queue_and_forget(task.as_mut());
         return;
     };
     // Parked (or offered to the session) only once the release is queued, and before its task

@@ -16,16 +16,16 @@ use std::future::{poll_fn, Future};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::LockMode;
+use crate::base::sql::{Checks, Form, PreparedUnlock, MAX_BATCH};
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
-use crate::key::AdvisoryKey;
 use crate::release::background::release_in_background_traced;
 use crate::release::flush::{Bell, FlushBell, Flushed};
 use crate::release::parking::Parking;
 use crate::release::statement::Release;
 use crate::release::together::unlock_together;
-use crate::scope::LockMode;
-use crate::sql::{Checks, Form, PreparedUnlock, MAX_BATCH};
 
 /// A dropped guard's session unlock, recorded but not sent yet (see the module's
 /// documentation). It holds everything the release needs: the connection (a share of it), the

@@ -11,7 +11,7 @@ use std::task::{Context, Wake, Waker};
 use tokio::runtime::Handle;
 
 /// The task that reads a release's answer and settles the connection accordingly.
-pub(crate) type ReleaseTask = crate::background::Task;
+pub(crate) type ReleaseTask = crate::base::background::Task;
 
 /// A release queued on a connection whose answer nobody reads yet.
 ///

@@ -3,11 +3,11 @@
 
 use std::future::Future;
 
+use crate::base::error::{Error, Result};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope};
+use crate::base::sql::{first_row, Checks, Form, KeyParams, Op, PreparedUnlock};
 use crate::conn::handle::Conn;
-use crate::error::{Error, Result};
-use crate::key::AdvisoryKey;
-use crate::scope::{LockMode, LockScope};
-use crate::sql::{first_row, Checks, Form, KeyParams, Op, PreparedUnlock};
 
 /// How a lock is given back.
 #[derive(Clone)]
@@ -121,7 +121,7 @@ async fn end_transaction_or_undo(conn: &Conn, release: &Release, key: AdvisoryKe
         Release::UnlockIfHeld(mode) => {
             // One round trip, no prepared statement: this is a rare path.
             use tokio_postgres::types::{ToSql, Type};
-            let sql = crate::sql::unlock_if_held(*mode, crate::sql::Form::of(key));
+            let sql = crate::base::sql::unlock_if_held(*mode, crate::base::sql::Form::of(key));
             let (classid, objid, objsubid) = key.pg_locks_ids();
             let (classid, objid) = (i64::from(classid), i64::from(objid));
             let (single, pair) = match key {
@@ -180,7 +180,7 @@ async fn unlock_unprepared(
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
     conn.forget_statements();
     let form = Form::of(key);
-    let sql = crate::sql::statement(Op::Unlock, mode, LockScope::Session, form, checks);
+    let sql = crate::base::sql::statement(Op::Unlock, mode, LockScope::Session, form, checks);
     let params = KeyParams::new(key);
     let pid = checks
         .pid_param(&granted_on)

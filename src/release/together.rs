@@ -4,15 +4,15 @@
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
+use crate::base::error::Error;
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::LockMode;
+use crate::base::sql::{self, by_index, Checks, Form, KeyArrays};
+use crate::base::{background, trace};
 use crate::conn::handle::Conn;
 use crate::conn::session::Reservation;
-use crate::error::Error;
-use crate::key::AdvisoryKey;
 use crate::release::in_flight::ReleaseTask;
 use crate::release::statement::unlock_outcome;
-use crate::scope::LockMode;
-use crate::sql::{self, by_index, Checks, Form, KeyArrays};
-use crate::{background, trace};
 
 /// Releases the keys of dropped guards of one session (`conn`), all of `form` and held in
 /// `mode`, in one statement, queued on the connection before this returns; its answer is read

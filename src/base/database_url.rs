@@ -10,7 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use crate::base::error::{Error, Result};
 
 /// A PostgreSQL connection string, read from any of the forms services configure, as libpq
 /// keywords.

@@ -32,10 +32,10 @@ use std::time::Instant;
 
 use tracing::Level;
 
-use crate::error::Error;
-use crate::key::AdvisoryKey;
-use crate::loss::signal::LossReason;
-use crate::scope::{LockMode, LockScope};
+use crate::base::error::Error;
+use crate::base::key::AdvisoryKey;
+use crate::base::loss::LossReason;
+use crate::base::scope::{LockMode, LockScope};
 
 /// The target of every pglock event, for filters (`RUST_LOG=pglock=debug`).
 pub(crate) const TARGET: &str = "pglock";
@@ -93,7 +93,7 @@ impl Measure {
         self,
         mode: LockMode,
         has_deadline: bool,
-        result: &crate::Result<Option<G>>,
+        result: &crate::base::error::Result<Option<G>>,
     ) {
         #[cfg(feature = "metrics")]
         {
@@ -147,7 +147,7 @@ pub(crate) fn acquired<G: Granted>(
     key: AdvisoryKey,
     mode: LockMode,
     scope: LockScope,
-    result: &crate::Result<Option<G>>,
+    result: &crate::base::error::Result<Option<G>>,
     timer: &Timer,
 ) {
     match result {
@@ -197,7 +197,7 @@ pub(crate) fn released(
     key: AdvisoryKey,
     backend_pid: i32,
     how: &'static str,
-    result: &crate::Result<()>,
+    result: &crate::base::error::Result<()>,
     background: bool,
 ) {
     match result {

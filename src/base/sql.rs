@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
-use crate::key::AdvisoryKey;
-use crate::scope::{LockMode, LockScope};
+use crate::base::key::AdvisoryKey;
+use crate::base::scope::{LockMode, LockScope};
 
 /// What a statement does to the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
