@@ -30,6 +30,9 @@
 //! - Scale: [`CohortLock`] queues the tasks of one process in memory and hands the lock
 //!   between them without a round trip; [`LockSet`] holds thousands of locks on a few pipelined
 //!   connections (figures and sizing: `docs/performance.md`).
+//! - [`Semaphore`]: at most `n` holders of a name across the fleet, each with a
+//!   [`SemaphorePermit`] on one of `n` slots; waiters queue in arrival order and cost the
+//!   server nothing but the head's one statement a second (guide: `docs/semaphores.md`).
 //!
 //! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
 #![doc = include_str!("lib.md")]
@@ -56,6 +59,7 @@ mod loss;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod scope;
+mod semaphore;
 mod sql;
 #[cfg(feature = "rustls")]
 pub mod tls;
@@ -72,6 +76,7 @@ pub use lock::AdvisoryLock;
 pub use lock_set::LockSet;
 pub use loss::{HealthCheck, LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
+pub use semaphore::{Semaphore, SemaphorePermit};
 
 /// The Rust examples in the guides of `docs/`, compiled (and run, where they need no server)
 /// by `cargo test --doc`, so that the guides stay true to the API.

@@ -164,6 +164,14 @@ impl AdvisoryLock {
         self.key
     }
 
+    /// This lock without the parking of dropped guards' connections: for a lock whose guard
+    /// shares its connection with another guard (a semaphore's queue key), so that a drop never
+    /// offers a connection still in use to the next acquisition.
+    pub(crate) fn without_parking(mut self) -> Self {
+        self.parking = None;
+        self
+    }
+
     pub(crate) fn lock_scope(&self) -> LockScope {
         self.scope
     }

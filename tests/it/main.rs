@@ -26,6 +26,7 @@ mod modes;
 mod partition;
 mod pgbouncer;
 mod release;
+mod semaphore;
 mod send_sync;
 mod shared_session;
 mod soak;
