@@ -44,6 +44,8 @@ mod cli_fleet;
 #[cfg(feature = "cli")]
 mod cli_http;
 #[cfg(feature = "cli")]
+mod cli_semaphore;
+#[cfg(feature = "cli")]
 mod cli_standby;
 #[cfg(feature = "cli")]
 mod cli_urls;
