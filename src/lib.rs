@@ -94,4 +94,6 @@ mod guides {
     struct Migrations;
     #[doc = include_str!("../docs/observability.md")]
     struct Observability;
+    #[doc = include_str!("../docs/semaphores.md")]
+    struct Semaphores;
 }

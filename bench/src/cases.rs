@@ -289,6 +289,7 @@ pub static CASES: &[Case] = &[
         pool_semaphore_8_on_3
     ),
     case!(once "pglock_semaphore_waiter_statements", "8 semaphore", semaphore_waiter_statements),
+    case!(once "pglock_semaphore_handover_latency", "8 semaphore", semaphore_handover_latency),
     case!(once "pglock_loss_probes_10k_held", "6 loss probes", loss_probes),
     case!(once "pglock_probe_cost_10k_elsewhere", "7 probe cost", probe_cost),
 ];
@@ -902,6 +903,70 @@ async fn semaphore_waiter_statements(env: &Env, _: Duration) -> Sample {
     }
     // The statements in progress at the first sample started before the window.
     Sample::new((seen.len() - first) as u64, measured).with("waiters", 5.0)
+}
+
+/// How soon a freed slot goes to the waiter at the head of the queue: one slot, held; a waiter
+/// searching on the server; the holder releases (`release().await` returns at `t0`) and the
+/// waiter's `acquire` returns at `t1`. 50 hand-overs; the rate is hand-overs per second of
+/// latency (1 / mean), the extras the median, 90th percentile and largest latency.
+async fn semaphore_handover_latency(env: &Env, _: Duration) -> Sample {
+    let pool = env.pool(4).await;
+    let semaphore = Semaphore::new(&pool, &format!("bench-{}", env.key()), 1);
+    let gate = semaphore.gate_key().pg_locks_ids();
+    let gate = (i64::from(gate.0), i64::from(gate.1), gate.2);
+    let mut latencies = Vec::new();
+    let start = Stopwatch::start();
+    let mut held = semaphore.acquire().await.unwrap();
+    for _ in 0..50 {
+        let waiter = {
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move {
+                let permit = semaphore.acquire().await.unwrap();
+                (Instant::now(), permit)
+            })
+        };
+        // The waiter holds the gate: it is searching on the server.
+        loop {
+            let n: i64 = env
+                .admin
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                     AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = $3",
+                    &[&gate.0, &gate.1, &gate.2],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Somewhere in the search's 5 ms pause.
+        tokio::time::sleep(Duration::from_millis(
+            random_i64().rem_euclid(5) as u64 + 20,
+        ))
+        .await;
+        held.release().await.unwrap();
+        let released = Instant::now();
+        let (granted, permit) = waiter.await.unwrap();
+        latencies.push(granted.saturating_duration_since(released));
+        held = permit;
+    }
+    let measured = start.stop();
+    drop(held);
+    latencies.sort();
+    let total: Duration = latencies.iter().sum();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Sample {
+        ops: latencies.len() as u64,
+        elapsed: total,
+        cpu: measured.cpu,
+        extra: Vec::new(),
+    }
+    .with("p50_us", us(latencies[latencies.len() / 2]))
+    .with("p90_us", us(latencies[latencies.len() * 9 / 10]))
+    .with("max_us", us(latencies[latencies.len() - 1]))
 }
 
 /// 1,000 tasks of this process on a pool of 4, plain `AdvisoryLock`: each waiting task takes a
