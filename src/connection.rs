@@ -392,6 +392,11 @@ impl Session {
             || self.offered_release.lock().unwrap().strong_count() == 0
     }
 
+    /// How many keys pglock holds, or cleans up, on this session now.
+    pub(crate) fn held_keys(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
     /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up
     /// already; `None` otherwise (see [`Conn::reserve`], which waits or fails then).
     pub(crate) fn try_reserve(self: &Arc<Self>, key: AdvisoryKey) -> Option<Reservation> {

@@ -57,8 +57,8 @@ SELECT (SELECT slot FROM attempt WHERE slot IS NOT NULL LIMIT 1), pg_backend_pid
 /// about one statement per this long while every slot stays busy.
 const WINDOW_POOLED: Duration = Duration::from_secs(1);
 
-/// The same on a dedicated session, shorter so that the session's other statements (the loss
-/// probes of the locks it holds) are not held up for long.
+/// The same on a dedicated session that holds other locks, shorter so that their statements
+/// (their loss probes) are not held up for long.
 const WINDOW_DEDICATED: Duration = Duration::from_millis(250);
 
 /// The pauses between tries on a shared session, where nothing waits on the server (as for a
@@ -266,13 +266,16 @@ impl Semaphore {
             return Ok(None);
         };
         let shared = self.source.is_shared_session();
-        let full_window = match gate.conn() {
-            _ if shared => Duration::ZERO,
-            Conn::Pooled(_) => WINDOW_POOLED,
-            Conn::Session(_) => WINDOW_DEDICATED,
-        };
         let mut pause = SHARED_POLL.0;
         loop {
+            let full_window = match gate.conn() {
+                _ if shared => Duration::ZERO,
+                Conn::Pooled(_) => WINDOW_POOLED,
+                // The gate is all pglock holds on the session: no other lock's statements or
+                // loss probes to hold up.
+                Conn::Session(session) if session.held_keys() <= 1 => WINDOW_POOLED,
+                Conn::Session(_) => WINDOW_DEDICATED,
+            };
             let window = match deadline {
                 Deadline::Now => Duration::ZERO,
                 Deadline::Never => full_window,
