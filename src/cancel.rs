@@ -7,13 +7,13 @@
 //! pglock can open the request's connection itself (no TLS, one known address), the request
 //! ends only when the server has closed it, and the session is used again only after that.
 
-use std::fmt;
 use std::future::Future;
-use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::{fmt, io};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -94,6 +94,58 @@ impl Default for Canceller {
 impl fmt::Debug for Canceller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Canceller")
+    }
+}
+
+/// The cancel requests still in flight for abandoned statements on one session.
+///
+/// A request that reaches the backend late cancels whatever runs there then, so nothing new
+/// of pglock's is started on the session until they are over (see [`Conn::reserve`]): a
+/// rollback or an unlock already queued behind the abandoned statement still runs first, and
+/// the next acquisition waits a round trip or two.
+///
+/// [`Conn::reserve`]: crate::conn::handle::Conn::reserve
+#[derive(Debug, Default)]
+pub(crate) struct CancelsInFlight {
+    count: AtomicUsize,
+    over: tokio::sync::Notify,
+}
+
+impl CancelsInFlight {
+    /// Counts a cancel request (or a series of them) until the returned value is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> CancelInFlight {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        CancelInFlight(self.clone())
+    }
+
+    /// Whether none is in flight.
+    pub(crate) fn none(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until none is in flight.
+    pub(crate) async fn over(&self) {
+        loop {
+            let over = self.over.notified();
+            let mut over = std::pin::pin!(over);
+            // Registered before the check, so that the last one ending in between is not missed.
+            over.as_mut().enable();
+            if self.none() {
+                return;
+            }
+            over.await;
+        }
+    }
+}
+
+/// One counted series of cancel requests (see [`CancelsInFlight::start`]).
+pub(crate) struct CancelInFlight(Arc<CancelsInFlight>);
+
+impl Drop for CancelInFlight {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.over.notify_waiters();
+        }
     }
 }
 

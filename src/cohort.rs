@@ -26,7 +26,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::{AdvisoryLock, AdvisoryLockGuard, LockScope};
+use crate::guard::AdvisoryLockGuard;
+use crate::lock::AdvisoryLock;
+use crate::scope::LockScope;
 
 /// An exclusive advisory lock whose local waiters are served in-process (lock cohorting).
 ///

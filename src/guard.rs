@@ -1,20 +1,26 @@
 //! The RAII guard of a held advisory lock, and how it is released.
 
 use std::fmt;
-use std::future::Future;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 
-use tokio::runtime::Handle;
 use tokio_postgres::Client;
 
-use crate::connection::{Conn, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::slot::ConnSlot;
 use crate::error::{Error, Result};
-use crate::handoff::{DeferredUnlock, Parking, ReleaseInFlight, ReleaseTask};
-use crate::loss::{HealthCheck, LossSignal, Registration};
-use crate::sql::{first_row, Checks, Form, KeyParams, Op, PreparedUnlock};
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::loss::monitor::Registration;
+use crate::loss::signal::LossSignal;
+use crate::release::background::release_in_background_traced;
+use crate::release::deferred::DeferredUnlock;
+use crate::release::parking::Parking;
+use crate::release::statement::{release, unlock_session, Release};
+use crate::scope::{LockMode, LockScope};
+use crate::sql::PreparedUnlock;
 use crate::trace;
-use crate::{AdvisoryKey, LockMode, LockScope};
 
 /// A held advisory lock. The lock is released when the guard is dropped.
 ///
@@ -85,7 +91,7 @@ pub struct AdvisoryLockGuard {
     /// (boxed, as most guards never ask).
     loss: OnceLock<Box<Registration>>,
     /// Where a drop parks the pooled connection while its unlock is in flight, for the next
-    /// acquisition of the same lock (see `handoff`).
+    /// acquisition of the same lock (see `release::parking`).
     parking: Option<Arc<Parking>>,
     /// The lock's place in the metrics (nothing without the `metrics` feature).
     #[allow(dead_code, reason = "kept for what its drop records")]
@@ -388,7 +394,7 @@ impl Drop for AdvisoryLockGuard {
         let release = self.release_kind(Release::Rollback);
         let parking = self.parking.take();
         // A session unlock on a shared session, or on a pooled connection the next acquisition
-        // of the lock may claim, waits for that acquisition (see `handoff::DeferredUnlock`).
+        // of the lock may claim, waits for that acquisition (see `release::deferred::DeferredUnlock`).
         let deferrable = parking.is_some() || matches!(conn, Conn::Session(_));
         match release {
             Release::Unlock(unlock, granted_on, mode) if deferrable => {
@@ -426,6 +432,12 @@ impl Deref for AdvisoryLockGuard {
     }
 }
 
+impl trace::Granted for AdvisoryLockGuard {
+    fn backend_pid(&self) -> i32 {
+        AdvisoryLockGuard::backend_pid(self)
+    }
+}
+
 impl fmt::Debug for AdvisoryLockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdvisoryLockGuard")
@@ -434,318 +446,5 @@ impl fmt::Debug for AdvisoryLockGuard {
             .field("scope", &self.scope)
             .field("backend_pid", &self.backend_pid)
             .finish()
-    }
-}
-
-/// How a lock is given back.
-#[derive(Clone)]
-pub(crate) enum Release {
-    /// `pg_advisory_unlock` with this prepared statement (session scope), for the lock granted
-    /// by the backend with this pid (the checking form runs only there); the mode names the
-    /// statement again if the server lost it.
-    Unlock(PreparedUnlock, i32, LockMode),
-    /// `COMMIT` (transaction scope).
-    Commit,
-    /// `ROLLBACK` (transaction scope).
-    Rollback,
-    /// Release the key in this mode if, and only if, the session holds it: the cleanup of a
-    /// session-scoped acquisition whose outcome is unknown.
-    UnlockIfHeld(LockMode),
-}
-
-impl Release {
-    /// How the release reads in events.
-    fn name(&self) -> &'static str {
-        match self {
-            Release::Unlock(..) | Release::UnlockIfHeld(_) => "unlock",
-            Release::Commit => "commit",
-            Release::Rollback => "rollback",
-        }
-    }
-}
-
-/// Runs `release` on `conn`. A session unlock is retried once if a cancel request sent for an
-/// abandoned wait arrives late and cancels it. A session unlock that reaches another backend
-/// than the one that granted the lock releases nothing and fails with
-/// [`Error::BackendChanged`].
-pub(crate) async fn release(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
-    match release {
-        // Boxed: their futures are larger than the session unlock's, and every release future
-        // (one per dropped guard) would otherwise be as large.
-        Release::UnlockIfHeld(_) | Release::Commit | Release::Rollback => {
-            Box::pin(end_transaction_or_undo(conn, release, key)).await
-        }
-        Release::Unlock(unlock, granted_on, mode) => {
-            unlock_session(conn, unlock, *granted_on, *mode, key).await
-        }
-    }
-}
-
-/// The session unlock `unlock` on `conn`, of the lock in `mode` granted by the backend with pid
-/// `granted_on`: see [`release`].
-async fn unlock_session(
-    conn: &Conn,
-    unlock: &PreparedUnlock,
-    granted_on: i32,
-    mode: LockMode,
-    key: AdvisoryKey,
-) -> Result<()> {
-    let client = conn.client();
-    let (statement, checks) = (&unlock.statement, unlock.checks);
-    let params = KeyParams::new(key);
-    let params = params.with(checks.pid_param(&granted_on));
-    // The hot path: written out rather than through `again_if_cancelled`, which costs it a few
-    // hundred instructions. Once is enough here: after the last request of an abandoned wait's
-    // cleanup, at most one stray cancel can still be on its way.
-    let mut result = first_row(client, statement, params.as_slice()).await;
-    if matches!(&result, Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
-    {
-        result = first_row(client, statement, params.as_slice()).await;
-    }
-    let row = match result {
-        Err(e)
-            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
-        {
-            Box::pin(unlock_unprepared(conn, key, mode, granted_on, checks))
-                .await
-                .map(Some)
-        }
-        result => result,
-    }
-    .map_err(|e| Error::from_postgres(Some(key), e))?
-    .ok_or(Error::UnexpectedAnswer { key })?;
-    let (ran_on, released) = checks.unlocked(&row);
-    unlock_outcome(key, granted_on, ran_on, released)
-}
-
-/// What a guarded session unlock's answer means: the backend it ran on (`now_on`) and its
-/// `released` column, NULL when it did not run because the backend is not the one that
-/// granted the lock.
-pub(crate) fn unlock_outcome(
-    key: AdvisoryKey,
-    granted_on: i32,
-    now_on: i32,
-    released: Option<bool>,
-) -> Result<()> {
-    if now_on != granted_on {
-        return Err(Error::BackendChanged {
-            key,
-            granted_on: Some(granted_on),
-            now_on: Some(now_on),
-            source: None,
-        });
-    }
-    match released {
-        Some(true) => Ok(()),
-        _ => Err(Error::NotHeld { key }),
-    }
-}
-
-/// The releases other than a session unlock: see [`release`].
-async fn end_transaction_or_undo(conn: &Conn, release: &Release, key: AdvisoryKey) -> Result<()> {
-    let client = conn.client();
-    match release {
-        Release::Unlock(..) => unreachable!("a session unlock runs in `release`"),
-        Release::UnlockIfHeld(mode) => {
-            // One round trip, no prepared statement: this is a rare path.
-            use tokio_postgres::types::{ToSql, Type};
-            let sql = crate::sql::unlock_if_held(*mode, crate::sql::Form::of(key));
-            let (classid, objid, objsubid) = key.pg_locks_ids();
-            let (classid, objid) = (i64::from(classid), i64::from(objid));
-            let (single, pair) = match key {
-                AdvisoryKey::Single(k) => (k, (0, 0)),
-                AdvisoryKey::Pair(a, b) => (0, (a, b)),
-            };
-            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = match key {
-                AdvisoryKey::Single(_) => vec![(&single, Type::INT8)],
-                AdvisoryKey::Pair(..) => vec![(&pair.0, Type::INT4), (&pair.1, Type::INT4)],
-            };
-            params.extend([
-                (&classid as &(dyn ToSql + Sync), Type::INT8),
-                (&objid, Type::INT8),
-                (&objsubid, Type::INT2),
-            ]);
-            again_if_cancelled(|| client.query_typed(&sql, &params))
-                .await
-                .map(drop)
-                .map_err(|e| Error::from_postgres(Some(key), e))
-        }
-        Release::Commit => {
-            // PostgreSQL answers COMMIT of a failed transaction with a rollback, not an error.
-            // A statement sent just before it, in the same round trip, fails in a failed
-            // transaction (25P02): that tells a rollback from a commit. Both are simple
-            // queries, so this works behind transaction poolers too.
-            let (probe, commit) = futures_util::future::join(
-                client.simple_query("SELECT 1"),
-                client.batch_execute("COMMIT"),
-            )
-            .await;
-            commit.map_err(|e| Error::from_postgres(Some(key), e))?;
-            // Whatever made the probe fail inside the transaction block (usually an earlier
-            // failure, 25P02) made the COMMIT a rollback.
-            probe
-                .map(drop)
-                .map_err(|source| Error::RolledBack { key, source })
-        }
-        Release::Rollback => again_if_cancelled(|| client.batch_execute("ROLLBACK"))
-            .await
-            .map_err(|e| Error::from_postgres(Some(key), e)),
-    }
-}
-
-/// The guarded unlock sent without its prepared statement, which the server reported missing
-/// (SQLSTATE 26000): someone deallocated it, or a transaction pooler moved the connection to
-/// another backend. Either way what pglock remembers as prepared there is forgotten. The
-/// statement still releases only on the backend that granted the lock, so on another backend
-/// it releases nothing and the caller reports [`Error::BackendChanged`] with both pids.
-#[cold]
-async fn unlock_unprepared(
-    conn: &Conn,
-    key: AdvisoryKey,
-    mode: LockMode,
-    granted_on: i32,
-    checks: Checks,
-) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-    conn.forget_statements();
-    let form = Form::of(key);
-    let sql = crate::sql::statement(Op::Unlock, mode, LockScope::Session, form, checks);
-    let params = KeyParams::new(key);
-    let pid = checks
-        .pid_param(&granted_on)
-        .map(|pid| (pid, tokio_postgres::types::Type::INT4));
-    let params = params.typed(pid);
-    conn.client().query_typed_one(sql, params.as_slice()).await
-}
-
-/// Runs a release statement, and runs it again if a cancel request ended it.
-///
-/// pglock sends cancel requests only for its own abandoned waits, but on a shared session such
-/// a request travels over another connection and may land on whatever runs there when it
-/// arrives, including a release (see `cancel_until_ended` in the lock module, which may send
-/// several). The statements it runs (the conditional unlock, `ROLLBACK`) can safely run twice.
-async fn again_if_cancelled<T, F, Fut>(mut run: F) -> Result<T, tokio_postgres::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
-{
-    const ATTEMPTS: usize = 3;
-    let mut attempt = 1;
-    loop {
-        let result = run().await;
-        match &result {
-            Err(e)
-                if attempt < ATTEMPTS
-                    && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
-            {
-                attempt += 1;
-            }
-            _ => return result,
-        }
-    }
-}
-
-/// Queues `release` on the connection now and confirms it in the background: in the next
-/// acquisition on the connection, or in a task of its own (see [`ReleaseInFlight`]).
-///
-/// The first poll happens here, synchronously: tokio-postgres writes a request into the
-/// connection's queue on the first poll, so the release is ordered before anything the caller
-/// sends afterwards. Without a runtime to finish on, the connection is closed instead.
-pub(crate) fn release_in_background(conn: Conn, release_how: Release, key: AdvisoryKey) {
-    release_in_background_traced(conn, release_how, key, None, None);
-}
-
-/// [`release_in_background`], reporting the outcome as a release of the lock granted by
-/// `backend_pid` (a guard's drop) or, without one, only a failure (a cleanup). With `parking`,
-/// the connection is parked there until the release answers, for the next acquisition of the
-/// lock to claim.
-pub(crate) fn release_in_background_traced(
-    conn: Conn,
-    release_how: Release,
-    key: AdvisoryKey,
-    backend_pid: Option<i32>,
-    parking: Option<Arc<Parking>>,
-) {
-    let (report, released) = match parking {
-        Some(_) => {
-            let (report, released) = Parking::report_channel();
-            (Some(report), Some((released, conn.share())))
-        }
-        None => (None, None),
-    };
-    let parked_at = parking.clone();
-    let session = match &conn {
-        Conn::Session(session) => Some(session.clone()),
-        Conn::Pooled(_) => None,
-    };
-    let slot = ConnSlot::new(conn);
-    let mut task: ReleaseTask = Box::pin(async move {
-        let result = release(slot.conn(), &release_how, key).await;
-        if backend_pid.is_some() || result.is_err() {
-            trace::released(key, backend_pid.unwrap_or(0), "drop", &result, true);
-        }
-        let released = result.is_ok();
-        if let (Some(parking), Some(report)) = (parking, report) {
-            if !released {
-                // A claimer may hold the connection already: close it when the last lets go.
-                slot.conn().mark_discard();
-            }
-            parking.unpark(slot.conn());
-            let _ = report.send(released);
-        }
-        slot.finish(released);
-    });
-    let Ok(runtime) = Handle::try_current() else {
-        // No runtime to confirm the release on: the request is queued all the same, and
-        // dropping the task closes a pooled connection, which is therefore not parked.
-        crate::background::queue_and_forget(task.as_mut());
-        return;
-    };
-    // Parked (or offered to the session) only once the release is queued, and before its task
-    // can run: a claimer's statement always travels behind the release, and the task always
-    // finds the connection parked (or claimed) when it comes to take it back.
-    ReleaseInFlight::start(task, runtime, |in_flight| {
-        if let (Some(parking), Some((released, conn))) = (parked_at, released) {
-            parking.park(conn, released, in_flight);
-        } else if let Some(session) = session {
-            session.offer_release(in_flight);
-        }
-    });
-}
-
-/// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
-/// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
-pub(crate) struct ConnSlot {
-    conn: Option<Conn>,
-}
-
-impl ConnSlot {
-    pub(crate) fn new(conn: Conn) -> Self {
-        ConnSlot { conn: Some(conn) }
-    }
-
-    pub(crate) fn conn(&self) -> &Conn {
-        self.conn
-            .as_ref()
-            .expect("the slot holds its connection until finished")
-    }
-
-    /// Ends the slot: the lock is released (`clean`) or its state is unknown.
-    pub(crate) fn finish(mut self, clean: bool) {
-        let conn = self.conn.take().expect("finished once");
-        if !clean {
-            conn.discard();
-        }
-    }
-
-    pub(crate) fn into_conn(mut self) -> Conn {
-        self.conn.take().expect("taken once")
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.discard();
-        }
     }
 }

@@ -53,7 +53,8 @@ use std::time::SystemTime;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::{AdvisoryKey, LockMode, LockScope};
+use crate::key::AdvisoryKey;
+use crate::scope::{LockMode, LockScope};
 
 /// The prefix of the `application_name` that the `pglock` command gives its connections, as in
 /// `pglock run migrations`.

@@ -13,12 +13,15 @@ use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::conn::source::ConnectionSource;
 use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::lock::AdvisoryLock;
+use crate::loss::signal::{LossReason, LossSignal};
+use crate::scope::WaitStrategy;
 use crate::trace;
-use crate::{
-    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, ConnectionSource, HealthCheck, LossReason,
-    LossSignal, WaitStrategy,
-};
 
 /// The default of [`LeaderElection::queue_round`]: how long a campaign waits in the server's lock
 /// queue before it re-checks its connection and queues again. It bounds how long a campaign can

@@ -40,22 +40,52 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
-mod backend;
 mod background;
-mod batch;
+mod acquire {
+    //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
+    //! a shared session.
+    pub(crate) mod acquirer;
+    pub(crate) mod attempt;
+    pub(crate) mod try_lock_queue;
+}
 mod cancel;
 mod cohort;
-mod connection;
+mod conn {
+    //! Connections: pooled ones and sessions, where a lock gets one, and which backend it is.
+    pub(crate) mod backend;
+    pub(crate) mod handle;
+    pub(crate) mod pooled;
+    pub(crate) mod session;
+    pub(crate) mod slot;
+    pub(crate) mod source;
+}
 mod database_url;
 mod error;
 mod guard;
-mod handoff;
+mod release {
+    //! Release: the statements that end a lock, and what a dropped guard leaves to the next
+    //! acquisition on its connection.
+    pub(crate) mod background;
+    pub(crate) mod deferred;
+    pub(crate) mod flush;
+    pub(crate) mod in_flight;
+    pub(crate) mod parking;
+    pub(crate) mod statement;
+    pub(crate) mod together;
+}
+mod health;
 pub mod introspect;
 mod key;
 mod leader;
 mod lock;
 mod lock_set;
-mod loss;
+mod loss {
+    //! Lock-loss detection: a monitor per connection, its probes, and the signal a guard
+    //! hands out.
+    pub(crate) mod monitor;
+    pub(crate) mod probe;
+    pub(crate) mod signal;
+}
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod scope;
@@ -66,15 +96,17 @@ pub mod tls;
 mod trace;
 
 pub use cohort::{CohortGuard, CohortLock};
-pub use connection::{ConnectionSource, Session};
+pub use conn::session::Session;
+pub use conn::source::ConnectionSource;
 pub use database_url::{redact_url, DatabaseUrl, UrlForm};
 pub use error::{Error, Result, TlsFailure};
 pub use guard::AdvisoryLockGuard;
+pub use health::HealthCheck;
 pub use key::AdvisoryKey;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
 pub use lock_set::LockSet;
-pub use loss::{HealthCheck, LossReason, LossSignal};
+pub use loss::signal::{LossReason, LossSignal};
 pub use scope::{LockMode, LockScope, WaitStrategy};
 pub use semaphore::{Semaphore, SemaphorePermit};
 

@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::batch;
+use crate::acquire::try_lock_queue;
+use crate::conn::session::Session;
 use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
+use crate::key::AdvisoryKey;
+use crate::lock::AdvisoryLock;
+use crate::scope::{LockMode, LockScope, WaitStrategy};
 use crate::trace;
-use crate::{
-    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, LockMode, LockScope, Session, WaitStrategy,
-};
 
 /// Many session locks held at once by one process, on a small, fixed set of connections.
 ///
@@ -180,12 +182,14 @@ impl LockSet {
         if !session.is_behind_pooler() {
             let timer = trace::Timer::start();
             let measure = trace::Measure::start();
-            let answer = batch::try_lock(session, key, wait).await;
+            let answer = try_lock_queue::try_lock(session, key, wait).await;
             let busy_on = match &answer {
-                Ok(batch::Answer::Busy(backend_pid)) => *backend_pid,
+                Ok(try_lock_queue::Answer::Busy(backend_pid)) => *backend_pid,
                 _ => None,
             };
-            if let Some(result) = answer.map_or_else(|e| Some(Err(e)), batch::Answer::into_result) {
+            if let Some(result) =
+                answer.map_or_else(|e| Some(Err(e)), try_lock_queue::Answer::into_result)
+            {
                 trace::acquired(
                     key,
                     LockMode::Exclusive,

@@ -32,10 +32,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, SharedString, Unit,
+};
 
-use crate::{LockMode, LossReason};
+use crate::loss::signal::LossReason;
+use crate::scope::LockMode;
 
 /// Histogram buckets, in seconds, that suit both the wait for a lock (a round trip of a
 /// millisecond or less when free, up to minutes behind a migration) and the time it is held.

@@ -17,13 +17,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::connection::{Conn, ConnectionSource, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::source::ConnectionSource;
 use crate::error::{Error, Result};
-use crate::guard::{release_in_background, Release};
+use crate::guard::AdvisoryLockGuard;
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::lock::AdvisoryLock;
+use crate::loss::signal::LossSignal;
+use crate::release::background::release_in_background;
+use crate::release::statement::Release;
+use crate::scope::{LockMode, LockScope};
 use crate::sql::{statement, Form, Op, PreparedUnlock};
-use crate::{
-    AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, HealthCheck, LockMode, LockScope, LossSignal,
-};
 
 /// The statement the head waiter sends: it tries the slots `0..$2` of space `$1` in order,
 /// skipping those in `$3` (held by this session already), and takes the first it gets. While

@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
-use crate::{AdvisoryKey, LockMode, LockScope};
+use crate::key::AdvisoryKey;
+use crate::scope::{LockMode, LockScope};
 
 /// What a statement does to the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,7 +335,7 @@ const STANDBY_GUARD: &str = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE";
 
 /// The statement that releases a dropped guard's session lock and then acquires the same key
 /// in the same mode with `op` ([`Op::Lock`] or [`Op::TryLock`]), in one round trip and one
-/// statement: what a `lock` + drop loop sends once per cycle (see `handoff::DeferredUnlock`).
+/// statement: what a `lock` + drop loop sends once per cycle (see `release::deferred::DeferredUnlock`).
 ///
 /// Parameters as for [`Op::Unlock`] with the same `checks`: the key, then (checking forms) the
 /// pid of the backend that granted the lock being released. The checking forms return
@@ -465,6 +466,74 @@ pub(crate) fn unlock_if_held(mode: LockMode, form: Form) -> String {
         next + 1,
         next + 2
     )
+}
+
+/// The most keys one statement asks for; a longer queue goes out in several.
+pub(crate) const MAX_BATCH: usize = 1_000;
+
+/// Keys of one form as a batch statement's arrays: one `int8[]`, or two `int4[]` for pairs.
+pub(crate) enum KeyArrays {
+    Single(Vec<i64>),
+    Pair(Vec<i32>, Vec<i32>),
+}
+
+impl KeyArrays {
+    pub(crate) fn new(form: Form, keys: &[AdvisoryKey]) -> Self {
+        let mut arrays = match form {
+            Form::Single => KeyArrays::Single(Vec::with_capacity(keys.len())),
+            Form::Pair => KeyArrays::Pair(Vec::with_capacity(keys.len()), Vec::new()),
+        };
+        for key in keys {
+            match (&mut arrays, *key) {
+                (KeyArrays::Single(singles), AdvisoryKey::Single(k)) => singles.push(k),
+                (KeyArrays::Pair(firsts, seconds), AdvisoryKey::Pair(a, b)) => {
+                    firsts.push(a);
+                    seconds.push(b);
+                }
+                _ => unreachable!("a batch holds keys of one form"),
+            }
+        }
+        arrays
+    }
+
+    /// The arrays as typed parameters, followed by `extra`.
+    pub(crate) fn typed<'a>(
+        &'a self,
+        extra: Option<(&'a (dyn ToSql + Sync), Type)>,
+    ) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+        let mut params: Vec<(&'a (dyn ToSql + Sync), Type)> = match self {
+            KeyArrays::Single(singles) => vec![(singles, Type::INT8_ARRAY)],
+            KeyArrays::Pair(firsts, seconds) => {
+                vec![(firsts, Type::INT4_ARRAY), (seconds, Type::INT4_ARRAY)]
+            }
+        };
+        params.extend(extra);
+        params
+    }
+}
+
+/// A batch statement's rows `(index, flag, backend_pid)` in the order of its keys (`index` is
+/// a key's 1-based place in the arrays), read as `checks` says (the plain forms report no pid);
+/// `None` for a key without a row.
+pub(crate) fn by_index(
+    rows: &[tokio_postgres::Row],
+    keys: usize,
+    checks: Checks,
+) -> Vec<Option<(Option<bool>, i32)>> {
+    let mut by_index = vec![None; keys];
+    for row in rows {
+        let index: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(index - 1)
+            .ok()
+            .and_then(|i| by_index.get_mut(i))
+        {
+            *slot = Some(match checks {
+                Checks::InStatement => (row.get(1), row.get(2)),
+                Checks::Verified(pid) => (row.get(1), pid),
+            });
+        }
+    }
+    by_index
 }
 
 #[cfg(test)]

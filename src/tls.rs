@@ -62,15 +62,17 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
-use rustls::{SignatureScheme, SupportedProtocolVersion};
-
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    SupportedProtocolVersion,
+};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::conn::session::Session;
+use crate::conn::source::ConnectionSource;
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
-use crate::{ConnectionSource, Session};
 
 /// libpq's `sslmode`: whether to use TLS and how far to trust the server's certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

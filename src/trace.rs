@@ -33,8 +33,9 @@ use std::time::Instant;
 use tracing::Level;
 
 use crate::error::Error;
-use crate::loss::LossReason;
-use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope};
+use crate::key::AdvisoryKey;
+use crate::loss::signal::LossReason;
+use crate::scope::{LockMode, LockScope};
 
 /// The target of every pglock event, for filters (`RUST_LOG=pglock=debug`).
 pub(crate) const TARGET: &str = "pglock";
@@ -88,11 +89,11 @@ impl Measure {
     /// Records how the acquisition ended (`has_deadline`: a `try_lock_for` or `_until`, whose
     /// busy end is a time-out).
     #[inline]
-    pub(crate) fn ended(
+    pub(crate) fn ended<G>(
         self,
         mode: LockMode,
         has_deadline: bool,
-        result: &crate::Result<Option<AdvisoryLockGuard>>,
+        result: &crate::Result<Option<G>>,
     ) {
         #[cfg(feature = "metrics")]
         {
@@ -134,12 +135,19 @@ pub(crate) fn acquire_span(key: AdvisoryKey, mode: LockMode, scope: LockScope) -
     tracing::debug_span!(target: TARGET, "acquire", key = %key, mode = ?mode, scope = ?scope)
 }
 
+/// What the events of a grant say of the guard (implemented by the guard, so that this module
+/// stays below it).
+pub(crate) trait Granted {
+    /// The backend that holds the lock.
+    fn backend_pid(&self) -> i32;
+}
+
 /// How an acquisition ended.
-pub(crate) fn acquired(
+pub(crate) fn acquired<G: Granted>(
     key: AdvisoryKey,
     mode: LockMode,
     scope: LockScope,
-    result: &crate::Result<Option<AdvisoryLockGuard>>,
+    result: &crate::Result<Option<G>>,
     timer: &Timer,
 ) {
     match result {
@@ -148,7 +156,7 @@ pub(crate) fn acquired(
             key = %key,
             mode = ?mode,
             scope = ?scope,
-            backend_pid = AdvisoryLockGuard::backend_pid(guard),
+            backend_pid = guard.backend_pid(),
             wait_ms = timer.wait_ms(),
             "advisory lock granted"
         ),

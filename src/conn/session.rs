@@ -1,26 +1,29 @@
-//! Where a lock's connection comes from: a deadpool pool, or a [`Session`] the caller owns.
+//! A [`Session`]: one connection the caller owns, shared by several locks, and the keys pglock
+//! reserves on it.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use deadpool_postgres::{Object, ObjectId, Pool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
-use crate::backend::{self, Verification};
-use crate::batch::TryLockQueue;
-use crate::cancel::Canceller;
+use crate::acquire::try_lock_queue::TryLockQueue;
+use crate::cancel::{Canceller, CancelsInFlight};
+use crate::conn::backend::Verification;
 use crate::database_url::{redact_url, DatabaseUrl};
 use crate::error::{Error, Result};
-use crate::handoff::{DeferredSlot, ReleaseInFlight};
-use crate::loss::{self, HealthCheck, Monitor};
-use crate::{AdvisoryKey, LockScope};
+use crate::health::{self, HealthCheck};
+use crate::key::AdvisoryKey;
+use crate::loss::monitor::Monitor;
+use crate::release::deferred::DeferredSlot;
+use crate::release::in_flight::ReleaseInFlight;
+use crate::scope::LockScope;
 
 /// One PostgreSQL connection that pglock may share between several locks.
 ///
@@ -64,41 +67,43 @@ use crate::{AdvisoryKey, LockScope};
 /// # Ok(()) }
 /// ```
 pub struct Session {
-    client: Client,
-    statements: Mutex<Vec<(&'static str, Statement)>>,
+    pub(super) client: Client,
+    pub(super) statements: Mutex<Vec<(&'static str, Statement)>>,
     /// Keys pglock holds here, and which of them are being cleaned up (a new acquisition of
     /// such a key waits for `cleaned`).
     held: Mutex<HashMap<AdvisoryKey, KeyState, KeyHash>>,
     cleaned: tokio::sync::Notify,
+    /// Cancel requests for abandoned statements not yet over (dedicated sessions only).
+    cancels: Arc<CancelsInFlight>,
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
     /// Whether `offered_release` may hold one, read first so that an acquisition with none
     /// offered before it takes no lock.
     offered: AtomicBool,
-    /// The unlock of a dropped guard, not sent yet (see `handoff::DeferredUnlock`).
+    /// The unlock of a dropped guard, not sent yet (see `release::deferred::DeferredUnlock`).
     pub(crate) deferred_unlock: Arc<DeferredSlot>,
     /// `try_lock` requests waiting for this session's next batch (see `batch`).
     pub(crate) try_locks: TryLockQueue,
-    canceller: Canceller,
+    pub(super) canceller: Canceller,
     connection_task: Option<JoinHandle<()>>,
     /// The health check of this session's loss monitor, when set with
     /// [`with_health_check`](Self::with_health_check).
-    health: Option<HealthCheck>,
+    pub(super) health: Option<HealthCheck>,
     /// The loss monitor of this connection, created on the first `loss_signal()`.
-    monitor: OnceLock<Arc<Monitor>>,
+    pub(super) monitor: OnceLock<Arc<Monitor>>,
     /// Set when the connection task pglock runs ends (with the reason), for [`Session::connect`].
-    closed: Option<watch::Receiver<Option<String>>>,
+    pub(super) closed: Option<watch::Receiver<Option<String>>>,
     /// Declared with [`behind_transaction_pooler`](Self::behind_transaction_pooler).
-    behind_pooler: bool,
+    pub(super) behind_pooler: bool,
     /// Declared with [`always_check_backend`](Self::always_check_backend).
     always_check: bool,
     /// Declared with [`dedicated`](Self::dedicated).
-    dedicated: bool,
+    pub(super) dedicated: bool,
     /// Whether the connection is verified as direct to a primary's backend.
-    backend: Verification,
+    pub(super) backend: Verification,
     /// How many times the client was handed out to the caller (see [`Conn::borrows`]).
-    borrows: AtomicU64,
+    pub(super) borrows: AtomicU64,
 }
 
 impl Session {
@@ -172,7 +177,7 @@ impl Session {
         }));
         // Best effort: a server or pooler that refuses these settings still gives a usable
         // session, only one that a dead network path keeps longer.
-        let _ = loss::apply_server_keepalives(&client, &HealthCheck::default()).await;
+        let _ = health::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
         session.deferred_unlock = deferred_unlock;
         session.canceller = Canceller::for_config(&config, tls);
@@ -191,6 +196,7 @@ impl Session {
             statements: Mutex::new(Vec::new()),
             held: Mutex::new(HashMap::default()),
             cleaned: tokio::sync::Notify::new(),
+            cancels: Arc::default(),
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
             offered: AtomicBool::new(false),
@@ -397,9 +403,78 @@ impl Session {
         self.held.lock().unwrap().len()
     }
 
+    /// Marks `key` held on this session (see [`Conn::reserve`]).
+    pub(super) async fn reserve(
+        self: &Arc<Self>,
+        key: AdvisoryKey,
+        scope: LockScope,
+        wait: Option<Option<tokio::time::Instant>>,
+    ) -> Result<Option<Reservation>> {
+        let session = self;
+        // A cancel request of an abandoned statement that lands late would end this
+        // acquisition's statement: wait until they are over (a round trip or two).
+        if !session.cancels.none() {
+            match wait.flatten() {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, session.cancels.over())
+                        .await
+                        .is_err()
+                    {
+                        return Ok(None);
+                    }
+                }
+                None => session.cancels.over().await,
+            }
+        }
+        loop {
+            let cleaned = {
+                let mut held = session.held.lock().unwrap();
+                match held.get_mut(&key) {
+                    Some(KeyState::Held { .. }) if wait.is_none() => return Ok(None),
+                    Some(KeyState::Held { waited } | KeyState::Cleaning { waited }) => {
+                        *waited = true;
+                        // Registered while the map is locked: the cleanup notifies only after
+                        // it has updated the map, so the notification cannot be missed.
+                        let mut cleaned = Box::pin(session.cleaned.notified());
+                        cleaned.as_mut().enable();
+                        cleaned
+                    }
+                    None => {
+                        if scope == LockScope::Transaction {
+                            let mut in_transaction = session.in_transaction.lock().unwrap();
+                            if *in_transaction {
+                                return Err(Error::TransactionInProgress);
+                            }
+                            *in_transaction = true;
+                        }
+                        held.insert(key, KeyState::HELD);
+                        return Ok(Some(Reservation::on(session, key, scope)));
+                    }
+                }
+            };
+            match wait.flatten() {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, cleaned).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                None => cleaned.await,
+            }
+        }
+    }
+
+    /// The cancel requests in flight on this session.
+    pub(crate) fn cancels(&self) -> &Arc<CancelsInFlight> {
+        &self.cancels
+    }
+
     /// Marks `key` held for a session-scoped acquisition, if nothing holds or cleans it up
-    /// already; `None` otherwise (see [`Conn::reserve`], which waits or fails then).
+    /// already and no cancel request is in flight; `None` otherwise (see [`Conn::reserve`],
+    /// which waits or fails then).
     pub(crate) fn try_reserve(self: &Arc<Self>, key: AdvisoryKey) -> Option<Reservation> {
+        if !self.cancels.none() {
+            return None;
+        }
         let mut held = self.held.lock().unwrap();
         match held.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => None,
@@ -410,7 +485,10 @@ impl Session {
         }
     }
 
-    async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+    pub(super) async fn prepare(
+        &self,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
         if let Some(statement) = self.cached(sql) {
             return Ok(statement);
         }
@@ -422,7 +500,7 @@ impl Session {
         Ok(statement)
     }
 
-    fn cached(&self, sql: &'static str) -> Option<Statement> {
+    pub(super) fn cached(&self, sql: &'static str) -> Option<Statement> {
         // Newest first: once the session is verified, its plain statements come after the
         // checking ones of its first lock, which it no longer uses.
         find_prepared(self.statements.lock().unwrap().iter().rev(), sql)
@@ -431,7 +509,7 @@ impl Session {
 
 /// The statement prepared for `sql` among pglock's own, which are `&'static` texts from
 /// `sql::statement`: the address identifies the text.
-fn find_prepared<'a>(
+pub(super) fn find_prepared<'a>(
     mut prepared: impl Iterator<Item = &'a (&'static str, Statement)>,
     sql: &'static str,
 ) -> Option<Statement> {
@@ -516,603 +594,6 @@ pub(crate) fn parse_config(url: &str) -> Result<Config> {
     DatabaseUrl::parse(url)?.config()
 }
 
-/// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.
-///
-/// Built from a [`deadpool_postgres::Pool`] (each held lock keeps one pooled connection) or
-/// from an `Arc<`[`Session`]`>` (locks share the session). `From` conversions exist for both,
-/// so you rarely name this type.
-///
-/// A source built from a pool remembers the statements pglock prepared on each of the pool's
-/// connections, so that acquisitions skip deadpool's statement cache; its clones share that
-/// memory. Where acquisitions are frequent, keep an [`AdvisoryLock`](crate::AdvisoryLock) (or
-/// a clone), or build the source once and pass clones of it for every key, rather than
-/// converting the pool again for every call.
-#[derive(Clone, Debug)]
-pub struct ConnectionSource {
-    kind: SourceKind,
-    canceller: Canceller,
-    behind_pooler: bool,
-    always_check: bool,
-}
-
-#[derive(Clone, Debug)]
-enum SourceKind {
-    Pool(Pool, Arc<PreparedByConnection>),
-    Session(Arc<Session>),
-}
-
-impl ConnectionSource {
-    /// Sends cancel requests for abandoned waits on pooled connections through `tls`.
-    ///
-    /// Needed when the server accepts only TLS connections; the default is no TLS.
-    pub fn with_cancel_tls<T>(mut self, tls: T) -> Self
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::Stream: Send,
-        T::TlsConnect: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
-        self.canceller = Canceller::new(tls);
-        self
-    }
-
-    /// Declares that the pool's connections go through a transaction-pooling proxy (PgBouncer
-    /// with `pool_mode = transaction`, and the like).
-    ///
-    /// pglock then sends its statements without preparing them (one round trip each, as
-    /// before), so they work on poolers that do not carry prepared statements between
-    /// transactions, and refuses session-scope locks with [`Error::SessionLockBehindPooler`]
-    /// before sending anything: behind such a pooler only
-    /// [`LockScope::Transaction`](crate::LockScope::Transaction) locks hold. See
-    /// `docs/pgbouncer.md`.
-    ///
-    /// ```no_run
-    /// # async fn demo(pool: deadpool_postgres::Pool) -> pglock::Result<()> {
-    /// use pglock::{AdvisoryLock, AdvisoryLockGuard, ConnectionSource, LockScope};
-    ///
-    /// let source = ConnectionSource::from(pool).behind_transaction_pooler();
-    /// let guard = AdvisoryLock::new(source, "nightly-report")
-    ///     .scope(LockScope::Transaction)
-    ///     .lock()
-    ///     .await?;
-    /// // ... work in the guard's transaction ...
-    /// AdvisoryLockGuard::commit(guard).await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn behind_transaction_pooler(mut self) -> Self {
-        self.behind_pooler = true;
-        self
-    }
-
-    /// Keeps pglock's checks of the server in every statement on the pool's connections,
-    /// instead of verifying each connection once: see [`Session::always_check_backend`].
-    pub fn always_check_backend(mut self) -> Self {
-        self.always_check = true;
-        self
-    }
-
-    /// Whether an acquisition may verify its connection as direct (see `backend`): never behind
-    /// a declared pooler, or when the checks are asked for in every statement.
-    pub(crate) fn may_verify(&self) -> bool {
-        let session_may = match &self.kind {
-            SourceKind::Pool(..) => true,
-            SourceKind::Session(session) => session.may_verify(),
-        };
-        session_may && !(self.behind_pooler || self.always_check)
-    }
-
-    /// Whether the connections go through a transaction pooler (declared on the source or on
-    /// its session).
-    pub(crate) fn behind_pooler(&self) -> bool {
-        match &self.kind {
-            SourceKind::Pool(..) => self.behind_pooler,
-            SourceKind::Session(session) => self.behind_pooler || session.behind_pooler,
-        }
-    }
-
-    pub(crate) async fn checkout(&self) -> Result<Conn> {
-        match &self.kind {
-            SourceKind::Pool(pool, prepared) => {
-                let object = pool.get().await?;
-                let remembered = prepared.of(Object::id(&object));
-                if remembered.backend.is_pending() && self.may_verify() {
-                    // Verified through another source of the pool (another lock's).
-                    if let Some(pid) = backend::recall_pooled(&object.statement_cache) {
-                        remembered.backend.adopt_direct(pid);
-                    }
-                }
-                Ok(Conn::pooled(object, remembered, prepared.clone()))
-            }
-            SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
-        }
-    }
-
-    /// Whether tasks wait for a connection of the pool (or are opening one).
-    /// The shared session this source is, if it is one.
-    pub(crate) fn session(&self) -> Option<&Arc<Session>> {
-        match &self.kind {
-            SourceKind::Session(session) => Some(session),
-            SourceKind::Pool(..) => None,
-        }
-    }
-
-    pub(crate) fn pool_has_waiters(&self) -> bool {
-        match &self.kind {
-            SourceKind::Pool(pool, _) => pool.status().waiting > 0,
-            SourceKind::Session(_) => false,
-        }
-    }
-
-    /// Whether connections come from a pool (one per held lock).
-    pub(crate) fn is_pool(&self) -> bool {
-        matches!(self.kind, SourceKind::Pool(..))
-    }
-
-    /// Whether this source is a [`Session`] other tasks may use (not declared
-    /// [`dedicated`](Session::dedicated)): no server-side wait, no transaction.
-    pub(crate) fn is_shared_session(&self) -> bool {
-        matches!(&self.kind, SourceKind::Session(session) if !session.dedicated)
-    }
-
-    /// Whether this source is a [`Session`] whose connection has closed: nothing taken from it
-    /// can succeed any more.
-    pub(crate) fn is_closed_session(&self) -> bool {
-        matches!(&self.kind, SourceKind::Session(session) if session.client.is_closed())
-    }
-
-    pub(crate) fn canceller(&self, conn: &Conn) -> Canceller {
-        match conn {
-            Conn::Pooled(_) => self.canceller.clone(),
-            Conn::Session(session) => session.canceller.clone(),
-        }
-    }
-}
-
-impl From<Pool> for ConnectionSource {
-    fn from(pool: Pool) -> Self {
-        let max_size = pool.status().max_size;
-        ConnectionSource {
-            kind: SourceKind::Pool(pool, Arc::new(PreparedByConnection::new(max_size))),
-            canceller: Canceller::default(),
-            behind_pooler: false,
-            always_check: false,
-        }
-    }
-}
-
-impl From<&Pool> for ConnectionSource {
-    fn from(pool: &Pool) -> Self {
-        pool.clone().into()
-    }
-}
-
-impl From<Arc<Session>> for ConnectionSource {
-    fn from(session: Arc<Session>) -> Self {
-        ConnectionSource {
-            kind: SourceKind::Session(session),
-            canceller: Canceller::default(),
-            behind_pooler: false,
-            always_check: false,
-        }
-    }
-}
-
-impl From<&Arc<Session>> for ConnectionSource {
-    fn from(session: &Arc<Session>) -> Self {
-        session.clone().into()
-    }
-}
-
-impl From<Session> for ConnectionSource {
-    fn from(session: Session) -> Self {
-        Arc::new(session).into()
-    }
-}
-
-/// The connection one lock works on: exclusively owned (pooled) or shared (a session).
-// Boxing the pooled object would cost an allocation per acquisition to save a memcpy.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Conn {
-    Pooled(Arc<Pooled>),
-    Session(Arc<Session>),
-}
-
-/// A pooled connection, shared between a guard and its loss monitor.
-///
-/// It goes back to the pool when the last of them lets go, unless it was marked to be closed
-/// ([`Conn::discard`]) or leaked; the monitor only ever holds it for the length of a probe.
-pub(crate) struct Pooled {
-    object: Option<Object>,
-    fate: AtomicU8,
-    monitor: OnceLock<Arc<Monitor>>,
-    /// pglock's statements prepared on this connection and its verification, remembered across
-    /// checkouts by the source, so that acquisitions skip deadpool's statement cache (which
-    /// hashes the SQL text every time).
-    remembered: Arc<Remembered>,
-    /// Where `remembered` is kept, to forget it when the connection is closed.
-    prepared: Arc<PreparedByConnection>,
-    /// How many times a guard handed the client out to the caller (see [`Conn::borrows`]).
-    borrows: AtomicU64,
-}
-
-/// What pglock remembers about one pooled connection across checkouts.
-#[derive(Default)]
-pub(crate) struct Remembered {
-    /// The last few statements pglock prepared there, most recent first.
-    statements: Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>,
-    /// Whether the connection is verified as direct to a primary's backend.
-    backend: Verification,
-}
-
-/// How many statements are remembered per pooled connection: an acquiring statement, its
-/// unlock and the combined one, in their checking and plain forms, for two kinds of acquisition
-/// (say `lock` and `try_lock`).
-const PER_CONNECTION: usize = 12;
-
-/// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
-/// (unique within a pool, never reused).
-///
-/// Only a shortcut: a connection it does not know goes through deadpool's statement cache, as
-/// before. It keeps at most twice the pool's size; beyond that the oldest connection (lowest
-/// id, most likely closed since) is forgotten. A connection pglock closes is forgotten at
-/// once; one the pool closes lingers until evicted.
-pub(crate) struct PreparedByConnection {
-    capacity: usize,
-    entries: Mutex<Vec<(ObjectId, Arc<Remembered>)>>,
-}
-
-impl PreparedByConnection {
-    fn new(pool_size: usize) -> Self {
-        PreparedByConnection {
-            capacity: (pool_size * 2).max(4),
-            entries: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// What is known of connection `id`, remembered from an earlier checkout or new.
-    fn of(&self, id: ObjectId) -> Arc<Remembered> {
-        let mut entries = self.entries.lock().unwrap();
-        if let Some((_, remembered)) = entries.iter().find(|(known, _)| *known == id) {
-            return remembered.clone();
-        }
-        if entries.len() >= self.capacity {
-            let oldest = (0..entries.len())
-                .min_by_key(|&i| entries[i].0)
-                .expect("a full list is not empty");
-            entries.swap_remove(oldest);
-        }
-        let remembered = Arc::new(Remembered::default());
-        entries.push((id, remembered.clone()));
-        remembered
-    }
-
-    fn forget(&self, id: ObjectId) {
-        self.entries
-            .lock()
-            .unwrap()
-            .retain(|(known, _)| *known != id);
-    }
-}
-
-impl fmt::Debug for PreparedByConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreparedByConnection")
-            .field("connections", &self.entries.lock().unwrap().len())
-            .finish_non_exhaustive()
-    }
-}
-
-const RETURN: u8 = 0;
-const DISCARD: u8 = 1;
-const LEAK: u8 = 2;
-
-impl Pooled {
-    fn object(&self) -> &Object {
-        self.object
-            .as_ref()
-            .expect("a pooled connection holds its object until dropped")
-    }
-
-    fn cached(&self, sql: &'static str) -> Option<Statement> {
-        find_prepared(
-            self.remembered.statements.lock().unwrap().iter().flatten(),
-            sql,
-        )
-    }
-
-    async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.cached(sql) {
-            return Ok(statement);
-        }
-        let statement = self.object().prepare_cached(sql).await?;
-        let mut statements = self.remembered.statements.lock().unwrap();
-        statements.rotate_right(1);
-        statements[0] = Some((sql, statement.clone()));
-        Ok(statement)
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let Some(object) = self.object.take() else {
-            return;
-        };
-        match self.fate.load(Ordering::Acquire) {
-            RETURN => drop(object),
-            fate => {
-                self.prepared.forget(Object::id(&object));
-                let client = Object::take(object);
-                if fate == DISCARD {
-                    drop(client);
-                } else {
-                    std::mem::forget(client);
-                }
-            }
-        }
-    }
-}
-
-/// A [`Conn`] that does not keep its connection alive: what a loss monitor holds between probes.
-pub(crate) enum WeakConn {
-    Pooled(Weak<Pooled>),
-    Session(Weak<Session>),
-}
-
-impl WeakConn {
-    pub(crate) fn upgrade(&self) -> Option<Conn> {
-        match self {
-            WeakConn::Pooled(weak) => weak.upgrade().map(Conn::Pooled),
-            WeakConn::Session(weak) => weak.upgrade().map(Conn::Session),
-        }
-    }
-}
-
-impl Conn {
-    pub(crate) fn pooled(
-        object: Object,
-        remembered: Arc<Remembered>,
-        prepared: Arc<PreparedByConnection>,
-    ) -> Self {
-        Conn::Pooled(Arc::new(Pooled {
-            object: Some(object),
-            fate: AtomicU8::new(RETURN),
-            monitor: OnceLock::new(),
-            remembered,
-            prepared,
-            borrows: AtomicU64::new(0),
-        }))
-    }
-
-    /// Another handle on the same connection (a pooled connection returns to the pool when
-    /// the last handle is dropped).
-    pub(crate) fn share(&self) -> Conn {
-        match self {
-            Conn::Pooled(pooled) => Conn::Pooled(pooled.clone()),
-            Conn::Session(session) => Conn::Session(session.clone()),
-        }
-    }
-
-    /// Whether both handles are on the same connection.
-    pub(crate) fn same_as(&self, other: &Conn) -> bool {
-        match (self, other) {
-            (Conn::Pooled(a), Conn::Pooled(b)) => Arc::ptr_eq(a, b),
-            (Conn::Session(a), Conn::Session(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        }
-    }
-
-    /// Whether this is a pooled connection (owned by one lock at a time).
-    pub(crate) fn is_pooled(&self) -> bool {
-        matches!(self, Conn::Pooled(_))
-    }
-
-    /// Takes a pooled connection out of its pool for good, when nothing else holds it: the pool
-    /// gets its place back at once, and the connection closes when the client is dropped.
-    /// Otherwise (a shared session, or a pooled connection a loss probe still holds) returns
-    /// the connection unchanged.
-    pub(crate) fn detach(self) -> std::result::Result<deadpool_postgres::ClientWrapper, Conn> {
-        match self {
-            Conn::Pooled(pooled) => match Arc::try_unwrap(pooled) {
-                Ok(mut pooled) => {
-                    let object = pooled
-                        .object
-                        .take()
-                        .expect("a pooled connection holds its object");
-                    pooled.prepared.forget(Object::id(&object));
-                    Ok(Object::take(object))
-                }
-                Err(shared) => Err(Conn::Pooled(shared)),
-            },
-            session => Err(session),
-        }
-    }
-
-    /// After the server reported a statement pglock had prepared here as gone (`DEALLOCATE`):
-    /// a pooled connection is marked to be closed, which forgets what pglock and deadpool
-    /// prepared on it; a session forgets its statements and prepares them again on next use.
-    pub(crate) fn forget_statements(&self) {
-        match self {
-            Conn::Pooled(_) => self.mark_discard(),
-            Conn::Session(session) => session.statements.lock().unwrap().clear(),
-        }
-    }
-
-    /// Marks a pooled connection to be closed when its last handle is dropped, whoever holds
-    /// the others. A shared session stays open.
-    pub(crate) fn mark_discard(&self) {
-        if let Conn::Pooled(pooled) = self {
-            pooled
-                .fate
-                .compare_exchange(RETURN, DISCARD, Ordering::AcqRel, Ordering::Acquire)
-                .ok();
-        }
-    }
-
-    pub(crate) fn client(&self) -> &Client {
-        match self {
-            Conn::Pooled(pooled) => pooled.object(),
-            Conn::Session(session) => &session.client,
-        }
-    }
-
-    /// The client, handed out to the caller (a guard's `Deref`): counted in
-    /// [`borrows`](Self::borrows).
-    pub(crate) fn user_client(&self) -> &Client {
-        match self {
-            Conn::Pooled(pooled) => {
-                pooled.borrows.fetch_add(1, Ordering::SeqCst);
-                pooled.object()
-            }
-            Conn::Session(session) => session.client(),
-        }
-    }
-
-    /// How many times the client of this connection has been handed out to the caller (by a
-    /// guard's `Deref`, or a session's `Deref` and `client()`). Only the caller's statements can
-    /// release a lock behind pglock's back while the connection lives, so the loss monitor
-    /// checks the server's lock table only after this changes (and at a slow fallback cadence).
-    pub(crate) fn borrows(&self) -> u64 {
-        match self {
-            Conn::Pooled(pooled) => pooled.borrows.load(Ordering::SeqCst),
-            Conn::Session(session) => session.borrows.load(Ordering::SeqCst),
-        }
-    }
-
-    /// Whether the connection is verified as direct to a primary's backend (see `backend`).
-    pub(crate) fn verification(&self) -> &Verification {
-        match self {
-            Conn::Pooled(pooled) => &pooled.remembered.backend,
-            Conn::Session(session) => &session.backend,
-        }
-    }
-
-    /// Records the verdict of a checking statement's answer (see [`Verification::learn`]); a
-    /// pooled connection found direct is remembered for every source of its pool.
-    pub(crate) fn learn_backend(&self, ran_on: i32, on_standby: bool) {
-        let direct = self.verification().learn(self.client(), ran_on, on_standby);
-        if let (true, Conn::Pooled(pooled)) = (direct, self) {
-            backend::remember_pooled(&pooled.object().statement_cache, ran_on);
-        }
-    }
-
-    pub(crate) fn downgrade(&self) -> WeakConn {
-        match self {
-            Conn::Pooled(pooled) => WeakConn::Pooled(Arc::downgrade(pooled)),
-            Conn::Session(session) => WeakConn::Session(Arc::downgrade(session)),
-        }
-    }
-
-    /// Where this connection's loss monitor lives.
-    pub(crate) fn monitor_slot(&self) -> &OnceLock<Arc<Monitor>> {
-        match self {
-            Conn::Pooled(pooled) => &pooled.monitor,
-            Conn::Session(session) => &session.monitor,
-        }
-    }
-
-    /// The health check the connection imposes on its monitor (a session's own setting).
-    pub(crate) fn health(&self) -> Option<HealthCheck> {
-        match self {
-            Conn::Pooled(_) => None,
-            Conn::Session(session) => session.health,
-        }
-    }
-
-    /// Reports the end of the connection task, when pglock runs it.
-    pub(crate) fn closed_watch(&self) -> Option<watch::Receiver<Option<String>>> {
-        match self {
-            Conn::Pooled(_) => None,
-            Conn::Session(session) => session.closed.clone(),
-        }
-    }
-
-    /// Detaches a pooled connection from its pool for good and keeps it open until the process
-    /// exits, so whatever it holds stays held. A shared session is left as it is.
-    pub(crate) fn leak(self) {
-        if let Conn::Pooled(pooled) = self {
-            pooled.fate.store(LEAK, Ordering::Release);
-        }
-    }
-
-    /// The statement for `sql` if pglock has prepared it on this connection (this checkout, for
-    /// a pooled one): no future, no lock but a short mutex.
-    pub(crate) fn cached(&self, sql: &'static str) -> Option<Statement> {
-        match self {
-            Conn::Pooled(pooled) => pooled.cached(sql),
-            Conn::Session(session) => session.cached(sql),
-        }
-    }
-
-    pub(crate) async fn prepare(
-        &self,
-        sql: &'static str,
-    ) -> Result<Statement, tokio_postgres::Error> {
-        match self {
-            Conn::Pooled(pooled) => pooled.prepare(sql).await,
-            Conn::Session(session) => session.prepare(sql).await,
-        }
-    }
-
-    /// Closes a pooled connection instead of returning it, so the server ends its session and
-    /// frees whatever it held. A shared session stays open: it is not ours to close.
-    pub(crate) fn discard(self) {
-        // Whoever drops the connection last (this guard, or a probe in flight) closes it.
-        self.mark_discard();
-    }
-
-    /// Marks `key` held on a shared session (and its transaction open, for transaction scope)
-    /// until the returned reservation is dropped. Waits while an abandoned acquisition of the
-    /// same key is still being cleaned up. While another guard or acquisition on the session
-    /// holds the key, waits in-process for it to go, as `wait` says: `None` (a `try_lock`)
-    /// answers `Ok(None)` at once, `Some(None)` waits as long as it takes, `Some(Some(at))`
-    /// until `at`, then answers `Ok(None)`.
-    pub(crate) async fn reserve(
-        &self,
-        key: AdvisoryKey,
-        scope: LockScope,
-        wait: Option<Option<tokio::time::Instant>>,
-    ) -> Result<Option<Reservation>> {
-        let Conn::Session(session) = self else {
-            return Ok(Some(Reservation::none(key, scope)));
-        };
-        loop {
-            let cleaned = {
-                let mut held = session.held.lock().unwrap();
-                match held.get_mut(&key) {
-                    Some(KeyState::Held { .. }) if wait.is_none() => return Ok(None),
-                    Some(KeyState::Held { waited } | KeyState::Cleaning { waited }) => {
-                        *waited = true;
-                        // Registered while the map is locked: the cleanup notifies only after
-                        // it has updated the map, so the notification cannot be missed.
-                        let mut cleaned = Box::pin(session.cleaned.notified());
-                        cleaned.as_mut().enable();
-                        cleaned
-                    }
-                    None => {
-                        if scope == LockScope::Transaction {
-                            let mut in_transaction = session.in_transaction.lock().unwrap();
-                            if *in_transaction {
-                                return Err(Error::TransactionInProgress);
-                            }
-                            *in_transaction = true;
-                        }
-                        held.insert(key, KeyState::HELD);
-                        return Ok(Some(Reservation::on(session, key, scope)));
-                    }
-                }
-            };
-            match wait.flatten() {
-                Some(deadline) => {
-                    if tokio::time::timeout_at(deadline, cleaned).await.is_err() {
-                        return Ok(None);
-                    }
-                }
-                None => cleaned.await,
-            }
-        }
-    }
-}
-
 /// A key marked as held on a shared [`Session`] while a guard or an acquisition owns it.
 ///
 /// Dropping it clears the mark. Guards drop it right after queueing their release (a deferred
@@ -1128,7 +609,7 @@ pub(crate) struct Reservation {
 
 impl Reservation {
     /// The reservation of `key` on `session`, whose held-key map the caller has just marked.
-    fn on(session: &Arc<Session>, key: AdvisoryKey, scope: LockScope) -> Self {
+    pub(super) fn on(session: &Arc<Session>, key: AdvisoryKey, scope: LockScope) -> Self {
         Reservation {
             session: Some(session.clone()),
             key,

@@ -1,6 +1,6 @@
 //! Requests for many keys on one shared [`Session`], sent as one statement: the concurrent
 //! `try_lock`s of a [`LockSet`](crate::LockSet) ([`try_lock`]), and the unlocks of guards
-//! dropped together ([`unlock_together`], from `handoff`).
+//! dropped together (`release::together::unlock_together`).
 //!
 //! While a batch is on the wire, the requests that arrive for the same session wait in its
 //! queue; when the answer is in, everything queued goes out as the next statement. A lone
@@ -24,20 +24,20 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::join_all;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 
 use crate::background;
-use crate::connection::{Conn, Reservation};
+use crate::conn::handle::Conn;
+use crate::conn::session::{Reservation, Session};
 use crate::error::{Error, Result};
-use crate::guard::{release, unlock_outcome, Release};
-use crate::handoff::ReleaseTask;
-use crate::sql::{self, statement, Checks, Form, Op, PreparedUnlock};
-use crate::trace;
-use crate::{AdvisoryKey, AdvisoryLockGuard, LockMode, LockScope, Session};
+use crate::guard::AdvisoryLockGuard;
+use crate::key::AdvisoryKey;
+use crate::release::statement::{release, Release};
+use crate::scope::{LockMode, LockScope};
 
-/// The most keys one statement asks for; a longer queue goes out in several.
-pub(crate) const MAX_BATCH: usize = 1_000;
+use crate::sql::{
+    self, by_index, statement, Checks, Form, KeyArrays, Op, PreparedUnlock, MAX_BATCH,
+};
 
 /// The `try_lock` requests waiting for a session's next batch.
 #[derive(Default)]
@@ -382,155 +382,6 @@ impl Answer {
             Answer::Standby => Some(Err(Error::ReadOnlyStandby)),
             Answer::Failed(error) => Some(Err(error)),
             Answer::Retry => None,
-        }
-    }
-}
-
-/// Releases the keys of dropped guards of one session (`conn`), all of `form` and held in
-/// `mode`, in one statement, queued on the connection before this returns; its answer is read
-/// in the background, and each key's outcome traced as a dropped guard's release is.
-///
-/// The statement is sent unprepared (`query_typed`: parse, bind and execute in one message), so
-/// that it can be queued at once even on a connection where it was never prepared; its parsing
-/// is shared by all its keys. `unlocks` are `(key, pid of the granting backend, reservation)`:
-/// each reservation is dropped once the statement is queued, as a single unlock's is. It is
-/// always the checking form, guarded by each key's granting pid: the guards of one session may
-/// have been granted before and after it was verified, and that form serves them all.
-pub(crate) fn unlock_together(
-    conn: Conn,
-    mode: LockMode,
-    form: Form,
-    unlocks: Vec<(AdvisoryKey, i32, Option<Reservation>)>,
-) {
-    let mut keys = Vec::with_capacity(unlocks.len());
-    let mut pids = Vec::with_capacity(unlocks.len());
-    let mut reservations = Vec::with_capacity(unlocks.len());
-    for (key, granted_on, reservation) in unlocks {
-        keys.push(key);
-        pids.push(granted_on);
-        reservations.push(reservation);
-    }
-    let sql = sql::unlock_batch(mode, form);
-    let task: ReleaseTask = Box::pin(async move {
-        let client = conn.client();
-        // Run again once if a late cancel request (for an abandoned wait on the session) ended
-        // it, as a single unlock is: the keys would otherwise stay held.
-        let mut result = run_unlocks(client, sql, form, &keys, &pids).await;
-        if matches!(&result, Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED)) {
-            result = run_unlocks(client, sql, form, &keys, &pids).await;
-        }
-        report_unlocks(&keys, &pids, result);
-    });
-    // Queued now, ahead of anything sent later on the session: the keys may be taken again.
-    // The first poll finishes the task when the connection is closed: only the rest of a
-    // pending task is spawned.
-    background::queue_and_spawn(task);
-    drop(reservations);
-}
-
-/// Sends a batched unlock statement and reads its rows.
-async fn run_unlocks(
-    client: &tokio_postgres::Client,
-    sql: &str,
-    form: Form,
-    keys: &[AdvisoryKey],
-    pids: &[i32],
-) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let arrays = KeyArrays::new(form, keys);
-    client
-        .query_typed(sql, &arrays.typed(Some((&pids, Type::INT4_ARRAY))))
-        .await
-}
-
-/// Keys of one form as a batch statement's arrays: one `int8[]`, or two `int4[]` for pairs.
-enum KeyArrays {
-    Single(Vec<i64>),
-    Pair(Vec<i32>, Vec<i32>),
-}
-
-impl KeyArrays {
-    fn new(form: Form, keys: &[AdvisoryKey]) -> Self {
-        let mut arrays = match form {
-            Form::Single => KeyArrays::Single(Vec::with_capacity(keys.len())),
-            Form::Pair => KeyArrays::Pair(Vec::with_capacity(keys.len()), Vec::new()),
-        };
-        for key in keys {
-            match (&mut arrays, *key) {
-                (KeyArrays::Single(singles), AdvisoryKey::Single(k)) => singles.push(k),
-                (KeyArrays::Pair(firsts, seconds), AdvisoryKey::Pair(a, b)) => {
-                    firsts.push(a);
-                    seconds.push(b);
-                }
-                _ => unreachable!("a batch holds keys of one form"),
-            }
-        }
-        arrays
-    }
-
-    /// The arrays as typed parameters, followed by `extra`.
-    fn typed<'a>(
-        &'a self,
-        extra: Option<(&'a (dyn ToSql + Sync), Type)>,
-    ) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
-        let mut params: Vec<(&'a (dyn ToSql + Sync), Type)> = match self {
-            KeyArrays::Single(singles) => vec![(singles, Type::INT8_ARRAY)],
-            KeyArrays::Pair(firsts, seconds) => {
-                vec![(firsts, Type::INT4_ARRAY), (seconds, Type::INT4_ARRAY)]
-            }
-        };
-        params.extend(extra);
-        params
-    }
-}
-
-/// A batch statement's rows `(index, flag, backend_pid)` in the order of its keys (`index` is
-/// a key's 1-based place in the arrays), read as `checks` says (the plain forms report no pid);
-/// `None` for a key without a row.
-fn by_index(
-    rows: &[tokio_postgres::Row],
-    keys: usize,
-    checks: Checks,
-) -> Vec<Option<(Option<bool>, i32)>> {
-    let mut by_index = vec![None; keys];
-    for row in rows {
-        let index: i64 = row.get(0);
-        if let Some(slot) = usize::try_from(index - 1)
-            .ok()
-            .and_then(|i| by_index.get_mut(i))
-        {
-            *slot = Some(match checks {
-                Checks::InStatement => (row.get(1), row.get(2)),
-                Checks::Verified(pid) => (row.get(1), pid),
-            });
-        }
-    }
-    by_index
-}
-
-/// Traces each key's outcome of a batched unlock, as a dropped guard's unlock sent alone is.
-fn report_unlocks(
-    keys: &[AdvisoryKey],
-    pids: &[i32],
-    result: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
-) {
-    match result {
-        Ok(rows) => {
-            // The batched unlock always checks (see `unlock_together`).
-            let outcomes = by_index(&rows, keys.len(), Checks::InStatement);
-            for ((key, granted_on), outcome) in keys.iter().zip(pids).zip(outcomes) {
-                let result = match outcome {
-                    Some((released, now_on)) => unlock_outcome(*key, *granted_on, now_on, released),
-                    None => Err(Error::NotHeld { key: *key }),
-                };
-                trace::released(*key, *granted_on, "drop", &result, true);
-            }
-        }
-        // One error for all the keys: reported with the first (the others share its fate).
-        Err(error) => {
-            if let (Some(key), Some(granted_on)) = (keys.first(), pids.first()) {
-                let result = Err(Error::from_postgres(Some(*key), error));
-                trace::released(*key, *granted_on, "drop", &result, true);
-            }
         }
     }
 }

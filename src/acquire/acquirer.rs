@@ -1,0 +1,729 @@
+//! How a lock is acquired: the [`Acquirer`] an [`AdvisoryLock`](crate::AdvisoryLock) wraps (the
+//! connection source, the key and how to wait), and its two paths: the direct one, a single
+//! prepared statement in the common case, and the general one for everything else.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Statement;
+
+use crate::acquire::attempt::{client_conn, Acquire, Attempt, Attempted};
+use crate::conn::handle::Conn;
+use crate::conn::session::Reservation;
+use crate::conn::slot::ConnSlot;
+use crate::conn::source::ConnectionSource;
+use crate::error::{Error, Result};
+use crate::guard::AdvisoryLockGuard;
+use crate::health::HealthCheck;
+use crate::key::AdvisoryKey;
+use crate::release::deferred::DeferredUnlock;
+use crate::release::in_flight::ReleaseInFlight;
+use crate::release::parking::{Claimed, Parking, PriorRelease};
+use crate::release::statement::{release, Release};
+use crate::scope::{LockMode, LockScope, WaitStrategy};
+use crate::sql::{first_row, statement, unlock_then, Checks, Form, KeyParams, Op, PreparedUnlock};
+use crate::trace;
+
+/// What an [`AdvisoryLock`](crate::AdvisoryLock) acquires with: where its connections come
+/// from, its key, its scope, how it waits and how its guards are watched.
+#[derive(Clone, Debug)]
+pub(crate) struct Acquirer {
+    pub(crate) source: ConnectionSource,
+    pub(crate) key: AdvisoryKey,
+    pub(crate) scope: LockScope,
+    pub(crate) wait: WaitStrategy,
+    pub(crate) health: Option<Arc<HealthCheck>>,
+    /// The pooled connection of the last dropped guard, while its unlock is in flight (pool
+    /// sources only; shared by clones).
+    pub(crate) parking: Option<Arc<Parking>>,
+}
+
+/// When an acquisition gives up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Deadline {
+    Never,
+    Now,
+    At(Instant),
+}
+
+impl Deadline {
+    /// How long to wait in-process for a key another guard of the same session holds (see
+    /// `Conn::reserve`).
+    pub(crate) fn in_process(self) -> Option<Option<Instant>> {
+        match self {
+            Deadline::Now => None,
+            Deadline::Never => Some(None),
+            Deadline::At(at) => Some(Some(at)),
+        }
+    }
+}
+
+/// How an acquisition starts: see [`AdvisoryLock::start_direct`].
+enum Start {
+    /// Nothing to send or read before the acquiring statement, which is prepared, but possibly
+    /// a dropped guard's unlock to combine with it: the attempt ready to send (carrying the
+    /// combined statement, if so), the acquiring statement (unless combined), and the unlock
+    /// its guard will use.
+    Direct(Attempt, Option<Statement>, PreparedUnlock),
+    /// The general path, on the connection claimed on the way, with what its last guard left
+    /// there, if one was.
+    General(Option<(Conn, Prior)>),
+}
+
+/// What a dropped guard left on the connection an acquisition starts on.
+enum Prior {
+    /// Nothing known: a connection from the source, or a shared session (whose deferred unlock
+    /// the acquisition looks for itself).
+    None,
+    /// A claimed parked connection with its unlock in flight: how the unlock ends, and the
+    /// release itself, to read its answer.
+    InFlight(PriorRelease, Weak<ReleaseInFlight>),
+    /// A claimed parked connection whose unlock is not sent yet, with the statement that sends
+    /// it in the acquisition's own and the checks it makes.
+    Deferred(DeferredUnlock, Statement, Checks),
+}
+
+/// A claimed parked connection with its unlock in flight, as the acquisition's start. A
+/// deferred unlock found instead (another clone's drop came in between) is sent alone, and the
+/// acquisition takes a fresh connection.
+fn in_flight(claimed: Claimed) -> Option<(Conn, Prior)> {
+    match claimed {
+        Claimed::InFlight(parked) => Some((
+            parked.conn,
+            Prior::InFlight(parked.released, parked.in_flight),
+        )),
+        Claimed::Deferred(deferred) => {
+            deferred.send_alone();
+            None
+        }
+        Claimed::Idle(conn) => Some((conn, Prior::None)),
+    }
+}
+
+impl Acquirer {
+    pub(crate) async fn acquire(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        if trace::acquisitions_traced() {
+            // Boxed: the span and the clock would otherwise enlarge every acquisition's future.
+            return Box::pin(self.acquire_traced(mode, deadline)).await;
+        }
+        let (mut attempt, acquire_statement, unlock) = match self.start_direct(mode, deadline) {
+            Start::Direct(attempt, statement, unlock) => (attempt, statement, unlock),
+            Start::General(claimed) => {
+                return self.acquire_untraced(mode, deadline, claimed, false).await
+            }
+        };
+        // The common case, written out flat: on a CPU shared with the server, which evicts the
+        // client's code at every round trip, each line of code a cycle runs is fetched again.
+        let may_wait = attempt.may_wait;
+        let params = KeyParams::new(self.key);
+        // A dropped guard's unlock of the key may ride in the statement (see `Attempt::run`);
+        // on a verified connection the combined statement takes the key alone, as this one.
+        let combined = attempt.combined.take();
+        let statement = match (&combined, &acquire_statement) {
+            (Some((combined, _)), _) => combined,
+            (None, Some(statement)) => statement,
+            (None, None) => unreachable!("a direct start has a statement to send"),
+        };
+        // Set before the first poll, which sends the statement (see `Attempt::run`).
+        attempt.in_flight = true;
+        let client = client_conn(&attempt.slot).client();
+        let answer = first_row(client, statement, params.with(None).as_slice()).await;
+        attempt.in_flight = false;
+        attempt.may_wait = false;
+        let answer = match answer {
+            Ok(Some(row)) => Ok(row),
+            Ok(None) => return Err(attempt.unexpected_answer()),
+            Err(error) => Err(error),
+        };
+        let read = match combined {
+            None => None,
+            Some((_, granted_on)) => {
+                let (read, prior_ok) = attempt.read_combined(&answer, granted_on, may_wait);
+                if !prior_ok {
+                    // Marked to be closed, which ends whatever it holds: start again elsewhere.
+                    drop(attempt);
+                    trace::prior_release_failed(self.key);
+                    return Box::pin(self.acquire_untraced(mode, deadline, None, false)).await;
+                }
+                read
+            }
+        };
+        let (granted, pid) = match answer {
+            Ok(row) => read.unwrap_or_else(|| attempt.checks.acquired(&row, may_wait)),
+            Err(error) => {
+                attempt
+                    .failed(error)
+                    .map_err(|error| self.reported(error))?;
+                // Deallocated: start again, preparing anew, once.
+                drop(attempt);
+                trace::statements_deallocated(self.key);
+                // Boxed, as a rare path.
+                return Box::pin(self.acquire_untraced(mode, deadline, None, true)).await;
+            }
+        };
+        match granted {
+            Some(true) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+            Some(false) if matches!(deadline, Deadline::Never) => {
+                // The first attempt of a polling `lock`: poll on (boxed, as the waiting path).
+                drop(attempt);
+                Box::pin(self.acquire_untraced(mode, deadline, None, false)).await
+            }
+            Some(false) => Ok(None),
+            None => Err(Error::ReadOnlyStandby),
+        }
+    }
+
+    /// An acquisition that starts with at most a dropped guard's unlock of the same key before
+    /// its own statement, which it sends in that statement, on a connection verified as direct
+    /// where its statements are prepared: the attempt ready to send, its statement, and the
+    /// unlock a guard will need. Otherwise the general path takes over, on the connection
+    /// claimed on the way if one was.
+    ///
+    /// Only `lock` and `try_lock` qualify: a timeout or a polling wait takes the general path.
+    fn start_direct(&self, mode: LockMode, deadline: Deadline) -> Start {
+        // A polling wait sends `TryLock` until its deadline: not `Now`, so not direct, except
+        // for the first attempt of a `lock` on a session (which polls when shared): granted,
+        // it is done; busy, the general path polls on.
+        let op = self.op(deadline);
+        let first_try = op == Op::TryLock
+            && matches!(deadline, Deadline::Never)
+            && self.source.session().is_some();
+        if self.scope != LockScope::Session
+            || self.source.behind_pooler()
+            || !(op == Op::Lock || matches!(deadline, Deadline::Now) || first_try)
+        {
+            return Start::General(None);
+        }
+        let (conn, combined) = match (&self.parking, self.source.session()) {
+            (None, Some(session)) if session.offered_release_answered() => {
+                let conn = Conn::Session(session.clone());
+                match session.deferred_unlock.take_for(self.key, mode) {
+                    None => (conn, None),
+                    Some(deferred) => match self.combinable(deferred, mode, deadline) {
+                        Some(combined) => (conn, Some(combined)),
+                        // Sent alone: the general path waits until that has freed the key.
+                        None => return Start::General(None),
+                    },
+                }
+            }
+            // With tasks waiting for the pool, the general path lets the parked connection go.
+            (Some(parking), None) if !self.source.pool_has_waiters() => match parking.claim() {
+                Some(Claimed::Deferred(deferred)) => {
+                    match self.combinable(deferred, mode, deadline) {
+                        Some(combined) => (combined.0.conn().share(), Some(combined)),
+                        // Sent alone, which parked the connection again with the unlock in
+                        // flight: claim it that way.
+                        None => return Start::General(parking.claim().and_then(in_flight)),
+                    }
+                }
+                Some(Claimed::Idle(conn)) => (conn, None),
+                claimed => return Start::General(claimed.and_then(in_flight)),
+            },
+            _ => return Start::General(None),
+        };
+        let checks = conn.verification().checks();
+        let form = Form::of(self.key);
+        let unlock_sql = || statement(Op::Unlock, mode, self.scope, form, checks);
+        // The acquiring statement (not needed when the combined one is sent) and the unlock a
+        // guard will use (the dropped guard's own, when it makes the same checks).
+        let prepared = match (checks, &combined) {
+            (Checks::InStatement, _) => None,
+            (_, Some((deferred, _, combined_checks))) => match *combined_checks == checks {
+                false => None,
+                true if deferred.checks() == checks => Some((None, None)),
+                true => conn.cached(unlock_sql()).map(|unlock| (None, Some(unlock))),
+            },
+            (_, None) => {
+                let acquire = conn.cached(statement(op, mode, self.scope, form, checks));
+                let unlock = conn.cached(unlock_sql());
+                // A guard's drop may need the combined statement later: `prepare` prepares it
+                // with the others when it is missing.
+                let combined_prepared = match unlock_then(op, mode, form, checks) {
+                    Some(sql) => conn.cached(sql).is_some(),
+                    None => true,
+                };
+                let prepared = acquire.zip(unlock).filter(|_| combined_prepared);
+                prepared.map(|(acquire, unlock)| (Some(acquire), Some(unlock)))
+            }
+        };
+        let prior = |combined: Option<(DeferredUnlock, Statement, Checks)>| {
+            combined.map_or(Prior::None, |(deferred, statement, checks)| {
+                Prior::Deferred(deferred, statement, checks)
+            })
+        };
+        let Some((acquire, unlock)) = prepared else {
+            return Start::General(Some((conn, prior(combined))));
+        };
+        let (reservation, combined, unlock) = match (combined, &conn) {
+            // The key's reservation passes from the dropped guard's unlock to this acquisition.
+            (Some((deferred, statement, _)), _) => {
+                let (reservation, granted_on, dropped_unlock) = deferred.into_combined();
+                let reservation = reservation.expect("a deferred unlock keeps its reservation");
+                let unlock = unlock
+                    .or(dropped_unlock.map(|unlock| unlock.statement))
+                    .expect("the dropped guard's unlock, found with the same checks");
+                (reservation, Some((statement, granted_on)), unlock)
+            }
+            (None, Conn::Session(session)) => match session.try_reserve(self.key) {
+                Some(reservation) => (reservation, None, unlock.expect("looked up")),
+                None => return Start::General(Some((conn, Prior::None))),
+            },
+            (None, Conn::Pooled(_)) => {
+                let reservation = Reservation::none(self.key, self.scope);
+                (reservation, None, unlock.expect("looked up"))
+            }
+        };
+        let may_wait = op == Op::Lock;
+        let canceller = may_wait.then(|| self.source.canceller(&conn));
+        let mut attempt = Attempt::new(ConnSlot::new(conn), reservation, self, mode, checks);
+        attempt.canceller = canceller;
+        attempt.may_wait = may_wait;
+        attempt.combined = combined;
+        let unlock = PreparedUnlock {
+            statement: unlock,
+            checks,
+        };
+        Start::Direct(attempt, acquire, unlock)
+    }
+
+    /// The guard of a granted attempt, with this lock's health check and parking.
+    fn granted(
+        &self,
+        attempt: Attempt,
+        mode: LockMode,
+        pid: i32,
+        unlock: Option<PreparedUnlock>,
+    ) -> AdvisoryLockGuard {
+        attempt
+            .into_guard(mode, pid, unlock)
+            .with_health_check(self.health.as_ref())
+            .with_parking(self.parking.as_ref())
+    }
+
+    /// An acquisition in its DEBUG span, with its outcome's event.
+    async fn acquire_traced(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        use tracing::Instrument;
+        let timer = trace::Timer::start();
+        let span = trace::acquire_span(self.key, mode, self.scope);
+        let result = self
+            .acquire_untraced(mode, deadline, None, false)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| trace::acquired(self.key, mode, self.scope, &result, &timer));
+        result
+    }
+
+    /// The general path: any source, scope, wait and connection state. `claimed` is the
+    /// connection [`start_direct`](Self::start_direct) claimed, if it did; `deallocated` says
+    /// the statements were found deallocated once already.
+    async fn acquire_untraced(
+        &self,
+        mode: LockMode,
+        deadline: Deadline,
+        claimed: Option<(Conn, Prior)>,
+        mut deallocated: bool,
+    ) -> Result<Option<AdvisoryLockGuard>> {
+        let behind_pooler = self.source.behind_pooler();
+        if behind_pooler && self.scope == LockScope::Session {
+            return Err(Error::SessionLockBehindPooler { key: self.key });
+        }
+        if self.scope == LockScope::Transaction && self.source.is_shared_session() {
+            return Err(Error::TransactionOnSharedSession { key: self.key });
+        }
+        // One call site for `acquire_on`, so that its future is stored (and its code generated)
+        // once in this one.
+        let mut next = match (&self.parking, self.scope) {
+            _ if claimed.is_some() => claimed,
+            // Tasks wait for a connection of the pool: the parked one goes to them first (once
+            // its release is confirmed), and this acquisition queues for the pool behind them.
+            (Some(parking), LockScope::Session) if self.source.pool_has_waiters() => {
+                parking.let_go();
+                None
+            }
+            (Some(parking), LockScope::Session) => match parking.claim() {
+                Some(Claimed::Deferred(deferred)) => {
+                    match self.combinable(deferred, mode, deadline) {
+                        Some((deferred, statement, checks)) => Some((
+                            deferred.conn().share(),
+                            Prior::Deferred(deferred, statement, checks),
+                        )),
+                        // Sent alone, which parked the connection again with the unlock in
+                        // flight: claim it that way.
+                        None => parking.claim().and_then(in_flight),
+                    }
+                }
+                claimed => claimed.and_then(in_flight),
+            },
+            _ => None,
+        };
+        loop {
+            let (conn, prior) = match next.take() {
+                Some(claimed) => claimed,
+                None => (self.source.checkout().await?, Prior::None),
+            };
+            let attempted = match self.acquire_on(conn, prior, mode, deadline).await {
+                Ok(attempted) => attempted,
+                Err(error) => return Err(self.reported(error)),
+            };
+            match attempted {
+                Attempted::Done(guard) => return Ok(guard),
+                // The unlock before ours failed, and that connection is being closed: start
+                // again on a fresh one.
+                Attempted::Retry => trace::prior_release_failed(self.key),
+                // Once: a server that refuses the statements again is not deallocating them.
+                Attempted::Deallocated(error) if deallocated => return Err(self.reported(error)),
+                Attempted::Deallocated(_) => {
+                    trace::statements_deallocated(self.key);
+                    deallocated = true;
+                }
+            }
+        }
+    }
+
+    /// `error`, once a backend that changed under the acquisition is reported (at WARN: a
+    /// pooler in the wrong mode, which the operator should hear of).
+    fn reported(&self, error: Error) -> Error {
+        if let Error::BackendChanged { .. } = &error {
+            trace::backend_changed(self.key, &error);
+        }
+        error
+    }
+
+    /// The pauses of a polling wait, first and longest: the lock's wait strategy's, or on a
+    /// shared session (where nothing waits on the server, see `Session::dedicated`) those of
+    /// [`WaitStrategy::poll`]. `None` for a blocking wait.
+    fn polling(&self) -> Option<(Duration, Duration)> {
+        match self.wait {
+            WaitStrategy::Poll { initial, max } => Some((initial, max)),
+            WaitStrategy::Block if self.source.is_shared_session() => match WaitStrategy::poll() {
+                WaitStrategy::Poll { initial, max } => Some((initial, max)),
+                WaitStrategy::Block => unreachable!("a polling strategy"),
+            },
+            WaitStrategy::Block => None,
+        }
+    }
+
+    /// The acquiring statement's kind for `deadline` and the lock's wait strategy.
+    fn op(&self, deadline: Deadline) -> Op {
+        let polling = self.polling().is_some();
+        match deadline {
+            Deadline::Now => Op::TryLock,
+            _ if polling => Op::TryLock,
+            Deadline::Never => Op::Lock,
+            Deadline::At(_) => Op::LockWithTimeout,
+        }
+    }
+
+    /// `deferred` (a dropped guard's unlock on the same connection) with the statement that
+    /// sends it in this acquisition's own, and the checks that statement makes, when it can:
+    /// the same key in the same mode, session scope, an acquiring statement that has a
+    /// combined form, already prepared there. Otherwise the unlock is sent alone, now, ahead
+    /// of anything this acquisition sends.
+    fn combinable(
+        &self,
+        deferred: DeferredUnlock,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Option<(DeferredUnlock, Statement, Checks)> {
+        // The connection's checks; else, while the plain forms are not prepared there, those of
+        // the dropped guard's unlock, whose combined form was prepared with it.
+        let combined = |checks| {
+            (deferred.key == self.key && deferred.mode == mode && self.scope == LockScope::Session)
+                .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key), checks))
+                .flatten()
+                .and_then(|sql| deferred.conn().cached(sql))
+                .map(|statement| (statement, checks))
+        };
+        let statement = combined(deferred.conn().verification().checks())
+            .or_else(|| combined(deferred.checks()));
+        match statement {
+            Some((statement, checks)) => Some((deferred, statement, checks)),
+            None => {
+                deferred.send_alone();
+                None
+            }
+        }
+    }
+
+    /// Acquires on `conn`, after `prior`: what a dropped guard left on the connection.
+    async fn acquire_on(
+        &self,
+        conn: Conn,
+        prior: Prior,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Attempted> {
+        let key = self.key;
+        let behind_pooler = self.source.behind_pooler();
+        let op = self.op(deadline);
+        let polling = self.polling();
+        // A dropped guard's unlock of this key in this mode rides in this acquisition's
+        // statement, and the key's reservation passes to it; any other is sent alone first.
+        let (prior_release, offered, combined) = match prior {
+            Prior::None => match &conn {
+                Conn::Session(session) => (
+                    None,
+                    Weak::new(),
+                    session
+                        .deferred_unlock
+                        .take_for(self.key, mode)
+                        .and_then(|deferred| self.combinable(deferred, mode, deadline)),
+                ),
+                Conn::Pooled(_) => (None, Weak::new(), None),
+            },
+            Prior::InFlight(released, in_flight) => (Some(released), in_flight, None),
+            Prior::Deferred(deferred, statement, checks) => {
+                (None, Weak::new(), Some((deferred, statement, checks)))
+            }
+        };
+        let reservation = match &combined {
+            Some(_) => None,
+            // Held by another guard of the session: a wait waits in-process until it goes.
+            None => match conn.reserve(key, self.scope, deadline.in_process()).await? {
+                Some(reservation) => Some(reservation),
+                None => return Ok(Attempted::Done(None)),
+            },
+        };
+        // The statements all make the checks the combined one was chosen with, if any: the
+        // connection may have been verified since, but the checking forms work on any.
+        let checks = match &combined {
+            Some((_, _, checks)) => *checks,
+            None => conn.verification().checks(),
+        };
+        let slot = ConnSlot::new(conn);
+        let form = Form::of(key);
+        let acquire_sql = statement(op, mode, self.scope, form, checks);
+        let found = self.cached(
+            &slot,
+            op,
+            acquire_sql,
+            (form, mode, checks),
+            combined.is_some(),
+        );
+        let prepared = match found {
+            Some(prepared) => Ok(prepared),
+            None => {
+                // Boxed: preparing is rare (once per connection), and its future would otherwise
+                // double the size of every acquisition's.
+                Box::pin(self.prepare(&slot, op, acquire_sql, (form, mode, checks), behind_pooler))
+                    .await
+            }
+        };
+        let (acquire_statement, unlock) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                if let Some((deferred, ..)) = combined {
+                    deferred.send_alone();
+                }
+                // On a claimed connection, the statement may have failed for what the unlock
+                // before it left behind (an aborted transaction): start again elsewhere then.
+                if let Some(prior) = prior_release {
+                    if !prior.await.unwrap_or(false) {
+                        return Ok(Attempted::Retry);
+                    }
+                }
+                return Err(error);
+            }
+        };
+        let (reservation, combined) = match combined {
+            Some((deferred, statement, _)) => {
+                let (reservation, granted_on, _) = deferred.into_combined();
+                let reservation = reservation.expect("a deferred unlock keeps its reservation");
+                (reservation, Some((statement, granted_on)))
+            }
+            None => (reservation.expect("reserved above"), None),
+        };
+        // A release queued on the connection before this statement: read its answer alongside.
+        let offered = match slot.conn() {
+            Conn::Session(session) => session.take_offered_release(),
+            Conn::Pooled(_) => offered,
+        };
+        let mut attempt = Attempt::new(slot, reservation, self, mode, checks);
+        attempt.offered = offered;
+        attempt.prior_release = prior_release;
+        attempt.combined = combined;
+        let (mut pause, max_pause) = self.polling().unwrap_or_default();
+        loop {
+            let lock_timeout = match (op, deadline) {
+                (Op::LockWithTimeout, Deadline::At(at)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    // lock_timeout = 0 would mean "wait forever": never send less than 1 ms.
+                    Some(format!("{}ms", left.as_millis().max(1)))
+                }
+                _ => None,
+            };
+            let may_wait = op != Op::TryLock;
+            if may_wait && attempt.canceller.is_none() {
+                let conn = attempt
+                    .slot
+                    .as_ref()
+                    .expect("idle attempt holds its connection")
+                    .conn();
+                attempt.canceller = Some(self.source.canceller(conn));
+            }
+            let answer = attempt
+                .run(&acquire_statement, lock_timeout, may_wait)
+                .await;
+            if attempt.prior_release_failed {
+                // Whatever the answer, the connection is marked to be closed, which ends
+                // anything it holds; dropping the attempt lets it go.
+                return Ok(Attempted::Retry);
+            }
+            match answer {
+                Ok((granted, pid)) => {
+                    if checks == Checks::InStatement && self.source.may_verify() {
+                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
+                        if conn.verification().is_pending() {
+                            conn.learn_backend(pid, granted.is_none());
+                        }
+                    }
+                    match granted {
+                        Some(true) => {
+                            let guard = self.granted(attempt, mode, pid, unlock);
+                            return Ok(Attempted::Done(Some(guard)));
+                        }
+                        Some(false) => {
+                            if polling.is_some() && !matches!(deadline, Deadline::Now) {
+                                trace::polling(key, Some(pid), pause);
+                            }
+                        }
+                        None => return Err(Error::ReadOnlyStandby),
+                    }
+                }
+                Err(e)
+                    if op == Op::LockWithTimeout
+                        && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    if self.scope == LockScope::Session {
+                        // The grant and the timeout can cross: the server grants the lock, then
+                        // reports the timeout that fired meanwhile, and a session lock survives
+                        // that error. Release it if so before reporting "busy", so that nothing
+                        // is ever held once this returns.
+                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
+                        // Boxed, as a rare path.
+                        if Box::pin(release(conn, &Release::UnlockIfHeld(mode), key))
+                            .await
+                            .is_err()
+                        {
+                            attempt.settle_unknown();
+                        }
+                    }
+                    attempt.end_transaction().await;
+                    return Ok(Attempted::Done(None));
+                }
+                Err(e) => return attempt.failed(e),
+            }
+            // Busy after a single attempt: give up, or pause and poll again.
+            let now = Instant::now();
+            let until = match deadline {
+                Deadline::At(at) if at > now => at,
+                Deadline::Never => now + pause,
+                Deadline::Now | Deadline::At(_) => {
+                    attempt.end_transaction().await;
+                    return Ok(Attempted::Done(None));
+                }
+            };
+            tokio::time::sleep_until(until.min(now + pause)).await;
+            pause = (pause * 2).min(max_pause);
+        }
+    }
+
+    /// The session-scope statements [`prepare`](Self::prepare) would return, when they are
+    /// prepared on this connection already (the common case): no future to create and poll.
+    fn cached(
+        &self,
+        slot: &ConnSlot,
+        op: Op,
+        acquire_sql: &'static str,
+        (form, mode, checks): (Form, LockMode, Checks),
+        combined_found: bool,
+    ) -> Option<(Acquire, Option<PreparedUnlock>)> {
+        if self.scope != LockScope::Session {
+            return None;
+        }
+        let conn = slot.conn();
+        let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
+        let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
+        // The combined statement a guard's drop may need on this connection later (unless the
+        // caller found it already): when it is missing, `prepare` prepares it with the others.
+        if !combined_found {
+            if let Some(combined_sql) = unlock_then(op, mode, form, checks) {
+                conn.cached(combined_sql)?;
+            }
+        }
+        let unlock = PreparedUnlock {
+            statement: unlock,
+            checks,
+        };
+        Some((Acquire::Prepared(acquire), Some(unlock)))
+    }
+
+    /// Prepares the acquiring statement and, for session scope, the unlock (cached per
+    /// connection: a round trip the first time only), so that a guard can always release
+    /// without preparing.
+    async fn prepare(
+        &self,
+        slot: &ConnSlot,
+        op: Op,
+        acquire_sql: &'static str,
+        (form, mode, checks): (Form, LockMode, Checks),
+        behind_pooler: bool,
+    ) -> Result<(Acquire, Option<PreparedUnlock>)> {
+        let key = self.key;
+        let conn = slot.conn();
+        let map = |e| Error::from_postgres(Some(key), e);
+        Ok(match self.scope {
+            // Behind a transaction pooler a prepared statement may not exist on the server
+            // connection the next transaction gets: send the statement unprepared (session
+            // scope was refused above, so there is no unlock statement to prepare).
+            LockScope::Transaction if behind_pooler => (Acquire::Unnamed(acquire_sql), None),
+            LockScope::Session => {
+                // In one round trip: the acquiring statement, its unlock, and the combined one,
+                // for the next acquisition on the connection after a guard's drop. On a
+                // connection not verified yet, their plain forms too: this acquisition's answer
+                // may verify it, and the next one, a dropped guard's included, then finds them.
+                let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
+                let mut others: Vec<&'static str> =
+                    unlock_then(op, mode, form, checks).into_iter().collect();
+                if checks == Checks::InStatement
+                    && conn.verification().is_pending()
+                    && self.source.may_verify()
+                {
+                    // The texts of the plain forms do not depend on the pid.
+                    let plain = Checks::Verified(0);
+                    others.push(statement(op, mode, self.scope, form, plain));
+                    others.push(statement(Op::Unlock, mode, self.scope, form, plain));
+                    others.extend(unlock_then(op, mode, form, plain));
+                }
+                let (a, u, others) = futures_util::future::join3(
+                    conn.prepare(acquire_sql),
+                    conn.prepare(unlock_sql),
+                    futures_util::future::join_all(others.into_iter().map(|sql| conn.prepare(sql))),
+                )
+                .await;
+                for prepared in others {
+                    prepared.map_err(map)?;
+                }
+                let unlock = PreparedUnlock {
+                    statement: u.map_err(map)?,
+                    checks,
+                };
+                (Acquire::Prepared(a.map_err(map)?), Some(unlock))
+            }
+            LockScope::Transaction => (
+                Acquire::Prepared(conn.prepare(acquire_sql).await.map_err(map)?),
+                None,
+            ),
+        })
+    }
+}
