@@ -223,6 +223,13 @@ impl AdvisoryLockGuard {
             .client()
     }
 
+    /// The connection the lock is held on.
+    pub(crate) fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a guard holds its connection until released")
+    }
+
     fn registration(&self) -> &Registration {
         self.loss.get_or_init(|| {
             let conn = self

@@ -103,14 +103,61 @@ pub struct LockInfo {
     /// For a waiter, the pids it waits behind (`pg_blocking_pids`): holders of a conflicting
     /// mode and waiters queued ahead of it. Empty for holders.
     pub blocked_by: Vec<i32>,
+    /// Where the key sits in a [`Semaphore`](crate::Semaphore) whose name pglock knows (one
+    /// registered with [`Introspect::semaphore`], or held by `pglock run --slots`); `name` is
+    /// then the semaphore's name.
+    pub semaphore: Option<SemaphoreKey>,
+}
+
+/// A key of a [`Semaphore`](crate::Semaphore): one of its slots, or its queue (the gate key
+/// its waiters wait for, held by the waiter at the head of the queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SemaphoreKey {
+    /// The slot, from 0; `None` for the queue.
+    pub slot: Option<u32>,
+    /// The semaphore's number of slots.
+    pub permits: u32,
+}
+
+impl SemaphoreKey {
+    /// `key` as a key of the semaphore with `space` ([`AdvisoryKey::semaphore_space`]) and
+    /// `permits` slots, if it is one.
+    fn of(key: AdvisoryKey, space: i32, permits: u32) -> Option<Self> {
+        match key {
+            AdvisoryKey::Pair(a, -1) if a == space => Some(SemaphoreKey {
+                slot: None,
+                permits,
+            }),
+            AdvisoryKey::Pair(a, b) if a == space && b >= 0 && (b as u32) < permits => {
+                Some(SemaphoreKey {
+                    slot: Some(b as u32),
+                    permits,
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 impl LockInfo {
-    /// The lock's name if known, else its key, for display.
+    /// The lock's name if known, else its key, for display; a semaphore's keys as
+    /// `NAME [slot k of N]` and `NAME [queue of N]`.
     pub fn label(&self) -> String {
-        match &self.name {
+        let name = match &self.name {
             Some(name) => name.clone(),
             None => self.key.to_string(),
+        };
+        match self.semaphore {
+            Some(SemaphoreKey {
+                slot: Some(slot),
+                permits,
+            }) => format!("{name} [slot {slot} of {permits}]"),
+            Some(SemaphoreKey {
+                slot: None,
+                permits,
+            }) => format!("{name} [queue of {permits}]"),
+            None => name,
         }
     }
 
@@ -131,6 +178,8 @@ impl LockInfo {
 #[derive(Clone, Debug, Default)]
 pub struct Introspect {
     names: HashMap<AdvisoryKey, String>,
+    /// Semaphores by key space: name and number of slots.
+    semaphores: HashMap<i32, (String, u32)>,
     keys: Vec<AdvisoryKey>,
     only_selected: bool,
 }
@@ -159,6 +208,20 @@ impl Introspect {
             self.names.insert(key, name);
         }
         self.keys.push(key);
+        self.only_selected = true;
+        self
+    }
+
+    /// Selects the keys of the [`Semaphore`](crate::Semaphore) `name` with `permits` slots:
+    /// its slots and its queue, whose rows then carry [`LockInfo::semaphore`] and the name.
+    pub fn semaphore(mut self, name: impl Into<String>, permits: u32) -> Self {
+        let name = name.into();
+        let space = AdvisoryKey::semaphore_space(&name);
+        self.keys.push(AdvisoryKey::Pair(space, -1));
+        for slot in 0..permits.min(i32::MAX as u32) {
+            self.keys.push(AdvisoryKey::Pair(space, slot as i32));
+        }
+        self.semaphores.insert(space, (name, permits));
         self.only_selected = true;
         self
     }
@@ -235,11 +298,16 @@ impl Introspect {
             } else {
                 None
             };
-            let name = self
-                .names
-                .get(&key)
-                .cloned()
-                .or_else(|| name_from_application_name(application_name.as_deref()?, key));
+            let semaphore = self.semaphore_of(key, application_name.as_deref());
+            let name = match &semaphore {
+                Some((name, _)) => Some(name.clone()),
+                None => self
+                    .names
+                    .get(&key)
+                    .cloned()
+                    .or_else(|| name_from_application_name(application_name.as_deref()?, key)),
+            };
+            let semaphore = semaphore.map(|(_, at)| at);
             locks.push(LockInfo {
                 key,
                 name,
@@ -257,21 +325,62 @@ impl Introspect {
                 wait_start: row.get("waitstart"),
                 held_since,
                 blocked_by: row.get("blocked_by"),
+                semaphore,
             });
         }
-        // A name told by one row of a key (a pglock holder's application_name) names them all.
+        // A name told by one row of a key (a pglock holder's application_name) names them all;
+        // a semaphore told by one row of its space names its other keys.
         let mut told: HashMap<AdvisoryKey, String> = HashMap::new();
+        let mut spaces: HashMap<i32, (String, u32)> = HashMap::new();
         for lock in &locks {
             if let Some(name) = &lock.name {
                 told.entry(lock.key).or_insert_with(|| name.clone());
             }
+            if let (Some(name), Some(at), AdvisoryKey::Pair(space, _)) =
+                (&lock.name, lock.semaphore, lock.key)
+            {
+                spaces
+                    .entry(space)
+                    .or_insert_with(|| (name.clone(), at.permits));
+            }
         }
         for lock in &mut locks {
+            if let (None, AdvisoryKey::Pair(space, _)) = (lock.semaphore, lock.key) {
+                if let Some((name, permits)) = spaces.get(&space) {
+                    if let Some(at) = SemaphoreKey::of(lock.key, space, *permits) {
+                        lock.semaphore = Some(at);
+                        lock.name = Some(name.clone());
+                    }
+                }
+            }
             if lock.name.is_none() {
                 lock.name = told.get(&lock.key).cloned();
             }
         }
         Ok(locks)
+    }
+
+    /// The semaphore `key` belongs to, with its place there: one registered, or the one a
+    /// `pglock run --slots N NAME` names in its `application_name` (`pglock run/N NAME`).
+    fn semaphore_of(
+        &self,
+        key: AdvisoryKey,
+        application_name: Option<&str>,
+    ) -> Option<(String, SemaphoreKey)> {
+        let AdvisoryKey::Pair(space, _) = key else {
+            return None;
+        };
+        if let Some((name, permits)) = self.semaphores.get(&space) {
+            return SemaphoreKey::of(key, space, *permits).map(|at| (name.clone(), at));
+        }
+        let rest = application_name?.strip_prefix(APPLICATION_NAME_PREFIX)?;
+        let (command, written) = rest.split_once(' ')?;
+        let permits: u32 = command.strip_prefix("run/")?.parse().ok()?;
+        let decoded = percent_decode(written);
+        std::iter::once(written.to_owned())
+            .chain(decoded)
+            .find(|name| AdvisoryKey::semaphore_space(name) == space)
+            .and_then(|name| SemaphoreKey::of(key, space, permits).map(|at| (name, at)))
     }
 }
 

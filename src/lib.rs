@@ -30,6 +30,9 @@
 //! - Scale: [`CohortLock`] queues the tasks of one process in memory and hands the lock
 //!   between them without a round trip; [`LockSet`] holds thousands of locks on a few pipelined
 //!   connections (figures and sizing: `docs/performance.md`).
+//! - [`Semaphore`]: at most `n` holders of a name across the fleet, each with a
+//!   [`SemaphorePermit`] on one of `n` slots; waiters queue in arrival order and cost the
+//!   server nothing but the head's one statement a second (guide: `docs/semaphores.md`).
 //!
 //! The guarantees and the reasons behind them are in `docs/design.md` of the repository.
 #![doc = include_str!("lib.md")]
@@ -91,6 +94,7 @@ mod loss {
 }
 #[cfg(feature = "metrics")]
 pub mod metrics;
+mod semaphore;
 #[cfg(feature = "rustls")]
 pub mod tls;
 
@@ -107,6 +111,7 @@ pub use guard::AdvisoryLockGuard;
 pub use leader::{LeaderContext, LeaderElection, LeaderState, Leadership, TermTable};
 pub use lock::AdvisoryLock;
 pub use lock_set::LockSet;
+pub use semaphore::{Semaphore, SemaphorePermit};
 
 /// The Rust examples in the guides of `docs/`, compiled (and run, where they need no server)
 /// by `cargo test --doc`, so that the guides stay true to the API.
@@ -124,4 +129,6 @@ mod guides {
     struct Migrations;
     #[doc = include_str!("../docs/observability.md")]
     struct Observability;
+    #[doc = include_str!("../docs/semaphores.md")]
+    struct Semaphores;
 }

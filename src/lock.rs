@@ -128,6 +128,14 @@ impl AdvisoryLock {
         self.acquirer.key
     }
 
+    /// This lock without the parking of dropped guards' connections: for a lock whose guard
+    /// shares its connection with another guard (a semaphore's queue key), so that a drop never
+    /// offers a connection still in use to the next acquisition.
+    pub(crate) fn without_parking(mut self) -> Self {
+        self.acquirer.parking = None;
+        self
+    }
+
     pub(crate) fn lock_scope(&self) -> LockScope {
         self.acquirer.scope
     }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use pglock::{AdvisoryLock, AdvisoryLockGuard, CohortLock, ConnectionSource, LockSet, Session};
+use pglock::{
+    AdvisoryLock, AdvisoryLockGuard, CohortLock, ConnectionSource, LockSet, Semaphore, Session,
+};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::alloc::live_bytes;
@@ -279,6 +281,15 @@ pub static CASES: &[Case] = &[
         Some(3.0),
         lockset_try_lock_pipelined
     ),
+    case!(
+        "pglock_pool_semaphore_8_on_3",
+        "8 semaphore",
+        Some("pglock_pool_contended_8"),
+        None,
+        pool_semaphore_8_on_3
+    ),
+    case!(once "pglock_semaphore_waiter_statements", "8 semaphore", semaphore_waiter_statements),
+    case!(once "pglock_semaphore_handover_latency", "8 semaphore", semaphore_handover_latency),
     case!(once "pglock_loss_probes_10k_held", "6 loss probes", loss_probes),
     case!(once "pglock_probe_cost_10k_elsewhere", "7 probe cost", probe_cost),
 ];
@@ -801,6 +812,161 @@ async fn session_contended_8(env: &Env, d: Duration) -> Sample {
         lock_loop(AdvisoryLock::new(&sessions8[task], key), deadline)
     })
     .await
+}
+
+/// Eight tasks on a pool of 8, each taking one of a semaphore's 3 slots and releasing it in a
+/// loop: the slot hand-over rate, against `pglock_pool_contended_8` (8 tasks, one lock) in the
+/// same round. `max_wait_us` is the longest wait for a slot.
+async fn pool_semaphore_8_on_3(env: &Env, d: Duration) -> Sample {
+    let pool = env.pool(8).await;
+    let semaphore = Semaphore::new(&pool, &format!("bench-{}", env.key()), 3);
+    contended(8, d, |_, deadline| {
+        let semaphore = semaphore.clone();
+        async move {
+            let (mut ops, mut max_wait) = (0, Duration::ZERO);
+            while Instant::now() < deadline {
+                let asked = Instant::now();
+                let permit = semaphore.acquire().await.unwrap();
+                max_wait = max_wait.max(asked.elapsed());
+                permit.release().await.unwrap();
+                ops += 1;
+            }
+            (ops, max_wait)
+        }
+    })
+    .await
+}
+
+/// What waiters cost the server while every slot stays busy: 3 slots held, 5 tasks waiting
+/// (the head searching on the server, 4 queued behind it), the statements their backends
+/// start in 5 s, counted from `pg_stat_activity` (each statement changes `query_start`) sampled
+/// every 2 ms. The rate is statements per second for all five waiters together.
+async fn semaphore_waiter_statements(env: &Env, _: Duration) -> Sample {
+    let pool = env.pool(8).await;
+    let semaphore = Semaphore::new(&pool, &format!("bench-{}", env.key()), 3);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(semaphore.acquire().await.unwrap());
+    }
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move { semaphore.acquire().await.map(drop) })
+        })
+        .collect();
+    let gate = semaphore.gate_key().pg_locks_ids();
+    let gate = (i64::from(gate.0), i64::from(gate.1), gate.2);
+    // The waiters' backends: the head holds the gate, the others wait for it.
+    let pids: Vec<i32> = loop {
+        let pids: Vec<i32> = env
+            .admin
+            .query(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int8::oid
+                 AND objid = $2::int8::oid AND objsubid = $3",
+                &[&gate.0, &gate.1, &gate.2],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if pids.len() == 5 {
+            break pids;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let window = Duration::from_secs(5);
+    let start = Stopwatch::start();
+    let mut seen: std::collections::HashSet<(i32, String)> = std::collections::HashSet::new();
+    let mut first = 0;
+    while start.elapsed() < window {
+        let rows = env
+            .admin
+            .query(
+                "SELECT pid, query_start::text FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            seen.insert((row.get(0), row.get(1)));
+        }
+        if first == 0 {
+            first = seen.len();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let measured = start.stop();
+    drop(held);
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+    // The statements in progress at the first sample started before the window.
+    Sample::new((seen.len() - first) as u64, measured).with("waiters", 5.0)
+}
+
+/// How soon a freed slot goes to the waiter at the head of the queue: one slot, held; a waiter
+/// searching on the server; the holder releases (`release().await` returns at `t0`) and the
+/// waiter's `acquire` returns at `t1`. 50 hand-overs; the rate is hand-overs per second of
+/// latency (1 / mean), the extras the median, 90th percentile and largest latency.
+async fn semaphore_handover_latency(env: &Env, _: Duration) -> Sample {
+    let pool = env.pool(4).await;
+    let semaphore = Semaphore::new(&pool, &format!("bench-{}", env.key()), 1);
+    let gate = semaphore.gate_key().pg_locks_ids();
+    let gate = (i64::from(gate.0), i64::from(gate.1), gate.2);
+    let mut latencies = Vec::new();
+    let start = Stopwatch::start();
+    let mut held = semaphore.acquire().await.unwrap();
+    for _ in 0..50 {
+        let waiter = {
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move {
+                let permit = semaphore.acquire().await.unwrap();
+                (Instant::now(), permit)
+            })
+        };
+        // The waiter holds the gate: it is searching on the server.
+        loop {
+            let n: i64 = env
+                .admin
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                     AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = $3",
+                    &[&gate.0, &gate.1, &gate.2],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Somewhere in the search's 5 ms pause.
+        tokio::time::sleep(Duration::from_millis(
+            random_i64().rem_euclid(5) as u64 + 20,
+        ))
+        .await;
+        held.release().await.unwrap();
+        let released = Instant::now();
+        let (granted, permit) = waiter.await.unwrap();
+        latencies.push(granted.saturating_duration_since(released));
+        held = permit;
+    }
+    let measured = start.stop();
+    drop(held);
+    latencies.sort();
+    let total: Duration = latencies.iter().sum();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Sample {
+        ops: latencies.len() as u64,
+        elapsed: total,
+        cpu: measured.cpu,
+        extra: Vec::new(),
+    }
+    .with("p50_us", us(latencies[latencies.len() / 2]))
+    .with("p90_us", us(latencies[latencies.len() * 9 / 10]))
+    .with("max_us", us(latencies[latencies.len() - 1]))
 }
 
 /// 1,000 tasks of this process on a pool of 4, plain `AdvisoryLock`: each waiting task takes a

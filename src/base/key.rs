@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 /// gets a new version and a new constructor, never a change here.
 const NAME_PREFIX_V1: &[u8] = b"pglock:v1:";
 
+/// The prefix of semaphore key function version 1 (see [`AdvisoryKey::semaphore_space`]).
+const SEMAPHORE_PREFIX_V1: &[u8] = b"pglock:semaphore:v1:";
+
 /// The HKDF `info` string sqlx feeds to HKDF-SHA256 in `PgAdvisoryLock::new`.
 const SQLX_HKDF_INFO: &[u8] = b"SQLx (Rust) Postgres advisory lock";
 
@@ -70,6 +73,33 @@ impl AdvisoryKey {
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         AdvisoryKey::Single(i64::from_be_bytes(first))
+    }
+
+    /// The 32-bit key space pglock derives from a semaphore name (semaphore key function
+    /// version 1): the first four bytes, read big-endian as a signed integer, of the SHA-256
+    /// digest of the bytes `pglock:semaphore:v1:` followed by the name's UTF-8 bytes.
+    ///
+    /// A [`Semaphore`](crate::Semaphore) named `name` with `n` permits keeps slot `k`
+    /// (`0 <= k < n`) on the pair key `(space, k)` and its queue of waiters on `(space, -1)`.
+    /// Pair keys live in another key space than the [`Single`](Self::Single) keys of
+    /// [`from_name`](Self::from_name), so semaphores and locks never collide; `docs/keys.md`
+    /// gives the function in Python and SQL with test vectors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use pglock::AdvisoryKey;
+    ///
+    /// assert_eq!(AdvisoryKey::semaphore_space("exports"), -2_128_988_261);
+    /// ```
+    pub fn semaphore_space(name: &str) -> i32 {
+        let mut hasher = Sha256::new();
+        hasher.update(SEMAPHORE_PREFIX_V1);
+        hasher.update(name.as_bytes());
+        let digest = hasher.finalize();
+        let mut first = [0u8; 4];
+        first.copy_from_slice(&digest[..4]);
+        i32::from_be_bytes(first)
     }
 
     /// The key sqlx's `PgAdvisoryLock::new(name)` locks, so a pglock lock and an sqlx lock on
@@ -329,6 +359,24 @@ mod tests {
             AdvisoryKey::from_name("beat"),
             AdvisoryKey::from_name("beat ")
         );
+    }
+
+    /// Semaphore key function v1 vectors, computed with Python's `hashlib`
+    /// (`int.from_bytes(sha256(b"pglock:semaphore:v1:" + name.encode()).digest()[:4], "big",
+    /// signed=True)`) and with the SQL expression in `docs/keys.md` on PostgreSQL 15.
+    #[test]
+    fn semaphore_space_v1_vectors() {
+        let cases: &[(&str, &str, i32)] = &[
+            ("", "b47adf66", -1_267_015_834),
+            ("exports", "811a379b", -2_128_988_261),
+            ("reindex", "d23d8241", -767_720_895),
+            ("licences", "e34b2939", -481_613_511),
+            ("caf\u{e9}/\u{fc}n\u{ef}code", "0503c0ba", 84_132_026),
+        ];
+        for &(name, hex, space) in cases {
+            assert_eq!(AdvisoryKey::semaphore_space(name), space, "{name:?}");
+            assert_eq!(format!("{:08x}", space as u32), hex, "{name:?}");
+        }
     }
 
     #[test]

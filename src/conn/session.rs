@@ -398,6 +398,11 @@ impl Session {
             || self.offered_release.lock().unwrap().strong_count() == 0
     }
 
+    /// How many keys pglock holds, or cleans up, on this session now.
+    pub(crate) fn held_keys(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
     /// Marks `key` held on this session (see [`Conn::reserve`]).
     pub(super) async fn reserve(
         self: &Arc<Self>,

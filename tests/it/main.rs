@@ -26,6 +26,7 @@ mod modes;
 mod partition;
 mod pgbouncer;
 mod release;
+mod semaphore;
 mod send_sync;
 mod shared_session;
 mod soak;
@@ -42,6 +43,8 @@ mod cli;
 mod cli_fleet;
 #[cfg(feature = "cli")]
 mod cli_http;
+#[cfg(feature = "cli")]
+mod cli_semaphore;
 #[cfg(feature = "cli")]
 mod cli_standby;
 #[cfg(feature = "cli")]

@@ -17,6 +17,9 @@ Examples:
   pglock run -n nightly-report -- ./report.sh
   pglock run --timeout 30s nightly-report -- ./report.sh
 
+  # At most three exports at once across the fleet; each knows its slot in PGLOCK_SLOT.
+  pglock run --slots 3 nightly-export -- ./export.sh
+
   # Run celery beat on exactly one instance; another takes over if it goes away.
   pglock leader beat -- celery --app shop beat
 
@@ -246,6 +249,17 @@ pub struct RunArgs {
     #[arg(short, long)]
     pub shared: bool,
 
+    /// Make NAME a semaphore of N slots: at most N instances run their command at once, each
+    /// holding one slot (the child gets PGLOCK_SLOT, 0 to N-1, and PGLOCK_SLOTS); waiters queue
+    /// in arrival order. Every instance must give the same N for a name
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64),
+        conflicts_with_all = ["shared", "key"],
+    )]
+    pub slots: Option<u32>,
+
     /// Exit code when the lock could not be had (-n busy, --timeout expired)
     #[arg(short = 'E', long, default_value_t = exit::CONFLICT, value_name = "CODE")]
     pub conflict_exit_code: u8,
@@ -260,7 +274,7 @@ pub struct RunArgs {
     pub serve: HttpArgs,
 
     /// The command to run, after `--`. It gets PGLOCK_NAME, PGLOCK_KEY and PGLOCK_MODE in its
-    /// environment
+    /// environment (and PGLOCK_SLOT, PGLOCK_SLOTS with --slots)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
 }
@@ -312,6 +326,20 @@ pub struct LeaderArgs {
     pub command: Vec<OsString>,
 }
 
+/// `NAME:N`: a semaphore's name (which may contain `:`) and its number of slots.
+fn parse_semaphore(text: &str) -> Result<(String, u32), String> {
+    let (name, n) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("expected NAME:N (a semaphore and its slots), not {text:?}"))?;
+    match n.parse::<u32>() {
+        Ok(n) if n >= 1 && n <= i32::MAX as u32 => Ok((name.to_owned(), n)),
+        _ => Err(format!(
+            "the number of slots in {text:?} must be between 1 and {}",
+            i32::MAX
+        )),
+    }
+}
+
 fn parse_term_table(text: &str) -> Result<pglock::TermTable, String> {
     let table = match text.split_once('.') {
         Some((schema, table)) => pglock::TermTable::new(table).in_schema(schema),
@@ -339,4 +367,10 @@ pub struct StatusArgs {
     /// locks held by `pglock run/leader` are recognised anyway
     #[arg(long, value_name = "NAME")]
     pub known: Vec<String>,
+
+    /// Show only this semaphore, NAME:N for a semaphore NAME of N slots (repeatable): its
+    /// holders as `NAME [slot k of N]`, its waiters as `NAME [queue of N]`; semaphores held by
+    /// `pglock run --slots` are recognised anyway
+    #[arg(long, value_parser = parse_semaphore, value_name = "NAME:N")]
+    pub semaphore: Vec<(String, u32)>,
 }

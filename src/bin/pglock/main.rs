@@ -12,6 +12,7 @@ mod instance;
 mod leader;
 mod output;
 mod run;
+mod slot_wait;
 mod slots;
 mod standby;
 mod status;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pglock::{AdvisoryLockGuard, LockMode};
+use pglock::{AdvisoryLockGuard, LockMode, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::args::{Resolved, RunArgs};
@@ -22,12 +22,18 @@ const JUST_STARTED: Duration = Duration::from_secs(3);
 
 pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     let began = Instant::now();
-    let target = args.target.resolve();
+    let mut target = args.target.resolve();
+    // A semaphore's instances are named `pglock run/N NAME`, which `pglock status` reads to
+    // show their slots.
+    let command = match args.slots {
+        Some(n) => format!("run/{n}"),
+        None => "run".to_owned(),
+    };
     let Instance {
         session_name,
         state,
         mut signals,
-    } = match Instance::start("run", &target.label, args.serve.http, Role::Run, out).await {
+    } = match Instance::start(&command, &target.label, args.serve.http, Role::Run, out).await {
         Ok(instance) => instance,
         Err(code) => return code,
     };
@@ -52,22 +58,52 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         refusals: Refusals::default(),
         state: &state,
     };
-    let acquired = waiter
-        .acquire(target.key, mode, patience, &mut signals)
-        .await;
+    let acquired = match (args.slots, target.name.clone()) {
+        (Some(permits), Some(name)) => {
+            let label = format!("{name} [{permits} slots]");
+            waiter.label = &label;
+            waiter
+                .acquire_slot(&name, permits, patience, &mut signals)
+                .await
+                .map(|acquired| match acquired {
+                    Acquired::Held(connection, permit) => {
+                        Acquired::Held(connection, Held::Slot(permit))
+                    }
+                    Acquired::Busy => Acquired::Busy,
+                    Acquired::Interrupted(signal) => Acquired::Interrupted(signal),
+                })
+        }
+        _ => waiter
+            .acquire(target.key, mode, patience, &mut signals)
+            .await
+            .map(|acquired| match acquired {
+                Acquired::Held(connection, guard) => Acquired::Held(connection, Held::Lock(guard)),
+                Acquired::Busy => Acquired::Busy,
+                Acquired::Interrupted(signal) => Acquired::Interrupted(signal),
+            }),
+    };
     let (connection, guard) = match acquired {
         Ok(Acquired::Held(connection, guard)) => (connection, guard),
         Ok(Acquired::Busy) => return i32::from(args.conflict_exit_code),
         Ok(Acquired::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
         Err(error) => return out.report_error(&error),
     };
-    state.holding(AdvisoryLockGuard::backend_pid(&guard));
+    if let Held::Slot(permit) = &guard {
+        target.key = AdvisoryLockGuard::key(permit);
+        target.label = format!(
+            "{} [slot {} of {}]",
+            permit.name(),
+            permit.slot(),
+            permit.permits()
+        );
+    }
+    state.holding(AdvisoryLockGuard::backend_pid(guard.guard()));
     out.verbose(format_args!(
         "holding lock {} (key {}, {}) on backend pid {}",
         target.label,
         target.key,
         mode_name(mode),
-        AdvisoryLockGuard::backend_pid(&guard)
+        AdvisoryLockGuard::backend_pid(guard.guard())
     ));
     // At a fleet's start the server may be out of connection slots for a moment; the command
     // may need some of its own.
@@ -79,16 +115,20 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
         ) => {}
         signal = signals.recv() => {
             out.info(format_args!("{} before the command started: giving up", signal_name(signal)));
-            let _ = AdvisoryLockGuard::unlock(guard).await;
+            let _ = guard.release().await;
             return exit::SIGNAL_BASE + signal;
         }
     }
-    let env = child_env(&target, mode);
+    let mut env = child_env(&target, mode);
+    if let Held::Slot(permit) = &guard {
+        env.push(("PGLOCK_SLOT", permit.slot().to_string()));
+        env.push(("PGLOCK_SLOTS", permit.permits().to_string()));
+    }
     let mut running = match child::spawn(&args.command, &env, &ChildOptions::from(&args.child)) {
         Ok(running) => running,
         Err((code, message)) => {
             out.error(format_args!("{message}"));
-            let _ = AdvisoryLockGuard::unlock(guard).await;
+            let _ = guard.release().await;
             return code;
         }
     };
@@ -96,7 +136,7 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
     out.verbose(format_args!("started pid {}", running.pid()));
     // pglock's loss detection probes the lock (a dead network path is noticed within its
     // detection bound); the connection task's end reports a closed connection at once.
-    let mut loss = AdvisoryLockGuard::loss_signal(&guard);
+    let mut loss = AdvisoryLockGuard::loss_signal(guard.guard());
     let lost = async {
         let reason = tokio::select! {
             reason = loss.lost() => reason.to_string(),
@@ -115,7 +155,7 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
                 "command exited with {code} after {}",
                 human_duration(started.elapsed())
             ));
-            match AdvisoryLockGuard::unlock(guard).await {
+            match guard.release().await {
                 Ok(()) => code,
                 Err(error) => {
                     out.error(format_args!(
@@ -138,6 +178,28 @@ pub async fn run(db: &Database, args: RunArgs, out: &Output) -> i32 {
             out.error(format_args!("cannot wait for the command: {error}"));
             drop(guard);
             exit::SOFTWARE
+        }
+    }
+}
+
+/// What `pglock run` holds while its command runs: a lock, or one slot of a semaphore.
+enum Held {
+    Lock(AdvisoryLockGuard),
+    Slot(SemaphorePermit),
+}
+
+impl Held {
+    fn guard(&self) -> &AdvisoryLockGuard {
+        match self {
+            Held::Lock(guard) => guard,
+            Held::Slot(permit) => permit,
+        }
+    }
+
+    async fn release(self) -> pglock::Result<()> {
+        match self {
+            Held::Lock(guard) => AdvisoryLockGuard::unlock(guard).await,
+            Held::Slot(permit) => permit.release().await,
         }
     }
 }

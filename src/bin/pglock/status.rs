@@ -28,6 +28,9 @@ pub async fn status(db: &Database, args: StatusArgs, out: &Output) -> i32 {
     for name in &args.known {
         query = query.name(name.as_str());
     }
+    for (name, permits) in &args.semaphore {
+        query = query.semaphore(name.as_str(), *permits);
+    }
     let client = connection.session.client();
     let locks = match query.fetch(client).await {
         Ok(locks) => locks,
@@ -92,6 +95,7 @@ pub fn to_json(lock: &LockInfo) -> Value {
         "held_since": time(lock.held_since),
         "wait_start": time(lock.wait_start),
         "blocked_by": lock.blocked_by,
+        "semaphore": lock.semaphore.map(|at| json!({"slot": at.slot, "permits": at.permits})),
     })
 }
 
@@ -120,7 +124,11 @@ pub fn table(locks: &[LockInfo], now: SystemTime) -> String {
                 lock.wait_start
             };
             [
-                lock.name.clone().unwrap_or_else(|| "-".to_owned()),
+                match (&lock.name, lock.semaphore) {
+                    (_, Some(_)) => lock.label(),
+                    (Some(name), None) => name.clone(),
+                    (None, None) => "-".to_owned(),
+                },
                 key_arg(lock.key),
                 mode_str(lock.mode).to_owned(),
                 scope_str(lock.scope).to_owned(),

@@ -45,12 +45,12 @@ impl Patience {
         }
     }
 
-    fn expired(self) -> bool {
+    pub(crate) fn expired(self) -> bool {
         self.deadline().is_some_and(|at| Instant::now() >= at)
     }
 
     /// What the waiter will do, for a report.
-    fn plan(self, waited: Duration) -> String {
+    pub(crate) fn plan(self, waited: Duration) -> String {
         match self {
             Patience::NoWait => "not waiting (-n)".to_owned(),
             Patience::Until(deadline) => format!(
@@ -150,9 +150,9 @@ pub struct Waiter<'a> {
 }
 
 /// How an acquisition ended.
-pub enum Acquired {
-    /// The lock is held on this connection.
-    Held(Connection, AdvisoryLockGuard),
+pub enum Acquired<G = AdvisoryLockGuard> {
+    /// The lock (or a semaphore's slot) is held on this connection.
+    Held(Connection, G),
     /// It stayed busy (`-n`, or the deadline passed).
     Busy,
     /// A signal came while waiting: the wait is abandoned on the server.
@@ -334,7 +334,7 @@ impl Waiter<'_> {
         }
     }
 
-    fn interrupted(&self, signal: i32) -> Acquired {
+    pub(crate) fn interrupted<G>(&self, signal: i32) -> Acquired<G> {
         self.out.info(format_args!(
             "{} while waiting for lock {}: giving up",
             signal_name(signal),
@@ -343,7 +343,7 @@ impl Waiter<'_> {
         Acquired::Interrupted(signal)
     }
 
-    fn report_busy(&self, held_by: Option<&str>, plan: String) {
+    pub(crate) fn report_busy(&self, held_by: Option<&str>, plan: String) {
         match held_by {
             Some(held_by) => self.out.info(format_args!(
                 "lock {} is busy: {held_by}; {plan}",
@@ -357,7 +357,12 @@ impl Waiter<'_> {
 
     /// A report while waiting in the queue, where the connection is busy with the wait: the
     /// holders are those seen when the wait began.
-    fn report_still_waiting(&self, started: Instant, held_by: Option<&str>, patience: Patience) {
+    pub(crate) fn report_still_waiting(
+        &self,
+        started: Instant,
+        held_by: Option<&str>,
+        patience: Patience,
+    ) {
         let plan = patience.plan(started.elapsed());
         match held_by {
             Some(held_by) => self.out.info(format_args!(
@@ -370,7 +375,7 @@ impl Waiter<'_> {
         }
     }
 
-    fn acquired(&self, started: Instant) {
+    pub(crate) fn acquired(&self, started: Instant) {
         self.out.verbose(format_args!(
             "acquired lock {} after {}",
             self.label,
@@ -378,7 +383,7 @@ impl Waiter<'_> {
         ));
     }
 
-    fn gave_up(&self, started: Instant) {
+    pub(crate) fn gave_up(&self, started: Instant) {
         self.out.info(format_args!(
             "gave up on lock {} after {}: still busy",
             self.label,

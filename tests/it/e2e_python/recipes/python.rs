@@ -1,6 +1,7 @@
 //! Every `python` recipe of the docs, run as a script by the venv's Python, as written; one
-//! that defines a key function (`def pglock_key...`, docs/keys.md) must also give the Rust
-//! library's key for every name tried, empty and non-ASCII included.
+//! that defines a key function (`def pglock_key...` or `def pglock_semaphore_space...`,
+//! docs/keys.md) must also give the Rust library's key (or semaphore key space) for every name
+//! tried, empty and non-ASCII included.
 
 use super::docs::recipes;
 use super::prerequisites;
@@ -28,7 +29,8 @@ async fn python_recipes_run_as_written() {
     for block in blocks {
         let function = block.lines().find_map(|line| {
             let name = line.strip_prefix("def ")?.split('(').next()?;
-            name.starts_with("pglock_key").then(|| name.to_owned())
+            (name.starts_with("pglock_key") || name.starts_with("pglock_semaphore_space"))
+                .then(|| name.to_owned())
         });
         let mut script = block.text.clone();
         if let Some(function) = &function {
@@ -50,15 +52,24 @@ async fn python_recipes_run_as_written() {
             block.place,
             String::from_utf8_lossy(&output.stderr)
         );
-        if function.is_some() {
+        if let Some(function) = &function {
             let keys: Vec<i64> = serde_json::from_slice(&output.stdout).unwrap();
             for (name, key) in NAMES.iter().zip(keys) {
-                assert_eq!(
-                    AdvisoryKey::Single(key),
-                    AdvisoryKey::from_name(name),
-                    "{}: {name:?}",
-                    block.place
-                );
+                if function.starts_with("pglock_semaphore_space") {
+                    assert_eq!(
+                        key,
+                        i64::from(AdvisoryKey::semaphore_space(name)),
+                        "{}: {name:?}",
+                        block.place
+                    );
+                } else {
+                    assert_eq!(
+                        AdvisoryKey::Single(key),
+                        AdvisoryKey::from_name(name),
+                        "{}: {name:?}",
+                        block.place
+                    );
+                }
             }
         }
     }
