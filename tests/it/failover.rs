@@ -342,7 +342,10 @@ async fn ten_failovers_behind_one_endpoint() {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|t| t.0 > current)
+                // A term of the new timeline: on a loaded machine a leader may also step down
+                // on a false alarm (a probe answered late) and another be elected on the old
+                // primary, in a later term of the same timeline, before the fail-over.
+                .find(|t| t.0 >> 32 > current >> 32)
                 .copied();
             if let Some(next) = next {
                 break next;
@@ -351,7 +354,6 @@ async fn ten_failovers_behind_one_endpoint() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         took_over.push(next.1.saturating_duration_since(promoted));
-        assert!(next.0 >> 32 > current >> 32, "a term of the new timeline");
 
         // The next fail-over's standby streams from the new primary.
         let next_standby = standby.start_standby(standby.port()).await;

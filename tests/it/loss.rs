@@ -743,9 +743,11 @@ async fn loss_on_failed_transaction_of_a_transaction_lock() {
         let db = TestDb::new("loss_xact_failed").await;
         let pool = db.pool(2);
         let xact_key = db.key();
+        // The connections stay alive: a patient probe timeout, so that a probe answered late on
+        // a loaded machine is not reported instead of the aborted transaction.
         let guard = AdvisoryLock::new(&pool, xact_key)
             .scope(LockScope::Transaction)
-            .health_check(HEALTH)
+            .health_check(PATIENT)
             .lock()
             .await
             .unwrap();
@@ -757,24 +759,24 @@ async fn loss_on_failed_transaction_of_a_transaction_lock() {
             .unwrap();
         let mut signal = AdvisoryLockGuard::loss_signal(&guard);
         let session_signal = AdvisoryLockGuard::loss_signal(&session_guard);
-        tokio::time::sleep(HEALTH.interval).await;
+        tokio::time::sleep(PATIENT.interval).await;
 
         let t0 = Instant::now();
         assert!(guard.batch_execute("SELECT 1/0").await.is_err());
         // The backend sends the error before it aborts the transaction, which releases the
         // lock: on a loaded machine another connection may look in between.
-        let released_by = Instant::now() + HEALTH.detection_bound();
+        let released_by = Instant::now() + PATIENT.detection_bound();
         while !db.holders(xact_key).await.is_empty() {
             assert!(Instant::now() < released_by, "released at the error");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(signal.lost().await, LossReason::TransactionAborted);
-        assert!(t0.elapsed() <= HEALTH.detection_bound() + SCHEDULING);
+        assert!(t0.elapsed() <= PATIENT.detection_bound() + SCHEDULING);
         AdvisoryLockGuard::rollback(guard).await.unwrap();
 
         session.batch_execute("BEGIN").await.unwrap();
         assert!(session.batch_execute("SELECT 1/0").await.is_err());
-        tokio::time::sleep(HEALTH.detection_bound() * 2).await;
+        tokio::time::sleep(PATIENT.detection_bound() * 2).await;
         assert!(!session_signal.is_lost(), "{:?}", session_signal.reason());
         assert_eq!(db.holders(session_key).await.len(), 1);
         session.batch_execute("ROLLBACK").await.unwrap();

@@ -436,10 +436,21 @@ async fn loss_probe_reports_backend_change() {
     let mut loss = AdvisoryLockGuard::loss_signal(&guard);
 
     // Another client's transaction pins the server connection that holds the lock, so the
-    // next probe is routed to another one.
+    // next probe is routed to another one. A probe in flight may hold that server connection
+    // when the transaction begins, which then gets the other one: begin again until it pins
+    // the lock's.
     let other = connect(&bouncer.url(&db.app)).await;
-    other.batch_execute("BEGIN").await.unwrap();
-    assert_eq!(backend_pid(&other).await, granted_on);
+    let mut pinned = false;
+    for _ in 0..200 {
+        other.batch_execute("BEGIN").await.unwrap();
+        if backend_pid(&other).await == granted_on {
+            pinned = true;
+            break;
+        }
+        other.batch_execute("COMMIT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(pinned, "a transaction pins the lock's server connection");
 
     let reason = tokio::time::timeout(Duration::from_secs(10), loss.lost())
         .await
