@@ -40,6 +40,9 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub, rustdoc::broken_intra_doc_links)]
 
+// The layers, from the bottom up (docs/design.md, "Layout"): each imports only from itself and
+// the layers above it in this list, except that a connection keeps state of `loss`, `release`
+// and `acquire` (its monitor, deferred unlocks and batched try_locks).
 mod base {
     //! Foundations: keys, options, errors, connection strings, SQL text, tracing events and small
     //! runtime utilities. They import nothing of the crate but each other (and `metrics`).
@@ -54,14 +57,8 @@ mod base {
     pub(crate) mod sql;
     pub(crate) mod trace;
 }
-mod acquire {
-    //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
-    //! a shared session.
-    pub(crate) mod acquirer;
-    pub(crate) mod attempt;
-    pub(crate) mod try_lock_queue;
-}
-mod cohort;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod conn {
     //! Connections: pooled ones and sessions, where a lock gets one, and which backend it is.
     pub(crate) mod backend;
@@ -71,7 +68,11 @@ mod conn {
     pub(crate) mod slot;
     pub(crate) mod source;
 }
-mod guard;
+mod loss {
+    //! Lock-loss detection: a monitor per connection and its probes.
+    pub(crate) mod monitor;
+    pub(crate) mod probe;
+}
 mod release {
     //! Release: the statements that end a lock, and what a dropped guard leaves to the next
     //! acquisition on its connection.
@@ -83,17 +84,20 @@ mod release {
     pub(crate) mod statement;
     pub(crate) mod together;
 }
+mod guard;
+mod acquire {
+    //! Acquisition: the attempts that send a lock's statement, and the batched `try_lock`s of
+    //! a shared session.
+    pub(crate) mod acquirer;
+    pub(crate) mod attempt;
+    pub(crate) mod try_lock_queue;
+}
+// The public types that stand on the layers.
+mod cohort;
 pub mod introspect;
 mod leader;
 mod lock;
 mod lock_set;
-mod loss {
-    //! Lock-loss detection: a monitor per connection and its probes.
-    pub(crate) mod monitor;
-    pub(crate) mod probe;
-}
-#[cfg(feature = "metrics")]
-pub mod metrics;
 mod semaphore;
 #[cfg(feature = "rustls")]
 pub mod tls;
