@@ -14,8 +14,8 @@ use crate::base::scope::{LockMode, LockScope};
 use crate::base::sql::PreparedUnlock;
 use crate::base::trace;
 use crate::conn::handle::Conn;
+use crate::conn::held::HeldConn;
 use crate::conn::session::Reservation;
-use crate::conn::slot::ConnSlot;
 use crate::loss::monitor::Registration;
 use crate::release::background::release_in_background_traced;
 use crate::release::deferred::DeferredUnlock;
@@ -362,7 +362,7 @@ impl AdvisoryLockGuard {
     }
 
     /// The guard's connection, to release the lock on, once the loss monitor stops watching.
-    fn begin_release(&mut self) -> ConnSlot {
+    fn begin_release(&mut self) -> HeldConn {
         self.stop_watching();
         let conn = self
             .conn
@@ -370,12 +370,12 @@ impl AdvisoryLockGuard {
             .expect("a guard holds its connection until released");
         // If the release's future is dropped mid-way, the slot closes a pooled connection: the
         // release request was already queued, and closing ends the session in any case.
-        ConnSlot::new(conn)
+        HeldConn::new(conn)
     }
 
     /// Reports how the release went, and sends the connection on: parked for the lock's next
     /// acquisition, back to its pool, or closed when the release failed.
-    fn end_release(&mut self, slot: ConnSlot, how: &'static str, result: Result<()>) -> Result<()> {
+    fn end_release(&mut self, slot: HeldConn, how: &'static str, result: Result<()>) -> Result<()> {
         trace::released(self.key, self.backend_pid, how, &result, false);
         match &self.parking {
             Some(parking) if result.is_ok() => parking.park_idle(slot.into_conn()),

@@ -63,9 +63,9 @@ mod conn {
     //! Connections: pooled ones and sessions, where a lock gets one, and which backend it is.
     pub(crate) mod backend;
     pub(crate) mod handle;
+    pub(crate) mod held;
     pub(crate) mod pooled;
     pub(crate) mod session;
-    pub(crate) mod slot;
     pub(crate) mod source;
 }
 mod loss {

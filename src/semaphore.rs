@@ -328,7 +328,7 @@ impl Semaphore {
         // On a session, the slots it holds already (other permits of this semaphore) must not
         // be tried: PostgreSQL would grant them again. The others are reserved, so that no
         // other acquisition on the session touches them while the statement runs.
-        let mut in_flight = InFlight {
+        let mut pending = PendingSearch {
             conn: conn.share(),
             space: self.space,
             tried: Vec::new(),
@@ -338,14 +338,14 @@ impl Semaphore {
         if let Conn::Session(session) = conn {
             for slot in 0..self.permits as i32 {
                 match session.try_reserve(AdvisoryKey::Pair(self.space, slot)) {
-                    Some(reservation) => in_flight.tried.push((slot, Some(reservation))),
+                    Some(reservation) => pending.tried.push((slot, Some(reservation))),
                     None => held_here.push(slot),
                 }
             }
         }
         let permits = self.permits as i32;
         let seconds = window.as_secs_f64();
-        in_flight.armed = true;
+        pending.armed = true;
         let row = conn
             .client()
             .query_one(&search, &[&self.space, &permits, &held_here, &seconds])
@@ -354,14 +354,14 @@ impl Semaphore {
         let slot: Option<i32> = row.get(0);
         let ran_on: i32 = row.get(1);
         let Some(slot) = slot else {
-            in_flight.armed = false;
+            pending.armed = false;
             return Ok(None);
         };
         let key = AdvisoryKey::Pair(self.space, slot);
         let granted_on = AdvisoryLockGuard::backend_pid(gate);
         if ran_on != granted_on {
             // Behind an undeclared pooler: the slot may be held on a backend this connection
-            // no longer reaches. `in_flight` closes a pooled connection.
+            // no longer reaches. `pending` closes a pooled connection.
             return Err(Error::BackendChanged {
                 key,
                 granted_on: Some(granted_on),
@@ -369,8 +369,8 @@ impl Semaphore {
                 source: None,
             });
         }
-        in_flight.armed = false;
-        let reservation = in_flight
+        pending.armed = false;
+        let reservation = pending
             .take(slot)
             .unwrap_or_else(|| Reservation::none(key, LockScope::Session));
         let guard = AdvisoryLockGuard::new(
@@ -407,7 +407,7 @@ impl fmt::Debug for Semaphore {
 /// or the statement failed), it undoes whatever the statement may have taken: a pooled
 /// connection is closed (the server frees its locks as the session ends); on a session, each
 /// slot it tried is released if the session holds it, by a statement queued behind the search.
-struct InFlight {
+struct PendingSearch {
     conn: Conn,
     space: i32,
     /// The slots the search may take, with their reservations on a session.
@@ -415,7 +415,7 @@ struct InFlight {
     armed: bool,
 }
 
-impl InFlight {
+impl PendingSearch {
     fn take(&mut self, slot: i32) -> Option<Reservation> {
         self.tried
             .iter_mut()
@@ -424,7 +424,7 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for PendingSearch {
     fn drop(&mut self) {
         if !self.armed {
             return;

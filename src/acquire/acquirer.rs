@@ -16,8 +16,8 @@ use crate::base::key::AdvisoryKey;
 use crate::base::scope::{LockMode, LockScope, WaitStrategy};
 use crate::base::trace;
 use crate::conn::handle::Conn;
+use crate::conn::held::HeldConn;
 use crate::conn::session::Reservation;
-use crate::conn::slot::ConnSlot;
 use crate::conn::source::ConnectionSource;
 use crate::guard::AdvisoryLockGuard;
 use crate::release::deferred::DeferredUnlock;
@@ -91,7 +91,7 @@ enum Prior {
 /// A claimed parked connection with its unlock in flight, as the acquisition's start. A
 /// deferred unlock found instead (another clone's drop came in between) is sent alone, and the
 /// acquisition takes a fresh connection.
-fn in_flight(claimed: Claimed) -> Option<(Conn, Prior)> {
+fn prior_of(claimed: Claimed) -> Option<(Conn, Prior)> {
     match claimed {
         Claimed::InFlight(parked) => Some((
             parked.conn,
@@ -134,10 +134,10 @@ impl Acquirer {
             (None, None) => unreachable!("a direct start has a statement to send"),
         };
         // Set before the first poll, which sends the statement (see `Attempt::run`).
-        attempt.in_flight = true;
+        attempt.awaiting_answer = true;
         let client = client_conn(&attempt.slot).client();
         let answer = first_row(client, statement, params.with(None).as_slice()).await;
-        attempt.in_flight = false;
+        attempt.awaiting_answer = false;
         attempt.may_wait = false;
         let answer = match answer {
             Ok(Some(row)) => Ok(row),
@@ -222,11 +222,11 @@ impl Acquirer {
                         Some(combined) => (combined.0.conn().share(), Some(combined)),
                         // Sent alone, which parked the connection again with the unlock in
                         // flight: claim it that way.
-                        None => return Start::General(parking.claim().and_then(in_flight)),
+                        None => return Start::General(parking.claim().and_then(prior_of)),
                     }
                 }
                 Some(Claimed::Idle(conn)) => (conn, None),
-                claimed => return Start::General(claimed.and_then(in_flight)),
+                claimed => return Start::General(claimed.and_then(prior_of)),
             },
             _ => return Start::General(None),
         };
@@ -285,7 +285,7 @@ impl Acquirer {
         let may_wait = op == Op::Lock;
         let canceller = may_wait.then(|| self.source.canceller(&conn));
         let mut attempt = Attempt::new(
-            ConnSlot::new(conn),
+            HeldConn::new(conn),
             reservation,
             (self.key, self.scope),
             mode,
@@ -368,10 +368,10 @@ impl Acquirer {
                         )),
                         // Sent alone, which parked the connection again with the unlock in
                         // flight: claim it that way.
-                        None => parking.claim().and_then(in_flight),
+                        None => parking.claim().and_then(prior_of),
                     }
                 }
-                claimed => claimed.and_then(in_flight),
+                claimed => claimed.and_then(prior_of),
             },
             _ => None,
         };
@@ -509,7 +509,7 @@ impl Acquirer {
             Some((_, _, checks)) => *checks,
             None => conn.verification().checks(),
         };
-        let slot = ConnSlot::new(conn);
+        let slot = HeldConn::new(conn);
         let form = Form::of(key);
         let acquire_sql = statement(op, mode, self.scope, form, checks);
         let found = self.cached(
@@ -651,7 +651,7 @@ impl Acquirer {
     /// prepared on this connection already (the common case): no future to create and poll.
     fn cached(
         &self,
-        slot: &ConnSlot,
+        slot: &HeldConn,
         op: Op,
         acquire_sql: &'static str,
         (form, mode, checks): (Form, LockMode, Checks),
@@ -682,7 +682,7 @@ impl Acquirer {
     /// without preparing.
     async fn prepare(
         &self,
-        slot: &ConnSlot,
+        slot: &HeldConn,
         op: Op,
         acquire_sql: &'static str,
         (form, mode, checks): (Form, LockMode, Checks),

@@ -20,8 +20,8 @@ use crate::base::scope::{LockMode, LockScope};
 use crate::base::sql::{Checks, KeyParams, PreparedUnlock};
 use crate::base::{background, trace};
 use crate::conn::handle::Conn;
+use crate::conn::held::HeldConn;
 use crate::conn::session::Reservation;
-use crate::conn::slot::ConnSlot;
 use crate::guard::AdvisoryLockGuard;
 use crate::release::background::release_in_background;
 use crate::release::in_flight::{ReleaseInFlight, ReleaseTask};
@@ -60,7 +60,7 @@ pub(crate) enum Acquire {
 /// or queueing an undo right behind the statement on a shared session).
 pub(crate) struct Attempt {
     /// The connection (taken when the attempt becomes a guard or hands it to a cleanup).
-    pub(super) slot: Option<ConnSlot>,
+    pub(super) slot: Option<HeldConn>,
     /// A release queued on the connection before this attempt's statement, whose answer
     /// nobody reads yet: the statement adopts it.
     pub(super) offered: Weak<ReleaseInFlight>,
@@ -68,7 +68,7 @@ pub(crate) struct Attempt {
     /// attempt is dropped first.
     adopted: Option<ReleaseTask>,
     /// A statement was sent on the connection and its answer is not in yet.
-    pub(super) in_flight: bool,
+    pub(super) awaiting_answer: bool,
     /// The statement in flight may sit in the server's lock queue: an abandoned attempt sends a
     /// cancel request.
     pub(super) may_wait: bool,
@@ -107,7 +107,7 @@ pub(crate) fn may_hold_after(error: &tokio_postgres::Error, scope: LockScope) ->
 impl Attempt {
     /// An attempt on `slot`'s connection, holding `reservation`, with nothing sent yet.
     pub(super) fn new(
-        slot: ConnSlot,
+        slot: HeldConn,
         reservation: Reservation,
         (key, scope): (AdvisoryKey, LockScope),
         mode: LockMode,
@@ -117,7 +117,7 @@ impl Attempt {
             slot: Some(slot),
             offered: Weak::new(),
             adopted: None,
-            in_flight: false,
+            awaiting_answer: false,
             may_wait: false,
             in_transaction: false,
             key,
@@ -197,7 +197,7 @@ impl Attempt {
         let params = params.with(extra);
         // Set before the first poll, which is the one that sends the statement: from here until
         // the answer, dropping the attempt must undo whatever the statement may do.
-        self.in_flight = true;
+        self.awaiting_answer = true;
         self.may_wait = may_wait;
         // The common case (a prepared statement, no `BEGIN` to send first) is awaited in place.
         // The others are boxed: their futures are larger, and every acquisition future would
@@ -258,7 +258,7 @@ impl Attempt {
             // connection ends both for sure.
             client_conn(&self.slot).mark_discard();
         }
-        self.in_flight = false;
+        self.awaiting_answer = false;
         self.may_wait = false;
         self.prior_release_failed = !prior_ok;
         result.map(|row| acquired.unwrap_or_else(|| self.checks.acquired(&row, may_wait)))
@@ -361,7 +361,7 @@ impl Attempt {
     /// there in between: a rollback in a transaction, otherwise an unlock of the key if, and
     /// only if, the session holds it. A session-scoped key stays reserved (new acquisitions of
     /// it wait) until that unlock has answered.
-    fn clean_up_in_background(&mut self, slot: ConnSlot, cancel: Option<(CancelToken, Canceller)>) {
+    fn clean_up_in_background(&mut self, slot: HeldConn, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
         // On a session, nothing new of pglock's starts until the cancel requests are over.
@@ -386,7 +386,7 @@ impl Attempt {
                         let _ = client.batch_execute("").await;
                     })),
                     Err(shared) => {
-                        let slot = ConnSlot::new(shared);
+                        let slot = HeldConn::new(shared);
                         Some(Box::pin(async move {
                             let _ = slot.conn().client().batch_execute("").await;
                         }))
@@ -426,7 +426,7 @@ impl Attempt {
         if free_when_queued {
             // The rollback is queued: the session is free for the next transaction, whose
             // statements travel behind it (after any cancel request in flight, see
-            // `CancelsInFlight`).
+            // `PendingCancels`).
             reservation = None;
         }
         // Without a runtime, the undo already queued still runs on the server (only its answer
@@ -532,7 +532,7 @@ async fn cancel_until_ended(
 }
 
 /// The connection of an attempt that is not handed over.
-pub(crate) fn client_conn(slot: &Option<ConnSlot>) -> &Conn {
+pub(crate) fn client_conn(slot: &Option<HeldConn>) -> &Conn {
     slot.as_ref()
         .expect("the attempt holds its connection")
         .conn()
@@ -549,7 +549,7 @@ impl Drop for Attempt {
         let Some(slot) = self.slot.take() else {
             return;
         };
-        if self.in_flight || self.combined.is_some() {
+        if self.awaiting_answer || self.combined.is_some() {
             // Abandoned before the answer (or, for a combined statement, before sending the
             // dropped guard's unlock in it): undo whatever the statement may do.
             trace::abandoned(self.key, self.scope);

@@ -250,13 +250,13 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
         .into_iter()
         .map(|(param, _)| param)
         .collect();
-    let mut in_flight = InFlight {
+    let mut on_the_wire = OnTheWire {
         conn: &conn,
         keys: &keys,
         answered: false,
     };
     let result = conn.client().query(&batch, &params).await;
-    in_flight.answered = true;
+    on_the_wire.answered = true;
     match result {
         Ok(rows) => {
             let answers = by_index(&rows, requests.len(), checks);
@@ -354,13 +354,13 @@ async fn undo(conn: &Conn, requests: &[Request]) -> Vec<Result<()>> {
 
 /// A batch on the wire. Dropped before its answer (the runtime shutting down), it queues the
 /// undo of each key at once, right behind the batch, so that nothing stays held for nobody.
-struct InFlight<'a> {
+struct OnTheWire<'a> {
     conn: &'a Conn,
     keys: &'a [AdvisoryKey],
     answered: bool,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for OnTheWire<'_> {
     fn drop(&mut self) {
         if self.answered {
             return;

@@ -106,16 +106,16 @@ impl fmt::Debug for Canceller {
 ///
 /// [`Conn::reserve`]: crate::conn::handle::Conn::reserve
 #[derive(Debug, Default)]
-pub(crate) struct CancelsInFlight {
+pub(crate) struct PendingCancels {
     count: AtomicUsize,
     over: tokio::sync::Notify,
 }
 
-impl CancelsInFlight {
+impl PendingCancels {
     /// Counts a cancel request (or a series of them) until the returned value is dropped.
-    pub(crate) fn start(self: &Arc<Self>) -> CancelInFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> PendingCancel {
         self.count.fetch_add(1, Ordering::AcqRel);
-        CancelInFlight(self.clone())
+        PendingCancel(self.clone())
     }
 
     /// Whether none is in flight.
@@ -138,10 +138,10 @@ impl CancelsInFlight {
     }
 }
 
-/// One counted series of cancel requests (see [`CancelsInFlight::start`]).
-pub(crate) struct CancelInFlight(Arc<CancelsInFlight>);
+/// One counted series of cancel requests (see [`PendingCancels::start`]).
+pub(crate) struct PendingCancel(Arc<PendingCancels>);
 
-impl Drop for CancelInFlight {
+impl Drop for PendingCancel {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.over.notify_waiters();

@@ -14,7 +14,7 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, NoTls, Socket, Statement};
 
 use crate::acquire::try_lock_queue::TryLockQueue;
-use crate::base::cancel::{Canceller, CancelsInFlight};
+use crate::base::cancel::{Canceller, PendingCancels};
 use crate::base::database_url::{redact_url, DatabaseUrl};
 use crate::base::error::{Error, Result};
 use crate::base::health::{self, HealthCheck};
@@ -74,7 +74,7 @@ pub struct Session {
     held: Mutex<HashMap<AdvisoryKey, KeyState, KeyHash>>,
     cleaned: tokio::sync::Notify,
     /// Cancel requests for abandoned statements not yet over (dedicated sessions only).
-    cancels: Arc<CancelsInFlight>,
+    cancels: Arc<PendingCancels>,
     in_transaction: Mutex<bool>,
     /// The release a dropped guard queued last, for the next acquisition to read its answer.
     offered_release: Mutex<Weak<ReleaseInFlight>>,
@@ -464,7 +464,7 @@ impl Session {
     }
 
     /// The cancel requests in flight on this session.
-    pub(crate) fn cancels(&self) -> &Arc<CancelsInFlight> {
+    pub(crate) fn cancels(&self) -> &Arc<PendingCancels> {
         &self.cancels
     }
 

@@ -7,7 +7,7 @@ use tokio::runtime::Handle;
 use crate::base::key::AdvisoryKey;
 use crate::base::trace;
 use crate::conn::handle::Conn;
-use crate::conn::slot::ConnSlot;
+use crate::conn::held::HeldConn;
 use crate::release::in_flight::{ReleaseInFlight, ReleaseTask};
 use crate::release::parking::Parking;
 use crate::release::statement::{release, Release};
@@ -45,7 +45,7 @@ pub(crate) fn release_in_background_traced(
         Conn::Session(session) => Some(session.clone()),
         Conn::Pooled(_) => None,
     };
-    let slot = ConnSlot::new(conn);
+    let slot = HeldConn::new(conn);
     let mut task: ReleaseTask = Box::pin(async move {
         let result = release(slot.conn(), &release_how, key).await;
         if backend_pid.is_some() || result.is_err() {

@@ -233,7 +233,7 @@ impl DeferredSlot {
         };
         let mut connection = std::pin::pin!(connection);
         let output_of_connection = poll_fn(|cx| {
-            if bell.rang(cx) {
+            if bell.poll_ring(cx) {
                 self.flush();
             }
             connection.as_mut().poll(cx)

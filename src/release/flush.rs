@@ -26,13 +26,13 @@ pub(crate) struct FlushBell(Mutex<Option<Arc<Bell>>>);
 /// to two atomic operations and a wake-up (`Notify` takes a lock and walks a waiter list).
 #[derive(Default)]
 pub(crate) struct Bell {
-    rung: AtomicBool,
+    pending: AtomicBool,
     flusher: AtomicWaker,
 }
 
 impl Bell {
     pub(crate) fn ring(&self) {
-        self.rung.store(true, Ordering::Release);
+        self.pending.store(true, Ordering::Release);
         self.flusher.wake();
     }
 
@@ -40,16 +40,16 @@ impl Bell {
     /// of `cx`: registered on every check, since a ring's wake-up takes the waker, and before
     /// the flag is read, so that a ring in between is seen here or wakes the task again.
     #[inline]
-    pub(crate) fn rang(&self, cx: &Context<'_>) -> bool {
+    pub(crate) fn poll_ring(&self, cx: &Context<'_>) -> bool {
         self.flusher.register(cx.waker());
         // Read before it is swapped: most checks (the connection task's polls) find nothing.
-        self.rung.load(Ordering::Relaxed) && self.rung.swap(false, Ordering::Acquire)
+        self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::Acquire)
     }
 
     /// Waits for the next ring (or returns at once if one came since the last wait).
-    async fn rung(&self) {
+    async fn next_ring(&self) {
         poll_fn(|cx| {
-            if self.rang(cx) {
+            if self.poll_ring(cx) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -138,7 +138,7 @@ impl<T: Flushed> Flusher<T> {
                 Some(owner) => owner.flush(),
                 None => return,
             }
-            self.bell.rung().await;
+            self.bell.next_ring().await;
         }
     }
 }

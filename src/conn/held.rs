@@ -5,13 +5,13 @@ use crate::conn::handle::Conn;
 
 /// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
 /// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
-pub(crate) struct ConnSlot {
+pub(crate) struct HeldConn {
     conn: Option<Conn>,
 }
 
-impl ConnSlot {
+impl HeldConn {
     pub(crate) fn new(conn: Conn) -> Self {
-        ConnSlot { conn: Some(conn) }
+        HeldConn { conn: Some(conn) }
     }
 
     pub(crate) fn conn(&self) -> &Conn {
@@ -33,7 +33,7 @@ impl ConnSlot {
     }
 }
 
-impl Drop for ConnSlot {
+impl Drop for HeldConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.discard();
