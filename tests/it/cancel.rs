@@ -153,15 +153,16 @@ async fn a_wait_abandoned_behind_a_slow_query_still_leaves_the_queue() {
     AdvisoryLockGuard::unlock(warm_up).await.unwrap();
     let slow = {
         let session = session.clone();
-        tokio::spawn(async move { session.batch_execute("SELECT pg_sleep(0.3)").await })
+        tokio::spawn(async move { session.batch_execute("SELECT pg_sleep(2)").await })
     };
-    // The slow query is running before the acquisition is queued behind it.
+    // The slow query is running before the acquisition is queued behind it. It runs long enough
+    // for a loaded machine's poll of pg_stat_activity to see it.
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let row = db
                 .admin()
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.3)'                      AND state = 'active'",
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(2)'                      AND state = 'active'",
                     &[],
                 )
                 .await
