@@ -65,6 +65,7 @@ mod conn {
     pub(crate) mod handle;
     pub(crate) mod held;
     pub(crate) mod pooled;
+    pub(crate) mod prepared;
     pub(crate) mod session;
     pub(crate) mod source;
 }

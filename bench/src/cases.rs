@@ -406,7 +406,7 @@ impl Env {
     }
 
     /// A pool of `size` connections, all open and with pglock's statements prepared (in
-    /// deadpool's statement cache, the checking and the plain ones) and verified.
+    /// pglock's memory of each connection, the checking and the plain ones) and verified.
     async fn pool(&self, size: usize) -> Pool {
         let pool = pool(&self.url, size);
         let source = ConnectionSource::from(&pool);

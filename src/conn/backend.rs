@@ -23,10 +23,9 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
-use deadpool_postgres::StatementCache;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use tokio_postgres::Client;
@@ -62,46 +61,11 @@ impl Verification {
         }
         matches!(self.checks(), Checks::Verified(_))
     }
-
-    /// Takes over a verdict reached on the same connection before (see [`recall_pooled`]).
-    pub(crate) fn adopt_direct(&self, pid: i32) {
-        let _ = self.0.set(Some(pid));
-    }
 }
 
-/// The pooled connections verified as direct, by their deadpool statement cache: each
-/// connection of a deadpool pool has its own, which lives exactly as long as it does.
-///
-/// A `ConnectionSource` remembers what it learned about each connection itself, but every
-/// `AdvisoryLock::new(&pool, ...)` builds a new source: without this, a lock made for one
-/// acquisition (one per request, say) would always find its connection unverified. The weak
-/// reference keeps the cache's allocation, so no other connection's cache can take its address
-/// while the entry exists; entries whose connection is gone are swept as new ones come.
-static DIRECT_POOLED: Mutex<Vec<(Weak<StatementCache>, i32)>> = Mutex::new(Vec::new());
-
-/// Records that the pooled connection owning `cache` is direct to backend `pid`.
-pub(crate) fn remember_pooled(cache: &Arc<StatementCache>, pid: i32) {
-    let mut direct = DIRECT_POOLED.lock().unwrap();
-    if direct.len() == direct.capacity() {
-        direct.retain(|(cache, _)| cache.strong_count() > 0);
-    }
-    if !direct
-        .iter()
-        .any(|(known, _)| known.as_ptr() == Arc::as_ptr(cache))
-    {
-        direct.push((Arc::downgrade(cache), pid));
-    }
-}
-
-/// The backend of the pooled connection owning `cache`, if it was verified as direct.
-pub(crate) fn recall_pooled(cache: &Arc<StatementCache>) -> Option<i32> {
-    DIRECT_POOLED
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(known, _)| known.as_ptr() == Arc::as_ptr(cache))
-        .map(|(_, pid)| *pid)
-}
+/// The verdict a connection has for a source that must not trust any (`always_check_backend`,
+/// a transaction pooler): always pending, since such sources never record one.
+pub(crate) static NEVER_VERIFIED: Verification = Verification(OnceLock::new());
 
 /// The process id the server announced at login, in the cancel key (`BackendKeyData`).
 ///

@@ -12,7 +12,7 @@ use crate::base::health::HealthCheck;
 use crate::base::key::AdvisoryKey;
 use crate::base::scope::LockScope;
 use crate::conn::backend::{self, Verification};
-use crate::conn::pooled::{Pooled, PreparedByConnection, Remembered, DISCARD, LEAK, RETURN};
+use crate::conn::pooled::{self, Pooled, Remembered, DISCARD, LEAK, RETURN};
 use crate::conn::session::{Reservation, Session};
 use crate::loss::monitor::Monitor;
 
@@ -40,17 +40,15 @@ impl WeakConn {
 }
 
 impl Conn {
-    pub(crate) fn pooled(
-        object: Object,
-        remembered: Arc<Remembered>,
-        prepared: Arc<PreparedByConnection>,
-    ) -> Self {
+    /// A pooled connection, with what pglock knows of it; `trust_verdict` is false for a source
+    /// that keeps the checking statements whatever the connection's verdict.
+    pub(crate) fn pooled(object: Object, remembered: Arc<Remembered>, trust_verdict: bool) -> Self {
         Conn::Pooled(Arc::new(Pooled {
             object: Some(object),
             fate: AtomicU8::new(RETURN),
             monitor: OnceLock::new(),
             remembered,
-            prepared,
+            trust_verdict,
             borrows: AtomicU64::new(0),
         }))
     }
@@ -90,7 +88,7 @@ impl Conn {
                         .object
                         .take()
                         .expect("a pooled connection holds its object");
-                    pooled.prepared.forget(Object::id(&object));
+                    pooled::forget(&object);
                     Ok(Object::take(object))
                 }
                 Err(shared) => Err(Conn::Pooled(shared)),
@@ -105,7 +103,7 @@ impl Conn {
     pub(crate) fn forget_statements(&self) {
         match self {
             Conn::Pooled(_) => self.mark_discard(),
-            Conn::Session(session) => session.statements.lock().unwrap().clear(),
+            Conn::Session(session) => session.statements.forget_all(),
         }
     }
 
@@ -153,18 +151,21 @@ impl Conn {
     /// Whether the connection is verified as direct to a primary's backend (see `backend`).
     pub(crate) fn verification(&self) -> &Verification {
         match self {
-            Conn::Pooled(pooled) => &pooled.remembered.backend,
+            Conn::Pooled(pooled) if pooled.trust_verdict => &pooled.remembered.backend,
+            Conn::Pooled(_) => &backend::NEVER_VERIFIED,
             Conn::Session(session) => &session.backend,
         }
     }
 
-    /// Records the verdict of a checking statement's answer (see [`Verification::learn`]); a
-    /// pooled connection found direct is remembered for every source of its pool.
+    /// Records the verdict of a checking statement's answer (see [`Verification::learn`]): a
+    /// pooled connection's verdict holds for every source of its pool that trusts one.
     pub(crate) fn learn_backend(&self, ran_on: i32, on_standby: bool) {
-        let direct = self.verification().learn(self.client(), ran_on, on_standby);
-        if let (true, Conn::Pooled(pooled)) = (direct, self) {
-            backend::remember_pooled(&pooled.object().statement_cache, ran_on);
+        if let Conn::Pooled(pooled) = self {
+            if !pooled.trust_verdict {
+                return;
+            }
         }
+        self.verification().learn(self.client(), ran_on, on_standby);
     }
 
     pub(crate) fn downgrade(&self) -> WeakConn {

@@ -1,16 +1,14 @@
-//! A connection checked out of a deadpool pool, and the statements pglock prepared on each of
-//! the pool's connections.
+//! A connection checked out of a deadpool pool, and what pglock remembers of each pooled
+//! connection across checkouts.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use deadpool_postgres::{Object, ObjectId};
+use deadpool_postgres::{Object, StatementCache};
 use tokio_postgres::Statement;
 
-use crate::base::error::Result;
 use crate::conn::backend::Verification;
-use crate::conn::session::find_prepared;
+use crate::conn::prepared::PreparedStatements;
 use crate::loss::monitor::Monitor;
 
 /// A pooled connection, shared between a guard and its loss monitor.
@@ -21,81 +19,60 @@ pub(crate) struct Pooled {
     pub(super) object: Option<Object>,
     pub(super) fate: AtomicU8,
     pub(super) monitor: OnceLock<Arc<Monitor>>,
-    /// pglock's statements prepared on this connection and its verification, remembered across
-    /// checkouts by the source, so that acquisitions skip deadpool's statement cache (which
-    /// hashes the SQL text every time).
+    /// What pglock knows of this connection, kept across checkouts (see [`remembered`]).
     pub(super) remembered: Arc<Remembered>,
-    /// Where `remembered` is kept, to forget it when the connection is closed.
-    pub(super) prepared: Arc<PreparedByConnection>,
+    /// Whether this checkout's source uses the connection's verdict (see `Conn::verification`).
+    pub(super) trust_verdict: bool,
     /// How many times a guard handed the client out to the caller (see [`Conn::borrows`]).
     pub(super) borrows: AtomicU64,
 }
 
-/// What pglock remembers about one pooled connection across checkouts.
-#[derive(Default)]
+/// What pglock knows of one pooled connection, whichever lock or source checks it out.
+#[derive(Debug, Default)]
 pub(crate) struct Remembered {
-    /// The last few statements pglock prepared there, most recent first.
-    statements: Mutex<[Option<(&'static str, Statement)>; PER_CONNECTION]>,
+    /// pglock's statements prepared there.
+    statements: PreparedStatements,
     /// Whether the connection is verified as direct to a primary's backend.
     pub(super) backend: Verification,
 }
 
-/// How many statements are remembered per pooled connection: an acquiring statement, its
-/// unlock and the combined one, in their checking and plain forms, for two kinds of acquisition
-/// (say `lock` and `try_lock`).
-const PER_CONNECTION: usize = 12;
-
-/// The statements pglock prepared on each connection of one pool, by deadpool's [`ObjectId`]
-/// (unique within a pool, never reused).
+/// What pglock knows of each pooled connection of the process, by the address of the
+/// connection's deadpool statement cache: each connection of a deadpool pool has its own, which
+/// lives exactly as long as the connection.
 ///
-/// Only a shortcut: a connection it does not know goes through deadpool's statement cache, as
-/// before. It keeps at most twice the pool's size; beyond that the oldest connection (lowest
-/// id, most likely closed since) is forgotten. A connection pglock closes is forgotten at
-/// once; one the pool closes lingers until evicted.
-pub(crate) struct PreparedByConnection {
-    capacity: usize,
-    entries: Mutex<Vec<(ObjectId, Arc<Remembered>)>>,
+/// Process-wide, not per [`ConnectionSource`](crate::ConnectionSource): every
+/// `AdvisoryLock::new(&pool, ...)` builds a new source, and a lock made for one acquisition (one
+/// per request, say) must still find its connection's statements prepared and its backend
+/// verified. The weak reference keeps the cache's allocation, so no other connection's cache
+/// can take its address while the entry exists; entries whose connection is gone are swept
+/// when the list is full, and a connection pglock closes is forgotten at once.
+static KNOWN: Mutex<Vec<(Weak<StatementCache>, Arc<Remembered>)>> = Mutex::new(Vec::new());
+
+/// What pglock knows of `object`'s connection: remembered from an earlier checkout, or new.
+pub(super) fn remembered(object: &Object) -> Arc<Remembered> {
+    let cache = &object.statement_cache;
+    let mut known = KNOWN.lock().unwrap();
+    if let Some((_, remembered)) = known
+        .iter()
+        .find(|(known, _)| known.as_ptr() == Arc::as_ptr(cache))
+    {
+        return remembered.clone();
+    }
+    if known.len() == known.capacity() {
+        known.retain(|(cache, _)| cache.strong_count() > 0);
+    }
+    let remembered = Arc::new(Remembered::default());
+    known.push((Arc::downgrade(cache), remembered.clone()));
+    remembered
 }
 
-impl PreparedByConnection {
-    pub(super) fn new(pool_size: usize) -> Self {
-        PreparedByConnection {
-            capacity: (pool_size * 2).max(4),
-            entries: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// What is known of connection `id`, remembered from an earlier checkout or new.
-    pub(super) fn of(&self, id: ObjectId) -> Arc<Remembered> {
-        let mut entries = self.entries.lock().unwrap();
-        if let Some((_, remembered)) = entries.iter().find(|(known, _)| *known == id) {
-            return remembered.clone();
-        }
-        if entries.len() >= self.capacity {
-            let oldest = (0..entries.len())
-                .min_by_key(|&i| entries[i].0)
-                .expect("a full list is not empty");
-            entries.swap_remove(oldest);
-        }
-        let remembered = Arc::new(Remembered::default());
-        entries.push((id, remembered.clone()));
-        remembered
-    }
-
-    pub(super) fn forget(&self, id: ObjectId) {
-        self.entries
-            .lock()
-            .unwrap()
-            .retain(|(known, _)| *known != id);
-    }
-}
-
-impl fmt::Debug for PreparedByConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreparedByConnection")
-            .field("connections", &self.entries.lock().unwrap().len())
-            .finish_non_exhaustive()
-    }
+/// Forgets `object`'s connection, which pglock is closing, leaking or detaching.
+pub(super) fn forget(object: &Object) {
+    let cache = Arc::as_ptr(&object.statement_cache);
+    KNOWN
+        .lock()
+        .unwrap()
+        .retain(|(known, _)| known.as_ptr() != cache);
 }
 
 pub(super) const RETURN: u8 = 0;
@@ -112,24 +89,14 @@ impl Pooled {
     }
 
     pub(super) fn cached(&self, sql: &'static str) -> Option<Statement> {
-        find_prepared(
-            self.remembered.statements.lock().unwrap().iter().flatten(),
-            sql,
-        )
+        self.remembered.statements.cached(sql)
     }
 
     pub(super) async fn prepare(
         &self,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.cached(sql) {
-            return Ok(statement);
-        }
-        let statement = self.object().prepare_cached(sql).await?;
-        let mut statements = self.remembered.statements.lock().unwrap();
-        statements.rotate_right(1);
-        statements[0] = Some((sql, statement.clone()));
-        Ok(statement)
+        self.remembered.statements.prepare(self.object(), sql).await
     }
 }
 
@@ -141,7 +108,7 @@ impl Drop for Pooled {
         match self.fate.load(Ordering::Acquire) {
             RETURN => drop(object),
             fate => {
-                self.prepared.forget(Object::id(&object));
+                forget(&object);
                 let client = Object::take(object);
                 if fate == DISCARD {
                     drop(client);

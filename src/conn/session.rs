@@ -21,6 +21,7 @@ use crate::base::health::{self, HealthCheck};
 use crate::base::key::AdvisoryKey;
 use crate::base::scope::LockScope;
 use crate::conn::backend::Verification;
+use crate::conn::prepared::PreparedStatements;
 use crate::loss::monitor::Monitor;
 use crate::release::deferred::DeferredSlot;
 use crate::release::in_flight::ReleaseInFlight;
@@ -68,7 +69,8 @@ use crate::release::in_flight::ReleaseInFlight;
 /// ```
 pub struct Session {
     pub(super) client: Client,
-    pub(super) statements: Mutex<Vec<(&'static str, Statement)>>,
+    /// pglock's statements prepared here.
+    pub(super) statements: PreparedStatements,
     /// Keys pglock holds here, and which of them are being cleaned up (a new acquisition of
     /// such a key waits for `cleaned`).
     held: Mutex<HashMap<AdvisoryKey, KeyState, KeyHash>>,
@@ -193,7 +195,7 @@ impl Session {
     pub fn from_client(client: Client) -> Self {
         Session {
             client,
-            statements: Mutex::new(Vec::new()),
+            statements: PreparedStatements::default(),
             held: Mutex::new(HashMap::default()),
             cleaned: tokio::sync::Notify::new(),
             cancels: Arc::default(),
@@ -489,33 +491,12 @@ impl Session {
         &self,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.cached(sql) {
-            return Ok(statement);
-        }
-        let statement = self.client.prepare(sql).await?;
-        self.statements
-            .lock()
-            .unwrap()
-            .push((sql, statement.clone()));
-        Ok(statement)
+        self.statements.prepare(&self.client, sql).await
     }
 
     pub(super) fn cached(&self, sql: &'static str) -> Option<Statement> {
-        // Newest first: once the session is verified, its plain statements come after the
-        // checking ones of its first lock, which it no longer uses.
-        find_prepared(self.statements.lock().unwrap().iter().rev(), sql)
+        self.statements.cached(sql)
     }
-}
-
-/// The statement prepared for `sql` among pglock's own, which are `&'static` texts from
-/// `sql::statement`: the address identifies the text.
-pub(super) fn find_prepared<'a>(
-    mut prepared: impl Iterator<Item = &'a (&'static str, Statement)>,
-    sql: &'static str,
-) -> Option<Statement> {
-    prepared
-        .find(|(text, _)| std::ptr::eq(*text, sql))
-        .map(|(_, statement)| statement.clone())
 }
 
 impl Deref for Session {

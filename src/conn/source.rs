@@ -2,15 +2,14 @@
 
 use std::sync::Arc;
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
 use crate::base::cancel::Canceller;
 use crate::base::error::Result;
-use crate::conn::backend;
 use crate::conn::handle::Conn;
-use crate::conn::pooled::PreparedByConnection;
+use crate::conn::pooled;
 use crate::conn::session::Session;
 
 /// Where an [`AdvisoryLock`](crate::AdvisoryLock) gets its connection.
@@ -19,11 +18,9 @@ use crate::conn::session::Session;
 /// from an `Arc<`[`Session`]`>` (locks share the session). `From` conversions exist for both,
 /// so you rarely name this type.
 ///
-/// A source built from a pool remembers the statements pglock prepared on each of the pool's
-/// connections, so that acquisitions skip deadpool's statement cache; its clones share that
-/// memory. Where acquisitions are frequent, keep an [`AdvisoryLock`](crate::AdvisoryLock) (or
-/// a clone), or build the source once and pass clones of it for every key, rather than
-/// converting the pool again for every call.
+/// What pglock prepares on a pooled connection, and what it learns of the connection, is kept
+/// with the connection for the whole process, whichever source checks it out: building a
+/// source (or an `AdvisoryLock`) for every call costs no extra round trip.
 #[derive(Clone, Debug)]
 pub struct ConnectionSource {
     kind: SourceKind,
@@ -34,7 +31,7 @@ pub struct ConnectionSource {
 
 #[derive(Clone, Debug)]
 enum SourceKind {
-    Pool(Pool, Arc<PreparedByConnection>),
+    Pool(Pool),
     Session(Arc<Session>),
 }
 
@@ -109,16 +106,10 @@ impl ConnectionSource {
 
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         match &self.kind {
-            SourceKind::Pool(pool, prepared) => {
+            SourceKind::Pool(pool) => {
                 let object = pool.get().await?;
-                let remembered = prepared.of(Object::id(&object));
-                if remembered.backend.is_pending() && self.may_verify() {
-                    // Verified through another source of the pool (another lock's).
-                    if let Some(pid) = backend::recall_pooled(&object.statement_cache) {
-                        remembered.backend.adopt_direct(pid);
-                    }
-                }
-                Ok(Conn::pooled(object, remembered, prepared.clone()))
+                let remembered = pooled::remembered(&object);
+                Ok(Conn::pooled(object, remembered, self.may_verify()))
             }
             SourceKind::Session(session) => Ok(Conn::Session(session.clone())),
         }
@@ -135,7 +126,7 @@ impl ConnectionSource {
 
     pub(crate) fn pool_has_waiters(&self) -> bool {
         match &self.kind {
-            SourceKind::Pool(pool, _) => pool.status().waiting > 0,
+            SourceKind::Pool(pool) => pool.status().waiting > 0,
             SourceKind::Session(_) => false,
         }
     }
@@ -167,9 +158,8 @@ impl ConnectionSource {
 
 impl From<Pool> for ConnectionSource {
     fn from(pool: Pool) -> Self {
-        let max_size = pool.status().max_size;
         ConnectionSource {
-            kind: SourceKind::Pool(pool, Arc::new(PreparedByConnection::new(max_size))),
+            kind: SourceKind::Pool(pool),
             canceller: Canceller::default(),
             behind_pooler: false,
             always_check: false,

@@ -137,7 +137,8 @@ async fn a_pooled_connection_stays_verified_across_checkouts() {
 
 /// A lock made for one acquisition (one per request, say) builds a new source each time; the
 /// pooled connection it gets was verified through another lock, and it sends the plain
-/// statements at once. A source that always checks does not take that verdict over.
+/// statements at once, prepared then. A source that always checks does not take that verdict
+/// over.
 #[tokio::test]
 async fn a_lock_made_per_acquisition_finds_its_pooled_connection_verified() {
     let db = TestDb::new("verify_per_request").await;
@@ -146,10 +147,14 @@ async fn a_lock_made_per_acquisition_finds_its_pooled_connection_verified() {
     let pid = AdvisoryLockGuard::backend_pid(&guard);
     assert!(db.statement_of(pid).await.contains("pg_backend_pid()"));
     AdvisoryLockGuard::unlock(guard).await.unwrap();
+    let mut prepared = None;
     for _ in 0..3 {
         let guard = AdvisoryLock::new(&pool, db.key()).lock().await.unwrap();
         assert_eq!(AdvisoryLockGuard::backend_pid(&guard), pid);
         assert_eq!(db.statement_of(pid).await, PLAIN_LOCK);
+        // Nor does it prepare its statements again: they are remembered with the connection.
+        let now = prepared_lock_statements(&guard).await;
+        assert_eq!(*prepared.get_or_insert(now), now);
         AdvisoryLockGuard::unlock(guard).await.unwrap();
     }
     let checking = ConnectionSource::from(&pool).always_check_backend();
