@@ -2,6 +2,7 @@
 //! connection source, the key and how to wait), and its two paths: the direct one, a single
 //! prepared statement in the common case, and the general one for everything else.
 
+use std::ops::ControlFlow;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::base::scope::{LockMode, LockScope, WaitStrategy};
 use crate::base::trace;
 use crate::conn::handle::Conn;
 use crate::conn::held::HeldConn;
-use crate::conn::session::Reservation;
+use crate::conn::session::{Reservation, Session};
 use crate::conn::source::ConnectionSource;
 use crate::guard::AdvisoryLockGuard;
 use crate::release::deferred::DeferredUnlock;
@@ -63,12 +64,12 @@ impl Deadline {
     }
 }
 
-/// How an acquisition starts: see [`AdvisoryLock::start_direct`].
+/// How an acquisition starts: see [`Acquirer::start_direct`].
 enum Start {
     /// Nothing to send or read before the acquiring statement, which is prepared, but possibly
-    /// a dropped guard's unlock to combine with it: the attempt ready to send (carrying the
-    /// combined statement, if so), the acquiring statement (unless combined), and the unlock
-    /// its guard will use.
+    /// a dropped guard's unlock riding in it: the attempt ready to send (carrying the combined
+    /// statement, if so), the acquiring statement (unless combined), and the unlock its guard
+    /// will use.
     Direct(Attempt, Option<Statement>, PreparedUnlock),
     /// The general path, on the connection claimed on the way, with what its last guard left
     /// there, if one was.
@@ -83,9 +84,43 @@ enum Prior {
     /// A claimed parked connection with its unlock in flight: how the unlock ends, and the
     /// release itself, to read its answer.
     InFlight(PriorRelease, Weak<ReleaseInFlight>),
-    /// A claimed parked connection whose unlock is not sent yet, with the statement that sends
-    /// it in the acquisition's own and the checks it makes.
-    Deferred(DeferredUnlock, Statement, Checks),
+    /// A claimed parked connection whose unlock is not sent yet, to send in the acquisition's
+    /// own statement.
+    Deferred(RidingUnlock),
+}
+
+/// A dropped guard's unlock of the key, in the mode and scope the acquisition asks for, that
+/// rides in the acquisition's statement (`sql::unlock_then`): the key's reservation passes from
+/// the unlock to the acquisition.
+struct RidingUnlock {
+    deferred: DeferredUnlock,
+    /// The combined statement, prepared on the connection.
+    statement: Statement,
+    /// What the combined statement checks; the acquisition's other statements check the same.
+    checks: Checks,
+}
+
+impl RidingUnlock {
+    /// Takes the unlock over: the key's reservation, the combined statement with the pid the
+    /// unlock must run on, and the dropped guard's prepared unlock, for the new guard when it
+    /// makes the same checks.
+    fn take_over(self) -> (Reservation, (Statement, i32), Option<PreparedUnlock>) {
+        let (reservation, granted_on, unlock) = self.deferred.into_combined();
+        let reservation = reservation.expect("a deferred unlock keeps its reservation");
+        (reservation, (self.statement, granted_on), unlock)
+    }
+}
+
+/// A deferred unlock that could not ride in the acquisition's statement was sent alone.
+struct SentAlone;
+
+/// What the general path does next after an attempt on one connection.
+enum Next {
+    /// The acquisition's outcome.
+    Done(Result<Option<AdvisoryLockGuard>>),
+    /// Start again on another connection (or the same session); `deallocated` says whether the
+    /// statements were found deallocated already.
+    Again { deallocated: bool },
 }
 
 /// A claimed parked connection with its unlock in flight, as the acquisition's start. A
@@ -123,6 +158,8 @@ impl Acquirer {
         };
         // The common case, written out flat: on a CPU shared with the server, which evicts the
         // client's code at every round trip, each line of code a cycle runs is fetched again.
+        // Every decision before and after the send is the general path's (`start_direct`,
+        // `after`); only the send and the read are restated, as `Attempt::run` makes them.
         let may_wait = attempt.may_wait;
         let params = KeyParams::new(self.key);
         // A dropped guard's unlock of the key may ride in the statement (see `Attempt::run`);
@@ -144,41 +181,42 @@ impl Acquirer {
             Ok(None) => return Err(attempt.unexpected_answer()),
             Err(error) => Err(error),
         };
-        let read = match combined {
-            None => None,
-            Some((_, granted_on)) => {
-                let (read, prior_ok) = attempt.read_combined(&answer, granted_on, may_wait);
-                if !prior_ok {
-                    // Marked to be closed, which ends whatever it holds: start again elsewhere.
-                    drop(attempt);
-                    trace::prior_release_failed(self.key);
-                    return Box::pin(self.acquire_untraced(mode, deadline, None, false)).await;
+        let next = 'next: {
+            let read = match combined {
+                None => None,
+                Some((_, granted_on)) => {
+                    let (read, prior_ok) = attempt.read_combined(&answer, granted_on, may_wait);
+                    if !prior_ok {
+                        break 'next self.after(Attempted::Retry, false);
+                    }
+                    read
                 }
-                read
+            };
+            let (granted, pid) = match answer {
+                Ok(row) => read.unwrap_or_else(|| attempt.checks.acquired(&row, may_wait)),
+                Err(error) => {
+                    let attempted = attempt.failed(error).map_err(|e| self.reported(e))?;
+                    break 'next self.after(attempted, false);
+                }
+            };
+            match granted {
+                Some(true) => return Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
+                // The first attempt of a polling `lock`: poll on.
+                Some(false) if matches!(deadline, Deadline::Never) => {
+                    Next::Again { deallocated: false }
+                }
+                Some(false) => return Ok(None),
+                None => return Err(Error::ReadOnlyStandby),
             }
         };
-        let (granted, pid) = match answer {
-            Ok(row) => read.unwrap_or_else(|| attempt.checks.acquired(&row, may_wait)),
-            Err(error) => {
-                attempt
-                    .failed(error)
-                    .map_err(|error| self.reported(error))?;
-                // Deallocated: start again, preparing anew, once.
-                drop(attempt);
-                trace::statements_deallocated(self.key);
-                // Boxed, as a rare path.
-                return Box::pin(self.acquire_untraced(mode, deadline, None, true)).await;
+        // Whatever it holds is settled (or its connection marked to be closed): let it go.
+        drop(attempt);
+        match next {
+            Next::Done(outcome) => outcome,
+            // Boxed, as a rare path (or, polling, the waiting one).
+            Next::Again { deallocated } => {
+                Box::pin(self.acquire_untraced(mode, deadline, None, deallocated)).await
             }
-        };
-        match granted {
-            Some(true) => Ok(Some(self.granted(attempt, mode, pid, Some(unlock)))),
-            Some(false) if matches!(deadline, Deadline::Never) => {
-                // The first attempt of a polling `lock`: poll on (boxed, as the waiting path).
-                drop(attempt);
-                Box::pin(self.acquire_untraced(mode, deadline, None, false)).await
-            }
-            Some(false) => Ok(None),
-            None => Err(Error::ReadOnlyStandby),
         }
     }
 
@@ -203,84 +241,42 @@ impl Acquirer {
         {
             return Start::General(None);
         }
-        let (conn, combined) = match (&self.parking, self.source.session()) {
+        let (conn, riding) = match (&self.parking, self.source.session()) {
             (None, Some(session)) if session.offered_release_answered() => {
-                let conn = Conn::Session(session.clone());
-                match session.deferred_unlock.take_for(self.key, mode) {
-                    None => (conn, None),
-                    Some(deferred) => match self.combinable(deferred, mode, deadline) {
-                        Some(combined) => (conn, Some(combined)),
-                        // Sent alone: the general path waits until that has freed the key.
-                        None => return Start::General(None),
-                    },
+                match self.riding_on_session(session, mode, deadline) {
+                    Ok(riding) => (Conn::Session(session.clone()), riding),
+                    // The general path waits until that has freed the key.
+                    Err(SentAlone) => return Start::General(None),
                 }
             }
-            // With tasks waiting for the pool, the general path lets the parked connection go.
-            (Some(parking), None) if !self.source.pool_has_waiters() => match parking.claim() {
-                Some(Claimed::Deferred(deferred)) => {
-                    match self.combinable(deferred, mode, deadline) {
-                        Some(combined) => (combined.0.conn().share(), Some(combined)),
-                        // Sent alone, which parked the connection again with the unlock in
-                        // flight: claim it that way.
-                        None => return Start::General(parking.claim().and_then(prior_of)),
-                    }
-                }
-                Some(Claimed::Idle(conn)) => (conn, None),
-                claimed => return Start::General(claimed.and_then(prior_of)),
+            (Some(parking), None) => match self.claim_parked(parking, mode, deadline) {
+                Some((conn, Prior::None)) => (conn, None),
+                Some((conn, Prior::Deferred(riding))) => (conn, Some(riding)),
+                claimed => return Start::General(claimed),
             },
             _ => return Start::General(None),
         };
-        let checks = conn.verification().checks();
-        let form = Form::of(self.key);
-        let unlock_sql = || statement(Op::Unlock, mode, self.scope, form, checks);
-        // The acquiring statement (not needed when the combined one is sent) and the unlock a
-        // guard will use (the dropped guard's own, when it makes the same checks).
-        let prepared = match (checks, &combined) {
-            (Checks::InStatement, _) => None,
-            (_, Some((deferred, _, combined_checks))) => match *combined_checks == checks {
-                false => None,
-                true if deferred.checks() == checks => Some((None, None)),
-                true => conn.cached(unlock_sql()).map(|unlock| (None, Some(unlock))),
-            },
-            (_, None) => {
-                let acquire = conn.cached(statement(op, mode, self.scope, form, checks));
-                let unlock = conn.cached(unlock_sql());
-                // A guard's drop may need the combined statement later: `prepare` prepares it
-                // with the others when it is missing.
-                let combined_prepared = match unlock_then(op, mode, form, checks) {
-                    Some(sql) => conn.cached(sql).is_some(),
-                    None => true,
-                };
-                let prepared = acquire.zip(unlock).filter(|_| combined_prepared);
-                prepared.map(|(acquire, unlock)| (Some(acquire), Some(unlock)))
-            }
+        let checks = self.checks_on(&conn, riding.as_ref());
+        // An unverified connection's answer may verify it, which only the general path reads.
+        let found = match checks {
+            Checks::InStatement => None,
+            _ => self.cached(&conn, op, (mode, checks), riding.as_ref(), true),
         };
-        let prior = |combined: Option<(DeferredUnlock, Statement, Checks)>| {
-            combined.map_or(Prior::None, |(deferred, statement, checks)| {
-                Prior::Deferred(deferred, statement, checks)
-            })
+        let Some((acquire, unlock)) = found else {
+            let prior = riding.map_or(Prior::None, Prior::Deferred);
+            return Start::General(Some((conn, prior)));
         };
-        let Some((acquire, unlock)) = prepared else {
-            return Start::General(Some((conn, prior(combined))));
-        };
-        let (reservation, combined, unlock) = match (combined, &conn) {
-            // The key's reservation passes from the dropped guard's unlock to this acquisition.
-            (Some((deferred, statement, _)), _) => {
-                let (reservation, granted_on, dropped_unlock) = deferred.into_combined();
-                let reservation = reservation.expect("a deferred unlock keeps its reservation");
-                let unlock = unlock
-                    .or(dropped_unlock.map(|unlock| unlock.statement))
-                    .expect("the dropped guard's unlock, found with the same checks");
-                (reservation, Some((statement, granted_on)), unlock)
+        let (reservation, combined, unlock) = match (riding, &conn) {
+            (Some(riding), _) => {
+                let (reservation, combined, dropped_unlock) = riding.take_over();
+                let unlock = unlock.or(dropped_unlock.map(|unlock| unlock.statement));
+                (reservation, Some(combined), unlock)
             }
             (None, Conn::Session(session)) => match session.try_reserve(self.key) {
-                Some(reservation) => (reservation, None, unlock.expect("looked up")),
+                Some(reservation) => (reservation, None, unlock),
                 None => return Start::General(Some((conn, Prior::None))),
             },
-            (None, Conn::Pooled(_)) => {
-                let reservation = Reservation::none(self.key, self.scope);
-                (reservation, None, unlock.expect("looked up"))
-            }
+            (None, Conn::Pooled(_)) => (Reservation::none(self.key, self.scope), None, unlock),
         };
         let may_wait = op == Op::Lock;
         let canceller = may_wait.then(|| self.source.canceller(&conn));
@@ -295,10 +291,60 @@ impl Acquirer {
         attempt.may_wait = may_wait;
         attempt.combined = combined;
         let unlock = PreparedUnlock {
-            statement: unlock,
+            statement: unlock.expect("the dropped guard's unlock, found with the same checks"),
             checks,
         };
         Start::Direct(attempt, acquire, unlock)
+    }
+
+    /// The parked connection of this lock's last dropped guard, claimed for this acquisition
+    /// (session scope), with what the guard left there: nothing, its unlock in flight, or its
+    /// unlock deferred and riding in this acquisition's statement. With tasks waiting for the
+    /// pool, the parked connection goes to them first (once its release is confirmed), and this
+    /// acquisition queues for the pool behind them.
+    fn claim_parked(
+        &self,
+        parking: &Parking,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Option<(Conn, Prior)> {
+        if self.source.pool_has_waiters() {
+            parking.let_go();
+            return None;
+        }
+        match parking.claim() {
+            Some(Claimed::Deferred(deferred)) => match self.riding(deferred, mode, deadline) {
+                Ok(riding) => Some((riding.deferred.conn().share(), Prior::Deferred(riding))),
+                // Sent alone, which parked the connection again with the unlock in flight:
+                // claim it that way.
+                Err(SentAlone) => parking.claim().and_then(prior_of),
+            },
+            claimed => claimed.and_then(prior_of),
+        }
+    }
+
+    /// A dropped guard's unlock deferred on `session` for this key and mode, riding in this
+    /// acquisition's statement when it can; any other is sent alone first.
+    fn riding_on_session(
+        &self,
+        session: &Session,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Option<RidingUnlock>, SentAlone> {
+        match session.deferred_unlock.take_for(self.key, mode) {
+            None => Ok(None),
+            Some(deferred) => self.riding(deferred, mode, deadline).map(Some),
+        }
+    }
+
+    /// The checks this acquisition's statements make on `conn`: those of the combined
+    /// statement, if one is sent (the connection may have been verified since it was chosen,
+    /// but the checking forms work on any), else the connection's.
+    fn checks_on(&self, conn: &Conn, riding: Option<&RidingUnlock>) -> Checks {
+        match riding {
+            Some(riding) => riding.checks,
+            None => conn.verification().checks(),
+        }
     }
 
     /// The guard of a granted attempt, with this lock's health check and parking.
@@ -349,30 +395,9 @@ impl Acquirer {
         if self.scope == LockScope::Transaction && self.source.is_shared_session() {
             return Err(Error::TransactionOnSharedSession { key: self.key });
         }
-        // One call site for `acquire_on`, so that its future is stored (and its code generated)
-        // once in this one.
         let mut next = match (&self.parking, self.scope) {
             _ if claimed.is_some() => claimed,
-            // Tasks wait for a connection of the pool: the parked one goes to them first (once
-            // its release is confirmed), and this acquisition queues for the pool behind them.
-            (Some(parking), LockScope::Session) if self.source.pool_has_waiters() => {
-                parking.let_go();
-                None
-            }
-            (Some(parking), LockScope::Session) => match parking.claim() {
-                Some(Claimed::Deferred(deferred)) => {
-                    match self.combinable(deferred, mode, deadline) {
-                        Some((deferred, statement, checks)) => Some((
-                            deferred.conn().share(),
-                            Prior::Deferred(deferred, statement, checks),
-                        )),
-                        // Sent alone, which parked the connection again with the unlock in
-                        // flight: claim it that way.
-                        None => parking.claim().and_then(prior_of),
-                    }
-                }
-                claimed => claimed.and_then(prior_of),
-            },
+            (Some(parking), LockScope::Session) => self.claim_parked(parking, mode, deadline),
             _ => None,
         };
         loop {
@@ -380,21 +405,34 @@ impl Acquirer {
                 Some(claimed) => claimed,
                 None => (self.source.checkout().await?, Prior::None),
             };
+            // One call site for `acquire_on`, so that its future is stored (and its code
+            // generated) once in this one.
             let attempted = match self.acquire_on(conn, prior, mode, deadline).await {
                 Ok(attempted) => attempted,
                 Err(error) => return Err(self.reported(error)),
             };
-            match attempted {
-                Attempted::Done(guard) => return Ok(guard),
-                // The unlock before ours failed, and that connection is being closed: start
-                // again on a fresh one.
-                Attempted::Retry => trace::prior_release_failed(self.key),
-                // Once: a server that refuses the statements again is not deallocating them.
-                Attempted::Deallocated(error) if deallocated => return Err(self.reported(error)),
-                Attempted::Deallocated(_) => {
-                    trace::statements_deallocated(self.key);
-                    deallocated = true;
-                }
+            match self.after(attempted, deallocated) {
+                Next::Done(outcome) => return outcome,
+                Next::Again { deallocated: again } => deallocated = again,
+            }
+        }
+    }
+
+    /// What follows an attempt on one connection, on either path: its outcome, or starting
+    /// again, on a fresh connection after the unlock before it failed (that connection is
+    /// being closed), or once after the statements were found deallocated (a server that
+    /// refuses them again is not deallocating them).
+    fn after(&self, attempted: Attempted, deallocated: bool) -> Next {
+        match attempted {
+            Attempted::Done(guard) => Next::Done(Ok(guard)),
+            Attempted::Retry => {
+                trace::prior_release_failed(self.key);
+                Next::Again { deallocated }
+            }
+            Attempted::Deallocated(error) if deallocated => Next::Done(Err(self.reported(error))),
+            Attempted::Deallocated(_) => {
+                trace::statements_deallocated(self.key);
+                Next::Again { deallocated: true }
             }
         }
     }
@@ -433,17 +471,16 @@ impl Acquirer {
         }
     }
 
-    /// `deferred` (a dropped guard's unlock on the same connection) with the statement that
-    /// sends it in this acquisition's own, and the checks that statement makes, when it can:
-    /// the same key in the same mode, session scope, an acquiring statement that has a
-    /// combined form, already prepared there. Otherwise the unlock is sent alone, now, ahead
-    /// of anything this acquisition sends.
-    fn combinable(
+    /// `deferred` (a dropped guard's unlock on the same connection) riding in this
+    /// acquisition's statement, when it can: the same key in the same mode, session scope, an
+    /// acquiring statement that has a combined form, already prepared there. Otherwise the
+    /// unlock is sent alone, now, ahead of anything this acquisition sends.
+    fn riding(
         &self,
         deferred: DeferredUnlock,
         mode: LockMode,
         deadline: Deadline,
-    ) -> Option<(DeferredUnlock, Statement, Checks)> {
+    ) -> Result<RidingUnlock, SentAlone> {
         // The connection's checks; else, while the plain forms are not prepared there, those of
         // the dropped guard's unlock, whose combined form was prepared with it.
         let combined = |checks| {
@@ -456,10 +493,14 @@ impl Acquirer {
         let statement = combined(deferred.conn().verification().checks())
             .or_else(|| combined(deferred.checks()));
         match statement {
-            Some((statement, checks)) => Some((deferred, statement, checks)),
+            Some((statement, checks)) => Ok(RidingUnlock {
+                deferred,
+                statement,
+                checks,
+            }),
             None => {
                 deferred.send_alone();
-                None
+                Err(SentAlone)
             }
         }
     }
@@ -472,85 +513,96 @@ impl Acquirer {
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Attempted> {
-        let key = self.key;
-        let behind_pooler = self.source.behind_pooler();
+        match self.attempt_on(conn, prior, mode, deadline).await? {
+            ControlFlow::Continue((attempt, acquire, unlock)) => {
+                self.wait_on(attempt, &acquire, unlock, mode, deadline)
+                    .await
+            }
+            ControlFlow::Break(attempted) => Ok(attempted),
+        }
+    }
+
+    /// The attempt on `conn` ready to send its first statement, with that statement and the
+    /// unlock its guard will use: the key reserved, the statements prepared, and what a dropped
+    /// guard left there dealt with (its unlock riding in the statement, or its release in
+    /// flight read alongside). Or how the acquisition ends before that: busy in-process, or to
+    /// start again elsewhere.
+    async fn attempt_on(
+        &self,
+        conn: Conn,
+        prior: Prior,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<ControlFlow<Attempted, (Attempt, Acquire, Option<PreparedUnlock>)>> {
         let op = self.op(deadline);
-        let polling = self.polling();
-        // A dropped guard's unlock of this key in this mode rides in this acquisition's
-        // statement, and the key's reservation passes to it; any other is sent alone first.
-        let (prior_release, offered, combined) = match prior {
+        let (prior_release, offered, riding) = match prior {
             Prior::None => match &conn {
                 Conn::Session(session) => (
                     None,
                     Weak::new(),
-                    session
-                        .deferred_unlock
-                        .take_for(self.key, mode)
-                        .and_then(|deferred| self.combinable(deferred, mode, deadline)),
+                    // One sent alone instead is waited for by the reservation, below.
+                    self.riding_on_session(session, mode, deadline)
+                        .unwrap_or(None),
                 ),
                 Conn::Pooled(_) => (None, Weak::new(), None),
             },
             Prior::InFlight(released, in_flight) => (Some(released), in_flight, None),
-            Prior::Deferred(deferred, statement, checks) => {
-                (None, Weak::new(), Some((deferred, statement, checks)))
-            }
+            Prior::Deferred(riding) => (None, Weak::new(), Some(riding)),
         };
-        let reservation = match &combined {
+        let reservation = match &riding {
+            // The key's reservation passes from the riding unlock.
             Some(_) => None,
             // Held by another guard of the session: a wait waits in-process until it goes.
-            None => match conn.reserve(key, self.scope, deadline.in_process()).await? {
+            None => match conn
+                .reserve(self.key, self.scope, deadline.in_process())
+                .await?
+            {
                 Some(reservation) => Some(reservation),
-                None => return Ok(Attempted::Done(None)),
+                None => return Ok(ControlFlow::Break(Attempted::Done(None))),
             },
         };
-        // The statements all make the checks the combined one was chosen with, if any: the
-        // connection may have been verified since, but the checking forms work on any.
-        let checks = match &combined {
-            Some((_, _, checks)) => *checks,
-            None => conn.verification().checks(),
-        };
+        let checks = self.checks_on(&conn, riding.as_ref());
         let slot = HeldConn::new(conn);
-        let form = Form::of(key);
-        let acquire_sql = statement(op, mode, self.scope, form, checks);
-        let found = self.cached(
-            &slot,
-            op,
-            acquire_sql,
-            (form, mode, checks),
-            combined.is_some(),
-        );
+        let found = self
+            .cached(slot.conn(), op, (mode, checks), riding.as_ref(), false)
+            .and_then(|(acquire, unlock)| {
+                let unlock = unlock.map(|statement| PreparedUnlock { statement, checks });
+                Some((Acquire::Prepared(acquire?), unlock))
+            });
         let prepared = match found {
-            Some(prepared) => Ok(prepared),
+            Some(found) => Ok(found),
             None => {
+                let form = Form::of(self.key);
+                let acquire_sql = statement(op, mode, self.scope, form, checks);
+                let behind_pooler = self.source.behind_pooler();
                 // Boxed: preparing is rare (once per connection), and its future would otherwise
                 // double the size of every acquisition's.
                 Box::pin(self.prepare(&slot, op, acquire_sql, (form, mode, checks), behind_pooler))
                     .await
             }
         };
-        let (acquire_statement, unlock) = match prepared {
+        let (acquire, unlock) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
-                if let Some((deferred, ..)) = combined {
-                    deferred.send_alone();
+                if let Some(riding) = riding {
+                    riding.deferred.send_alone();
                 }
                 // On a claimed connection, the statement may have failed for what the unlock
                 // before it left behind (an aborted transaction): start again elsewhere then.
                 if let Some(prior) = prior_release {
                     if !prior.await.unwrap_or(false) {
-                        return Ok(Attempted::Retry);
+                        return Ok(ControlFlow::Break(Attempted::Retry));
                     }
                 }
                 return Err(error);
             }
         };
-        let (reservation, combined) = match combined {
-            Some((deferred, statement, _)) => {
-                let (reservation, granted_on, _) = deferred.into_combined();
-                let reservation = reservation.expect("a deferred unlock keeps its reservation");
-                (reservation, Some((statement, granted_on)))
+        let (reservation, combined, unlock) = match riding {
+            Some(riding) => {
+                let (reservation, combined, dropped_unlock) = riding.take_over();
+                (reservation, Some(combined), unlock.or(dropped_unlock))
             }
-            None => (reservation.expect("reserved above"), None),
+            None => (reservation.expect("reserved above"), None, unlock),
         };
         // A release queued on the connection before this statement: read its answer alongside.
         let offered = match slot.conn() {
@@ -561,7 +613,23 @@ impl Acquirer {
         attempt.offered = offered;
         attempt.prior_release = prior_release;
         attempt.combined = combined;
-        let (mut pause, max_pause) = self.polling().unwrap_or_default();
+        Ok(ControlFlow::Continue((attempt, acquire, unlock)))
+    }
+
+    /// Sends the attempt's statement until the acquisition ends: once for a blocking wait or a
+    /// `try_lock`, again after each pause for a polling wait, until it is granted, its deadline
+    /// passes or it fails.
+    async fn wait_on(
+        &self,
+        mut attempt: Attempt,
+        acquire: &Acquire,
+        unlock: Option<PreparedUnlock>,
+        mode: LockMode,
+        deadline: Deadline,
+    ) -> Result<Attempted> {
+        let op = self.op(deadline);
+        let polling = self.polling();
+        let (mut pause, max_pause) = polling.unwrap_or_default();
         loop {
             let lock_timeout = match (op, deadline) {
                 (Op::LockWithTimeout, Deadline::At(at)) => {
@@ -573,16 +641,9 @@ impl Acquirer {
             };
             let may_wait = op != Op::TryLock;
             if may_wait && attempt.canceller.is_none() {
-                let conn = attempt
-                    .slot
-                    .as_ref()
-                    .expect("idle attempt holds its connection")
-                    .conn();
-                attempt.canceller = Some(self.source.canceller(conn));
+                attempt.canceller = Some(self.source.canceller(client_conn(&attempt.slot)));
             }
-            let answer = attempt
-                .run(&acquire_statement, lock_timeout, may_wait)
-                .await;
+            let answer = attempt.run(acquire, lock_timeout, may_wait).await;
             if attempt.prior_release_failed {
                 // Whatever the answer, the connection is marked to be closed, which ends
                 // anything it holds; dropping the attempt lets it go.
@@ -590,8 +651,8 @@ impl Acquirer {
             }
             match answer {
                 Ok((granted, pid)) => {
-                    if checks == Checks::InStatement && self.source.may_verify() {
-                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
+                    if attempt.checks == Checks::InStatement && self.source.may_verify() {
+                        let conn = client_conn(&attempt.slot);
                         if conn.verification().is_pending() {
                             conn.learn_backend(pid, granted.is_none());
                         }
@@ -603,7 +664,7 @@ impl Acquirer {
                         }
                         Some(false) => {
                             if polling.is_some() && !matches!(deadline, Deadline::Now) {
-                                trace::polling(key, Some(pid), pause);
+                                trace::polling(self.key, Some(pid), pause);
                             }
                         }
                         None => return Err(Error::ReadOnlyStandby),
@@ -613,22 +674,7 @@ impl Acquirer {
                     if op == Op::LockWithTimeout
                         && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
                 {
-                    if self.scope == LockScope::Session {
-                        // The grant and the timeout can cross: the server grants the lock, then
-                        // reports the timeout that fired meanwhile, and a session lock survives
-                        // that error. Release it if so before reporting "busy", so that nothing
-                        // is ever held once this returns.
-                        let conn = attempt.slot.as_ref().expect("idle attempt").conn();
-                        // Boxed, as a rare path.
-                        if Box::pin(release(conn, &Release::UnlockIfHeld(mode), key))
-                            .await
-                            .is_err()
-                        {
-                            attempt.settle_unknown();
-                        }
-                    }
-                    attempt.end_transaction().await;
-                    return Ok(Attempted::Done(None));
+                    return Ok(self.timed_out(attempt, mode).await);
                 }
                 Err(e) => return attempt.failed(e),
             }
@@ -647,34 +693,58 @@ impl Acquirer {
         }
     }
 
-    /// The session-scope statements [`prepare`](Self::prepare) would return, when they are
-    /// prepared on this connection already (the common case): no future to create and poll.
+    /// Ends an attempt whose lock timeout fired, as busy. The grant and the timeout can cross:
+    /// the server grants the lock, then reports the timeout that fired meanwhile, and a session
+    /// lock survives that error. It is released if so before "busy" is reported, so that
+    /// nothing is ever held once the acquisition returns.
+    async fn timed_out(&self, mut attempt: Attempt, mode: LockMode) -> Attempted {
+        if self.scope == LockScope::Session {
+            let conn = client_conn(&attempt.slot);
+            // Boxed, as a rare path.
+            if Box::pin(release(conn, &Release::UnlockIfHeld(mode), self.key))
+                .await
+                .is_err()
+            {
+                attempt.settle_unknown();
+            }
+        }
+        attempt.end_transaction().await;
+        Attempted::Done(None)
+    }
+
+    /// The statements an acquisition on `conn` needs, as `(acquiring statement, unlock)`, when
+    /// all are prepared there already (the common case: no future to create and poll); session
+    /// scope only. The acquiring statement is `None` when a riding unlock's combined statement
+    /// is sent instead and nothing follows it (`single`); the unlock is `None` when the new
+    /// guard takes over the riding unlock's own, which makes the same checks. Without a riding
+    /// unlock, the combined statement a guard's drop may need later must be prepared too (if
+    /// not, [`prepare`](Self::prepare) prepares it with the others).
     fn cached(
         &self,
-        slot: &HeldConn,
+        conn: &Conn,
         op: Op,
-        acquire_sql: &'static str,
-        (form, mode, checks): (Form, LockMode, Checks),
-        combined_found: bool,
-    ) -> Option<(Acquire, Option<PreparedUnlock>)> {
+        (mode, checks): (LockMode, Checks),
+        riding: Option<&RidingUnlock>,
+        single: bool,
+    ) -> Option<(Option<Statement>, Option<Statement>)> {
         if self.scope != LockScope::Session {
             return None;
         }
-        let conn = slot.conn();
-        let unlock_sql = statement(Op::Unlock, mode, self.scope, form, checks);
-        let (acquire, unlock) = conn.cached(acquire_sql).zip(conn.cached(unlock_sql))?;
-        // The combined statement a guard's drop may need on this connection later (unless the
-        // caller found it already): when it is missing, `prepare` prepares it with the others.
-        if !combined_found {
-            if let Some(combined_sql) = unlock_then(op, mode, form, checks) {
-                conn.cached(combined_sql)?;
+        let form = Form::of(self.key);
+        let acquire = match (riding, single) {
+            (Some(_), true) => None,
+            _ => Some(conn.cached(statement(op, mode, self.scope, form, checks))?),
+        };
+        let unlock = match riding {
+            Some(riding) if riding.deferred.checks() == checks => None,
+            _ => Some(conn.cached(statement(Op::Unlock, mode, self.scope, form, checks))?),
+        };
+        if riding.is_none() {
+            if let Some(combined) = unlock_then(op, mode, form, checks) {
+                conn.cached(combined)?;
             }
         }
-        let unlock = PreparedUnlock {
-            statement: unlock,
-            checks,
-        };
-        Some((Acquire::Prepared(acquire), Some(unlock)))
+        Some((acquire, unlock))
     }
 
     /// Prepares the acquiring statement and, for session scope, the unlock (cached per

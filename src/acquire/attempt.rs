@@ -326,7 +326,7 @@ impl Attempt {
         if !self.in_transaction {
             return;
         }
-        // Boxed, as a rare path: see `AdvisoryLock::acquire_on`.
+        // Boxed, as a rare path: see `Acquirer::timed_out`.
         if Box::pin(release(
             client_conn(&self.slot),
             &Release::Rollback,
