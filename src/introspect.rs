@@ -50,7 +50,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use crate::base::error::{Error, Result};
 use crate::base::key::AdvisoryKey;
@@ -244,6 +244,23 @@ impl Introspect {
     ///
     /// Cancel-safe: it only reads.
     pub async fn fetch(&self, client: &Client) -> Result<Vec<LockInfo>> {
+        let (hi, lo, sub) = self.selected_ids();
+        let rows = client
+            .query(LIST_SQL, &[&!self.only_selected, &hi, &lo, &sub])
+            .await
+            .map_err(Error::from)?;
+        let held = held_per_pid(&rows);
+        let mut locks: Vec<LockInfo> = rows
+            .iter()
+            .filter_map(|row| self.lock_info(row, &held))
+            .collect();
+        spread_names(&mut locks);
+        Ok(locks)
+    }
+
+    /// The selected keys as `pg_locks` identifies them, in three arrays for the query:
+    /// `classid`, `objid`, `objsubid`.
+    fn selected_ids(&self) -> (Vec<i64>, Vec<i64>, Vec<i16>) {
         let mut hi = Vec::with_capacity(self.keys.len());
         let mut lo = Vec::with_capacity(self.keys.len());
         let mut sub = Vec::with_capacity(self.keys.len());
@@ -253,111 +270,55 @@ impl Introspect {
             lo.push(i64::from(objid));
             sub.push(objsubid);
         }
-        let rows = client
-            .query(LIST_SQL, &[&!self.only_selected, &hi, &lo, &sub])
-            .await
-            .map_err(Error::from)?;
-        let mut locks = Vec::with_capacity(rows.len());
-        let mut held_per_pid: HashMap<i32, usize> = HashMap::new();
-        for row in &rows {
-            let granted: bool = row.get("granted");
-            if let (true, Some(pid)) = (granted, row.get::<_, Option<i32>>("pid")) {
-                *held_per_pid.entry(pid).or_default() += 1;
-            }
-        }
-        for row in &rows {
-            let classid: i64 = row.get("classid");
-            let objid: i64 = row.get("objid");
-            let objsubid: i16 = row.get("objsubid");
-            let Some(key) = AdvisoryKey::from_pg_locks_ids(classid as u32, objid as u32, objsubid)
-            else {
-                continue;
-            };
-            let mode = match row.get::<_, &str>("mode") {
-                "ShareLock" => LockMode::Shared,
-                _ => LockMode::Exclusive,
-            };
-            let granted: bool = row.get("granted");
-            let pid: Option<i32> = row.get("pid");
-            let application_name: Option<String> = row.get("application_name");
-            let state: Option<String> = row.get("state");
-            let query: Option<String> = row.get("query");
-            let transaction_start: Option<SystemTime> = row.get("xact_start");
-            let only_lock = pid.is_some_and(|pid| held_per_pid.get(&pid) == Some(&1));
-            let statement_scope = query.as_deref().and_then(lock_statement_scope);
-            let idle = matches!(state.as_deref(), Some("idle" | "idle in transaction"));
-            let scope = if granted && transaction_start.is_none() && pid.is_some() {
-                Some(LockScope::Session)
-            } else if !granted || only_lock {
-                statement_scope
-            } else {
-                None
-            };
-            let held_since = if granted && idle && only_lock && statement_scope.is_some() {
-                row.get("state_change")
-            } else {
-                None
-            };
-            let semaphore = self.semaphore_of(key, application_name.as_deref());
-            let name = match &semaphore {
-                Some((name, _)) => Some(name.clone()),
-                None => self
-                    .names
-                    .get(&key)
-                    .cloned()
-                    .or_else(|| name_from_application_name(application_name.as_deref()?, key)),
-            };
-            let semaphore = semaphore.map(|(_, at)| at);
-            locks.push(LockInfo {
-                key,
-                name,
-                mode,
-                granted,
-                scope,
-                pid,
-                application_name,
-                user: row.get("usename"),
-                client_addr: row.get("client_addr"),
-                client_port: row.get("client_port"),
-                backend_start: row.get("backend_start"),
-                transaction_start,
-                state,
-                wait_start: row.get("waitstart"),
-                held_since,
-                blocked_by: row.get("blocked_by"),
-                semaphore,
-            });
-        }
-        // A name told by one row of a key (a pglock holder's application_name) names them all;
-        // a semaphore told by one row of its space names its other keys.
-        let mut told: HashMap<AdvisoryKey, String> = HashMap::new();
-        let mut spaces: HashMap<i32, (String, u32)> = HashMap::new();
-        for lock in &locks {
-            if let Some(name) = &lock.name {
-                told.entry(lock.key).or_insert_with(|| name.clone());
-            }
-            if let (Some(name), Some(at), AdvisoryKey::Pair(space, _)) =
-                (&lock.name, lock.semaphore, lock.key)
-            {
-                spaces
-                    .entry(space)
-                    .or_insert_with(|| (name.clone(), at.permits));
-            }
-        }
-        for lock in &mut locks {
-            if let (None, AdvisoryKey::Pair(space, _)) = (lock.semaphore, lock.key) {
-                if let Some((name, permits)) = spaces.get(&space) {
-                    if let Some(at) = SemaphoreKey::of(lock.key, space, *permits) {
-                        lock.semaphore = Some(at);
-                        lock.name = Some(name.clone());
-                    }
-                }
-            }
-            if lock.name.is_none() {
-                lock.name = told.get(&lock.key).cloned();
-            }
-        }
-        Ok(locks)
+        (hi, lo, sub)
+    }
+
+    /// One row of the query as a [`LockInfo`], named where this introspection can tell;
+    /// `None` for a row whose ids are not an advisory key's. `held` counts the advisory locks
+    /// each backend holds (see [`held_per_pid`]).
+    fn lock_info(&self, row: &Row, held: &HashMap<i32, usize>) -> Option<LockInfo> {
+        let classid: i64 = row.get("classid");
+        let objid: i64 = row.get("objid");
+        let objsubid: i16 = row.get("objsubid");
+        let key = AdvisoryKey::from_pg_locks_ids(classid as u32, objid as u32, objsubid)?;
+        let mode = match row.get::<_, &str>("mode") {
+            "ShareLock" => LockMode::Shared,
+            _ => LockMode::Exclusive,
+        };
+        let granted: bool = row.get("granted");
+        let pid: Option<i32> = row.get("pid");
+        let application_name: Option<String> = row.get("application_name");
+        let state: Option<String> = row.get("state");
+        let transaction_start: Option<SystemTime> = row.get("xact_start");
+        let (scope, held_since) = inferred_scope(row, granted, pid, held);
+        let semaphore = self.semaphore_of(key, application_name.as_deref());
+        let name = match &semaphore {
+            Some((name, _)) => Some(name.clone()),
+            None => self
+                .names
+                .get(&key)
+                .cloned()
+                .or_else(|| name_from_application_name(application_name.as_deref()?, key)),
+        };
+        Some(LockInfo {
+            key,
+            name,
+            mode,
+            granted,
+            scope,
+            pid,
+            application_name,
+            user: row.get("usename"),
+            client_addr: row.get("client_addr"),
+            client_port: row.get("client_port"),
+            backend_start: row.get("backend_start"),
+            transaction_start,
+            state,
+            wait_start: row.get("waitstart"),
+            held_since,
+            blocked_by: row.get("blocked_by"),
+            semaphore: semaphore.map(|(_, at)| at),
+        })
     }
 
     /// The semaphore `key` belongs to, with its place there: one registered, or the one a
@@ -381,6 +342,82 @@ impl Introspect {
             .chain(decoded)
             .find(|name| AdvisoryKey::semaphore_space(name) == space)
             .and_then(|name| SemaphoreKey::of(key, space, permits).map(|at| (name, at)))
+    }
+}
+
+/// How many advisory locks each backend of `rows` holds.
+fn held_per_pid(rows: &[Row]) -> HashMap<i32, usize> {
+    let mut held: HashMap<i32, usize> = HashMap::new();
+    for row in rows {
+        let granted: bool = row.get("granted");
+        if let (true, Some(pid)) = (granted, row.get::<_, Option<i32>>("pid")) {
+            *held.entry(pid).or_default() += 1;
+        }
+    }
+    held
+}
+
+/// A row's scope and, for a holder, since when it holds, as far as they can be told (see the
+/// module docs): a holder with no transaction open holds a session lock; otherwise the scope is
+/// that of the statement the backend runs or ran last, when it is the backend's only advisory
+/// lock (or the row is a waiter, whose statement is the one waiting).
+fn inferred_scope(
+    row: &Row,
+    granted: bool,
+    pid: Option<i32>,
+    held: &HashMap<i32, usize>,
+) -> (Option<LockScope>, Option<SystemTime>) {
+    let state: Option<&str> = row.get("state");
+    let query: Option<&str> = row.get("query");
+    let in_transaction = row.get::<_, Option<SystemTime>>("xact_start").is_some();
+    let only_lock = pid.is_some_and(|pid| held.get(&pid) == Some(&1));
+    let statement_scope = query.and_then(lock_statement_scope);
+    let idle = matches!(state, Some("idle" | "idle in transaction"));
+    let scope = if granted && !in_transaction && pid.is_some() {
+        Some(LockScope::Session)
+    } else if !granted || only_lock {
+        statement_scope
+    } else {
+        None
+    };
+    let held_since = if granted && idle && only_lock && statement_scope.is_some() {
+        row.get("state_change")
+    } else {
+        None
+    };
+    (scope, held_since)
+}
+
+/// Names the rows a single row can name: a name told by one row of a key (a pglock holder's
+/// `application_name`) names them all, and a semaphore told by one row of its space names its
+/// other keys.
+fn spread_names(locks: &mut [LockInfo]) {
+    let mut told: HashMap<AdvisoryKey, String> = HashMap::new();
+    let mut spaces: HashMap<i32, (String, u32)> = HashMap::new();
+    for lock in locks.iter() {
+        if let Some(name) = &lock.name {
+            told.entry(lock.key).or_insert_with(|| name.clone());
+        }
+        if let (Some(name), Some(at), AdvisoryKey::Pair(space, _)) =
+            (&lock.name, lock.semaphore, lock.key)
+        {
+            spaces
+                .entry(space)
+                .or_insert_with(|| (name.clone(), at.permits));
+        }
+    }
+    for lock in locks.iter_mut() {
+        if let (None, AdvisoryKey::Pair(space, _)) = (lock.semaphore, lock.key) {
+            if let Some((name, permits)) = spaces.get(&space) {
+                if let Some(at) = SemaphoreKey::of(lock.key, space, *permits) {
+                    lock.semaphore = Some(at);
+                    lock.name = Some(name.clone());
+                }
+            }
+        }
+        if lock.name.is_none() {
+            lock.name = told.get(&lock.key).cloned();
+        }
     }
 }
 
