@@ -7,6 +7,7 @@
 //! bound and the safety argument.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -354,67 +355,17 @@ async fn run(running: Running, conn: WeakConn) {
         let Some(batch) = monitor.batch() else {
             return;
         };
-        let Some(conn) = conn.upgrade() else {
-            monitor.lose_all(LossReason::ConnectionClosed {
-                detail: "the connection was dropped".to_owned(),
-            });
+        let Some(conn) = open_conn(monitor, &conn) else {
             return;
         };
-        if conn.client().is_closed() {
-            monitor.lose_all(LossReason::ConnectionClosed {
-                detail: "the connection is closed".to_owned(),
-            });
-            return;
-        }
         let started = Instant::now();
         last = Some((started, batch.interval));
         let full = schedule.full(&batch, conn.borrows(), started);
         let keepalives = batch
             .keepalives
             .filter(|k| k.keepalive_timeout() > keepalives_set);
-        // Each lock gets its own probe timeout; the probe is awaited for the longest.
-        let mut waiting: Vec<usize> = (0..batch.ids.len()).collect();
-        let outcome = {
-            let mut answer = std::pin::pin!(probe(&conn, &batch, full, keepalives.as_ref()));
-            loop {
-                let deadline = waiting
-                    .iter()
-                    .map(|&i| batch.timeouts[i])
-                    .min()
-                    .map_or(started, |timeout| started + timeout);
-                tokio::select! {
-                    biased;
-                    detail = connection_closed(&mut closed) => {
-                        break Err(Verdict::Lost(LossReason::ConnectionClosed { detail }));
-                    }
-                    () = monitor.idle.notified() => {
-                        // Nothing may be left to watch: look again now, without waiting for the
-                        // probe.
-                        break Err(Verdict::Abandoned);
-                    }
-                    answer = &mut answer => break match answer {
-                        Ok(answer) => Ok(answer),
-                        Err(error) => Err(classify(&error)),
-                    },
-                    () = tokio::time::sleep_until(deadline) => {
-                        let now = Instant::now();
-                        waiting.retain(|&i| {
-                            let after = batch.timeouts[i];
-                            if started + after > now {
-                                return true;
-                            }
-                            monitor.lose(batch.ids[i], LossReason::ProbeTimedOut { after });
-                            false
-                        });
-                        if waiting.is_empty() {
-                            // Every lock of the batch is lost; a lock added since gets a probe
-                            // (and a timeout) of its own, and with none the task ends.
-                            break Err(Verdict::Abandoned);
-                        }
-                    }
-                }
-            }
-        };
+        let probe = probe(&conn, &batch, full, keepalives.as_ref());
+        let outcome = probe_in_time(monitor, &mut closed, &batch, started, probe).await;
         drop(conn);
         match outcome {
             Ok((pid, missing)) => {
@@ -424,20 +375,7 @@ async fn run(running: Running, conn: WeakConn) {
                 if full {
                     schedule.checked(&batch, started);
                 }
-                for (i, &id) in batch.ids.iter().enumerate() {
-                    let expected = batch.pids[i];
-                    if expected != pid {
-                        monitor.lose(
-                            id,
-                            LossReason::BackendChanged {
-                                expected,
-                                actual: pid,
-                            },
-                        );
-                    } else if missing.binary_search(&(i as i64 + 1)).is_ok() {
-                        monitor.lose(id, LossReason::LockMissing);
-                    }
-                }
+                lose_unconfirmed(monitor, &batch, pid, &missing);
             }
             Err(Verdict::TransactionFailed) => monitor.lose_transaction_locks(&batch),
             // The backend answered, but not the question. Ask again next tick.
@@ -447,6 +385,88 @@ async fn run(running: Running, conn: WeakConn) {
                 monitor.lose_all(reason);
                 return;
             }
+        }
+    }
+}
+
+/// The watched connection, for one probe; `None`, after losing every lock, when it is gone.
+fn open_conn(monitor: &Monitor, conn: &WeakConn) -> Option<Conn> {
+    let detail = match conn.upgrade() {
+        None => "the connection was dropped",
+        Some(conn) if conn.client().is_closed() => "the connection is closed",
+        Some(conn) => return Some(conn),
+    };
+    monitor.lose_all(LossReason::ConnectionClosed {
+        detail: detail.to_owned(),
+    });
+    None
+}
+
+/// Awaits `probe` (started at `started`) while each lock of `batch` is within its own probe
+/// timeout: a lock whose timeout passes is lost then, and the probe is awaited for the
+/// longest. Ends early when the connection closes, or when the monitor may have nothing left
+/// to watch ([`Verdict::Abandoned`], as when every lock of the batch has timed out).
+async fn probe_in_time(
+    monitor: &Monitor,
+    closed: &mut Option<watch::Receiver<Option<String>>>,
+    batch: &Batch,
+    started: Instant,
+    probe: impl Future<Output = Result<(i32, Vec<i64>), tokio_postgres::Error>>,
+) -> Result<(i32, Vec<i64>), Verdict> {
+    let mut answer = std::pin::pin!(probe);
+    let mut waiting: Vec<usize> = (0..batch.ids.len()).collect();
+    loop {
+        let deadline = waiting
+            .iter()
+            .map(|&i| batch.timeouts[i])
+            .min()
+            .map_or(started, |timeout| started + timeout);
+        tokio::select! {
+            biased;
+            detail = connection_closed(closed) => {
+                return Err(Verdict::Lost(LossReason::ConnectionClosed { detail }));
+            }
+            () = monitor.idle.notified() => {
+                // Nothing may be left to watch: look again now, without waiting for the probe.
+                return Err(Verdict::Abandoned);
+            }
+            answer = &mut answer => return answer.map_err(|error| classify(&error)),
+            () = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                waiting.retain(|&i| {
+                    let after = batch.timeouts[i];
+                    if started + after > now {
+                        return true;
+                    }
+                    monitor.lose(batch.ids[i], LossReason::ProbeTimedOut { after });
+                    false
+                });
+                if waiting.is_empty() {
+                    // Every lock of the batch is lost; a lock added since gets a probe (and a
+                    // timeout) of its own, and with none the task ends.
+                    return Err(Verdict::Abandoned);
+                }
+            }
+        }
+    }
+}
+
+/// Reads a probe's answer, `pid` the backend that ran it and `missing` the sorted 1-based
+/// positions of the locks it did not find: a lock granted on another backend is lost (the
+/// backend changed), and so is a missing one.
+fn lose_unconfirmed(monitor: &Monitor, batch: &Batch, pid: i32, missing: &[i64]) {
+    for (i, &id) in batch.ids.iter().enumerate() {
+        let expected = batch.pids[i];
+        if expected != pid {
+            monitor.lose(
+                id,
+                LossReason::BackendChanged {
+                    expected,
+                    actual: pid,
+                },
+            );
+        } else if missing.binary_search(&(i as i64 + 1)).is_ok() {
+            monitor.lose(id, LossReason::LockMissing);
         }
     }
 }
