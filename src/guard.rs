@@ -279,16 +279,16 @@ impl AdvisoryLockGuard {
     /// If the future is dropped before it completes, the release still happens in the
     /// background, as when the guard is dropped.
     pub async fn unlock(mut this: Self) -> Result<()> {
-        let slot = this.begin_release();
+        let held = this.begin_release();
         // A session unlock without the `Release` it would take: the hot path of a `lock` +
         // `unlock` cycle.
         let result = match (this.scope, &this.unlock) {
             (LockScope::Session, Some(unlock)) => {
-                unlock_session(slot.conn(), unlock, this.backend_pid, this.mode, this.key).await
+                unlock_session(held.conn(), unlock, this.backend_pid, this.mode, this.key).await
             }
-            _ => release(slot.conn(), &Release::Commit, this.key).await,
+            _ => release(held.conn(), &Release::Commit, this.key).await,
         };
-        this.end_release(slot, "unlock", result)
+        this.end_release(held, "unlock", result)
     }
 
     /// Commits the transaction of a transaction-scoped lock, which releases the lock.
@@ -356,9 +356,9 @@ impl AdvisoryLockGuard {
     }
 
     async fn release_now(&mut self, how: Release) -> Result<()> {
-        let slot = self.begin_release();
-        let result = release(slot.conn(), &how, self.key).await;
-        self.end_release(slot, how.name(), result)
+        let held = self.begin_release();
+        let result = release(held.conn(), &how, self.key).await;
+        self.end_release(held, how.name(), result)
     }
 
     /// The guard's connection, to release the lock on, once the loss monitor stops watching.
@@ -368,18 +368,18 @@ impl AdvisoryLockGuard {
             .conn
             .take()
             .expect("a guard holds its connection until released");
-        // If the release's future is dropped mid-way, the slot closes a pooled connection: the
+        // If the release's future is dropped mid-way, the held closes a pooled connection: the
         // release request was already queued, and closing ends the session in any case.
         HeldConn::new(conn)
     }
 
     /// Reports how the release went, and sends the connection on: parked for the lock's next
     /// acquisition, back to its pool, or closed when the release failed.
-    fn end_release(&mut self, slot: HeldConn, how: &'static str, result: Result<()>) -> Result<()> {
+    fn end_release(&mut self, held: HeldConn, how: &'static str, result: Result<()>) -> Result<()> {
         trace::released(self.key, self.backend_pid, how, &result, false);
         match &self.parking {
-            Some(parking) if result.is_ok() => parking.park_idle(slot.into_conn()),
-            _ => slot.finish(result.is_ok()),
+            Some(parking) if result.is_ok() => parking.park_idle(held.into_conn()),
+            _ => held.finish(result.is_ok()),
         }
         result
     }

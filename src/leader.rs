@@ -256,7 +256,9 @@ pub struct LeaderElection {
     table: TermTable,
     identity: String,
     state: Arc<watch::Sender<LeaderState>>,
-    slot: Arc<Mutex<()>>,
+    /// Taken by a campaign until its leadership ends: one campaign or leadership at a time
+    /// per election.
+    turn: Arc<Mutex<()>>,
 }
 
 impl LeaderElection {
@@ -283,7 +285,7 @@ impl LeaderElection {
             table: TermTable::default(),
             identity: format!("pid {}", std::process::id()),
             state: Arc::new(watch::channel(LeaderState::Follower).0),
-            slot: Arc::new(Mutex::new(())),
+            turn: Arc::new(Mutex::new(())),
         }
     }
 
@@ -416,11 +418,11 @@ impl LeaderElection {
     /// strictly increasing, they are just not consecutive.
     pub async fn campaign(&self) -> Result<Leadership> {
         self.table.qualified_name()?;
-        let slot = self.slot.clone().lock_owned().await;
+        let turn = self.turn.clone().lock_owned().await;
         let lock = self.lock().wait_strategy(self.wait);
         let Some(round) = self.queue_round else {
             let guard = lock.lock().await?;
-            return self.elect(guard, slot).await;
+            return self.elect(guard, turn).await;
         };
         loop {
             // A round trip's worth of slack on top of the server-side wait: past it, the
@@ -428,7 +430,7 @@ impl LeaderElection {
             let round = round.max(MIN_QUEUE_ROUND);
             let client_bound = round + self.health.probe_timeout;
             match tokio::time::timeout(client_bound, lock.try_lock_for(round)).await {
-                Ok(Ok(Some(guard))) => return self.elect(guard, slot).await,
+                Ok(Ok(Some(guard))) => return self.elect(guard, turn).await,
                 Ok(Ok(None)) | Err(_) => {}
                 Ok(Err(error)) => return Err(error),
             }
@@ -446,11 +448,11 @@ impl LeaderElection {
     /// As [`campaign`](Self::campaign).
     pub async fn try_campaign(&self) -> Result<Option<Leadership>> {
         self.table.qualified_name()?;
-        let Ok(slot) = self.slot.clone().try_lock_owned() else {
+        let Ok(turn) = self.turn.clone().try_lock_owned() else {
             return Ok(None);
         };
         match self.lock().try_lock().await? {
-            Some(guard) => self.elect(guard, slot).await.map(Some),
+            Some(guard) => self.elect(guard, turn).await.map(Some),
             None => Ok(None),
         }
     }
@@ -548,7 +550,7 @@ impl LeaderElection {
     async fn elect(
         &self,
         guard: AdvisoryLockGuard,
-        slot: OwnedMutexGuard<()>,
+        turn: OwnedMutexGuard<()>,
     ) -> Result<Leadership> {
         let client_bound = self.election_timeout + self.health.probe_timeout;
         let term = match tokio::time::timeout(client_bound, self.start_term(&guard)).await {
@@ -594,7 +596,7 @@ impl LeaderElection {
             key,
             state: self.state.clone(),
             step_down_timeout: self.health.probe_timeout.max(Duration::from_secs(1)),
-            _slot: slot,
+            _turn: turn,
         })
     }
 
@@ -733,7 +735,7 @@ pub struct Leadership {
     key: AdvisoryKey,
     state: Arc<watch::Sender<LeaderState>>,
     step_down_timeout: Duration,
-    _slot: OwnedMutexGuard<()>,
+    _turn: OwnedMutexGuard<()>,
 }
 
 impl Leadership {

@@ -172,7 +172,7 @@ impl Acquirer {
         };
         // Set before the first poll, which sends the statement (see `Attempt::run`).
         attempt.awaiting_answer = true;
-        let client = client_conn(&attempt.slot).client();
+        let client = client_conn(&attempt.held).client();
         let answer = first_row(client, statement, params.with(None).as_slice()).await;
         attempt.awaiting_answer = false;
         attempt.may_wait = false;
@@ -331,7 +331,7 @@ impl Acquirer {
         mode: LockMode,
         deadline: Deadline,
     ) -> Result<Option<RidingUnlock>, SentAlone> {
-        match session.deferred_unlock.take_for(self.key, mode) {
+        match session.deferred_unlocks.take_for(self.key, mode) {
             None => Ok(None),
             Some(deferred) => self.riding(deferred, mode, deadline).map(Some),
         }
@@ -562,9 +562,9 @@ impl Acquirer {
             },
         };
         let checks = self.checks_on(&conn, riding.as_ref());
-        let slot = HeldConn::new(conn);
+        let held = HeldConn::new(conn);
         let found = self
-            .cached(slot.conn(), op, (mode, checks), riding.as_ref(), false)
+            .cached(held.conn(), op, (mode, checks), riding.as_ref(), false)
             .and_then(|(acquire, unlock)| {
                 let unlock = unlock.map(|statement| PreparedUnlock { statement, checks });
                 Some((Acquire::Prepared(acquire?), unlock))
@@ -577,7 +577,7 @@ impl Acquirer {
                 let behind_pooler = self.source.behind_pooler();
                 // Boxed: preparing is rare (once per connection), and its future would otherwise
                 // double the size of every acquisition's.
-                Box::pin(self.prepare(&slot, op, acquire_sql, (form, mode, checks), behind_pooler))
+                Box::pin(self.prepare(&held, op, acquire_sql, (form, mode, checks), behind_pooler))
                     .await
             }
         };
@@ -605,11 +605,11 @@ impl Acquirer {
             None => (reservation.expect("reserved above"), None, unlock),
         };
         // A release queued on the connection before this statement: read its answer alongside.
-        let offered = match slot.conn() {
+        let offered = match held.conn() {
             Conn::Session(session) => session.take_offered_release(),
             Conn::Pooled(_) => offered,
         };
-        let mut attempt = Attempt::new(slot, reservation, (self.key, self.scope), mode, checks);
+        let mut attempt = Attempt::new(held, reservation, (self.key, self.scope), mode, checks);
         attempt.offered = offered;
         attempt.prior_release = prior_release;
         attempt.combined = combined;
@@ -641,7 +641,7 @@ impl Acquirer {
             };
             let may_wait = op != Op::TryLock;
             if may_wait && attempt.canceller.is_none() {
-                attempt.canceller = Some(self.source.canceller(client_conn(&attempt.slot)));
+                attempt.canceller = Some(self.source.canceller(client_conn(&attempt.held)));
             }
             let answer = attempt.run(acquire, lock_timeout, may_wait).await;
             if attempt.prior_release_failed {
@@ -652,7 +652,7 @@ impl Acquirer {
             match answer {
                 Ok((granted, pid)) => {
                     if attempt.checks == Checks::InStatement && self.source.may_verify() {
-                        let conn = client_conn(&attempt.slot);
+                        let conn = client_conn(&attempt.held);
                         if conn.verification().is_pending() {
                             conn.learn_backend(pid, granted.is_none());
                         }
@@ -699,7 +699,7 @@ impl Acquirer {
     /// nothing is ever held once the acquisition returns.
     async fn timed_out(&self, mut attempt: Attempt, mode: LockMode) -> Attempted {
         if self.scope == LockScope::Session {
-            let conn = client_conn(&attempt.slot);
+            let conn = client_conn(&attempt.held);
             // Boxed, as a rare path.
             if Box::pin(release(conn, &Release::UnlockIfHeld(mode), self.key))
                 .await
@@ -752,14 +752,14 @@ impl Acquirer {
     /// without preparing.
     async fn prepare(
         &self,
-        slot: &HeldConn,
+        held: &HeldConn,
         op: Op,
         acquire_sql: &'static str,
         (form, mode, checks): (Form, LockMode, Checks),
         behind_pooler: bool,
     ) -> Result<(Acquire, Option<PreparedUnlock>)> {
         let key = self.key;
-        let conn = slot.conn();
+        let conn = held.conn();
         let map = |e| Error::from_postgres(Some(key), e);
         Ok(match self.scope {
             // Behind a transaction pooler a prepared statement may not exist on the server

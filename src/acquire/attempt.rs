@@ -60,7 +60,7 @@ pub(crate) enum Acquire {
 /// or queueing an undo right behind the statement on a shared session).
 pub(crate) struct Attempt {
     /// The connection (taken when the attempt becomes a guard or hands it to a cleanup).
-    pub(super) slot: Option<HeldConn>,
+    pub(super) held: Option<HeldConn>,
     /// A release queued on the connection before this attempt's statement, whose answer
     /// nobody reads yet: the statement adopts it.
     pub(super) offered: Weak<ReleaseInFlight>,
@@ -105,16 +105,16 @@ pub(crate) fn may_hold_after(error: &tokio_postgres::Error, scope: LockScope) ->
 }
 
 impl Attempt {
-    /// An attempt on `slot`'s connection, holding `reservation`, with nothing sent yet.
+    /// An attempt on `held`'s connection, holding `reservation`, with nothing sent yet.
     pub(super) fn new(
-        slot: HeldConn,
+        held: HeldConn,
         reservation: Reservation,
         (key, scope): (AdvisoryKey, LockScope),
         mode: LockMode,
         checks: Checks,
     ) -> Self {
         Attempt {
-            slot: Some(slot),
+            held: Some(held),
             offered: Weak::new(),
             adopted: None,
             awaiting_answer: false,
@@ -151,7 +151,7 @@ impl Attempt {
             // the backend changed under a transaction pooler (what the error reports) or the
             // statements were deallocated: in both cases what pglock remembers as prepared
             // there is wrong, and the next acquisition must not fail the same way.
-            client_conn(&self.slot).forget_statements();
+            client_conn(&self.held).forget_statements();
             if self.combined_in_doubt {
                 // Refused before running: the dropped guard's unlock did not run either.
                 self.settle_unknown();
@@ -182,7 +182,7 @@ impl Attempt {
         let key = self.key;
         let prior_release = self.prior_release.take();
         let client = self
-            .slot
+            .held
             .as_ref()
             .expect("one statement in flight at a time")
             .conn()
@@ -256,7 +256,7 @@ impl Attempt {
         } else if !prior_ok {
             // The session may hold the key twice, or hold it for nobody: only closing the
             // connection ends both for sure.
-            client_conn(&self.slot).mark_discard();
+            client_conn(&self.held).mark_discard();
         }
         self.awaiting_answer = false;
         self.may_wait = false;
@@ -281,13 +281,13 @@ impl Attempt {
                 trace::released(self.key, granted_on, "drop", &released, true);
                 // On a shared session the failure is only reported, as for an unlock sent
                 // alone; a pooled connection is closed, as after a failed parked unlock.
-                let ok = released.is_ok() || !client_conn(&self.slot).is_pooled();
+                let ok = released.is_ok() || !client_conn(&self.held).is_pooled();
                 (Some((granted, ran_on)), ok)
             }
             // Whether the unlock ran is unknown. A pooled connection is closed, which ends both
             // locks, and the acquisition starts again on another (as after a failed parked
             // unlock); on a shared session the caller undoes whatever may be held.
-            Err(_) if client_conn(&self.slot).is_pooled() => (None, false),
+            Err(_) if client_conn(&self.held).is_pooled() => (None, false),
             Err(_) => {
                 self.combined_in_doubt = true;
                 (None, true)
@@ -296,7 +296,7 @@ impl Attempt {
         if !prior_ok {
             // The session may hold the key twice, or hold it for nobody: only closing the
             // connection ends both for sure.
-            client_conn(&self.slot).mark_discard();
+            client_conn(&self.held).mark_discard();
         }
         (acquired, prior_ok)
     }
@@ -308,7 +308,7 @@ impl Attempt {
         unlock: Option<PreparedUnlock>,
     ) -> AdvisoryLockGuard {
         let conn = self
-            .slot
+            .held
             .take()
             .expect("granted attempt holds its connection")
             .into_conn();
@@ -328,7 +328,7 @@ impl Attempt {
         }
         // Boxed, as a rare path: see `Acquirer::timed_out`.
         if Box::pin(release(
-            client_conn(&self.slot),
+            client_conn(&self.held),
             &Release::Rollback,
             self.key,
         ))
@@ -344,14 +344,14 @@ impl Attempt {
     /// Hands the connection to a background cleanup after a statement failed in a way that may
     /// have left a session lock taken.
     pub(super) fn settle_unknown(&mut self) {
-        let slot = self
-            .slot
+        let held = self
+            .held
             .take()
             .expect("a failed statement returned its connection");
-        self.clean_up_in_background(slot, None);
+        self.clean_up_in_background(held, None);
     }
 
-    /// Undoes whatever the acquisition may have done on `slot`'s connection, without knowing
+    /// Undoes whatever the acquisition may have done on `held`'s connection, without knowing
     /// what that was (the answer of the statement may not be in yet).
     ///
     /// A pooled connection is closed: that ends its session, and with it any lock or
@@ -361,34 +361,34 @@ impl Attempt {
     /// there in between: a rollback in a transaction, otherwise an unlock of the key if, and
     /// only if, the session holds it. A session-scoped key stays reserved (new acquisitions of
     /// it wait) until that unlock has answered.
-    fn clean_up_in_background(&mut self, slot: HeldConn, cancel: Option<(CancelToken, Canceller)>) {
+    fn clean_up_in_background(&mut self, held: HeldConn, cancel: Option<(CancelToken, Canceller)>) {
         let key = self.key;
         let mut reservation = self.reservation.take();
         // On a session, nothing new of pglock's starts until the cancel requests are over.
-        let cancelling = match (slot.conn(), &cancel) {
+        let cancelling = match (held.conn(), &cancel) {
             (Conn::Session(session), Some(_)) => Some(session.cancels().start()),
             _ => None,
         };
         let mut free_when_queued = false;
         // `ended` answers once the abandoned statement has ended on the server: it is a request
         // queued right behind it. Cancel requests are repeated until then.
-        let ended: Option<ReleaseTask> = match slot.conn() {
+        let ended: Option<ReleaseTask> = match held.conn() {
             Conn::Pooled(_) if cancel.is_none() => {
                 // Closed now: the connection ends once the answers already asked for are in.
-                drop(slot);
+                drop(held);
                 None
             }
             Conn::Pooled(_) => {
                 // Out of the pool at once, but kept open until the statement has ended, so that
                 // the cancel requests can be repeated until one lands; closed then.
-                match slot.into_conn().detach() {
+                match held.into_conn().detach() {
                     Ok(client) => Some(Box::pin(async move {
                         let _ = client.batch_execute("").await;
                     })),
                     Err(shared) => {
-                        let slot = HeldConn::new(shared);
+                        let held = HeldConn::new(shared);
                         Some(Box::pin(async move {
-                            let _ = slot.conn().client().batch_execute("").await;
+                            let _ = held.conn().client().batch_execute("").await;
                         }))
                     }
                 }
@@ -399,7 +399,7 @@ impl Attempt {
                 // rollback would end that task's transaction with its lock.
                 free_when_queued = true;
                 Some(Box::pin(async move {
-                    let _ = release(slot.conn(), &Release::Rollback, key).await;
+                    let _ = release(held.conn(), &Release::Rollback, key).await;
                 }))
             }
             Conn::Session(_) => {
@@ -412,12 +412,12 @@ impl Attempt {
                     // longer than their pause they end it more often than `release` retries it:
                     // run it until one run is not cancelled, or the key would stay held here.
                     let released = loop {
-                        match release(slot.conn(), &undo, key).await {
+                        match release(held.conn(), &undo, key).await {
                             Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {}
                             released => break released,
                         }
                     };
-                    slot.finish(released.is_ok());
+                    held.finish(released.is_ok());
                 }))
             }
         };
@@ -430,7 +430,7 @@ impl Attempt {
             reservation = None;
         }
         // Without a runtime, the undo already queued still runs on the server (only its answer
-        // is not read), and a pooled slot dropped here closes its connection.
+        // is not read), and a pooled held dropped here closes its connection.
         let Ok(runtime) = Handle::try_current() else {
             return;
         };
@@ -532,8 +532,8 @@ async fn cancel_until_ended(
 }
 
 /// The connection of an attempt that is not handed over.
-pub(crate) fn client_conn(slot: &Option<HeldConn>) -> &Conn {
-    slot.as_ref()
+pub(crate) fn client_conn(held: &Option<HeldConn>) -> &Conn {
+    held.as_ref()
         .expect("the attempt holds its connection")
         .conn()
 }
@@ -546,7 +546,7 @@ impl Drop for Attempt {
                 runtime.spawn(release);
             }
         }
-        let Some(slot) = self.slot.take() else {
+        let Some(held) = self.held.take() else {
             return;
         };
         if self.awaiting_answer || self.combined.is_some() {
@@ -555,13 +555,13 @@ impl Drop for Attempt {
             trace::abandoned(self.key, self.scope);
             let cancel = self
                 .may_wait
-                .then(|| slot.conn().client().cancel_token())
+                .then(|| held.conn().client().cancel_token())
                 .zip(self.canceller.take());
-            self.clean_up_in_background(slot, cancel);
+            self.clean_up_in_background(held, cancel);
         } else if self.in_transaction {
-            release_in_background(slot.into_conn(), Release::Rollback, self.key);
+            release_in_background(held.into_conn(), Release::Rollback, self.key);
         } else {
-            slot.finish(true);
+            held.finish(true);
         }
     }
 }

@@ -176,7 +176,7 @@ impl Conn {
     }
 
     /// Where this connection's loss monitor lives.
-    pub(crate) fn monitor_slot(&self) -> &OnceLock<Arc<Monitor>> {
+    pub(crate) fn monitor_cell(&self) -> &OnceLock<Arc<Monitor>> {
         match self {
             Conn::Pooled(pooled) => &pooled.monitor,
             Conn::Session(session) => &session.monitor,

@@ -1,10 +1,10 @@
 //! The connection an attempt or a guard holds until its lock is released, given back (or
-//! discarded, when its state is unknown) when the slot ends.
+//! discarded, when its state is unknown) when it is finished.
 
 use crate::conn::handle::Conn;
 
 /// Holds a connection while its fate is undecided: [`finish`](Self::finish) returns it (to the
-/// pool, or to the shared session), dropping the slot unfinished closes a pooled connection.
+/// pool, or to the shared session), dropping it unfinished closes a pooled connection.
 pub(crate) struct HeldConn {
     conn: Option<Conn>,
 }
@@ -17,10 +17,10 @@ impl HeldConn {
     pub(crate) fn conn(&self) -> &Conn {
         self.conn
             .as_ref()
-            .expect("the slot holds its connection until finished")
+            .expect("a held connection is there until finished")
     }
 
-    /// Ends the slot: the lock is released (`clean`) or its state is unknown.
+    /// Finishes: the lock is released (`clean`) or its state is unknown.
     pub(crate) fn finish(mut self, clean: bool) {
         let conn = self.conn.take().expect("finished once");
         if !clean {

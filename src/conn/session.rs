@@ -23,7 +23,7 @@ use crate::base::scope::LockScope;
 use crate::conn::backend::Verification;
 use crate::conn::prepared::PreparedStatements;
 use crate::loss::monitor::Monitor;
-use crate::release::deferred::DeferredSlot;
+use crate::release::deferred::DeferredUnlocks;
 use crate::release::in_flight::ReleaseInFlight;
 
 /// One PostgreSQL connection that pglock may share between several locks.
@@ -84,7 +84,7 @@ pub struct Session {
     /// offered before it takes no lock.
     offered: AtomicBool,
     /// The unlock of a dropped guard, not sent yet (see `release::deferred::DeferredUnlock`).
-    pub(crate) deferred_unlock: Arc<DeferredSlot>,
+    pub(crate) deferred_unlocks: Arc<DeferredUnlocks>,
     /// `try_lock` requests waiting for this session's next batch (see `batch`).
     pub(crate) try_locks: TryLockQueue,
     pub(super) canceller: Canceller,
@@ -169,8 +169,8 @@ impl Session {
         let (client, connection) = config.connect(tls.clone()).await?;
         let (closed_tx, closed_rx) = watch::channel(None);
         // The task that drives the connection also sends the unlocks that dropped guards defer.
-        let deferred_unlock = Arc::new(DeferredSlot::default());
-        let task = tokio::spawn(deferred_unlock.clone().drive(connection, move |ended| {
+        let deferred_unlocks = Arc::new(DeferredUnlocks::default());
+        let task = tokio::spawn(deferred_unlocks.clone().drive(connection, move |ended| {
             let detail = match ended {
                 Ok(()) => "the server closed the connection".to_owned(),
                 Err(error) => error.to_string(),
@@ -181,7 +181,7 @@ impl Session {
         // session, only one that a dead network path keeps longer.
         let _ = health::apply_server_keepalives(&client, &HealthCheck::default()).await;
         let mut session = Session::from_client(client);
-        session.deferred_unlock = deferred_unlock;
+        session.deferred_unlocks = deferred_unlocks;
         session.canceller = Canceller::for_config(&config, tls);
         session.connection_task = Some(task);
         session.closed = Some(closed_rx);
@@ -202,7 +202,7 @@ impl Session {
             in_transaction: Mutex::new(false),
             offered_release: Mutex::new(Weak::new()),
             offered: AtomicBool::new(false),
-            deferred_unlock: Arc::default(),
+            deferred_unlocks: Arc::default(),
             try_locks: TryLockQueue::default(),
             canceller: Canceller::default(),
             connection_task: None,
@@ -509,7 +509,7 @@ impl Deref for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.deferred_unlock.stop_flusher();
+        self.deferred_unlocks.stop_flusher();
         if let Some(task) = self.connection_task.take() {
             task.abort();
         }

@@ -227,7 +227,7 @@ impl Registration {
         health: Option<HealthCheck>,
     ) -> Self {
         let monitor = conn
-            .monitor_slot()
+            .monitor_cell()
             .get_or_init(|| Arc::new(Monitor::new(conn.closed_watch())))
             .clone();
         // A session's own health check applies to every lock on it.

@@ -45,9 +45,9 @@ pub(crate) fn release_in_background_traced(
         Conn::Session(session) => Some(session.clone()),
         Conn::Pooled(_) => None,
     };
-    let slot = HeldConn::new(conn);
+    let held = HeldConn::new(conn);
     let mut task: ReleaseTask = Box::pin(async move {
-        let result = release(slot.conn(), &release_how, key).await;
+        let result = release(held.conn(), &release_how, key).await;
         if backend_pid.is_some() || result.is_err() {
             trace::released(key, backend_pid.unwrap_or(0), "drop", &result, true);
         }
@@ -55,12 +55,12 @@ pub(crate) fn release_in_background_traced(
         if let (Some(parking), Some(report)) = (parking, report) {
             if !released {
                 // A claimer may hold the connection already: close it when the last lets go.
-                slot.conn().mark_discard();
+                held.conn().mark_discard();
             }
-            parking.unpark(slot.conn());
+            parking.unpark(held.conn());
             let _ = report.send(released);
         }
-        slot.finish(released);
+        held.finish(released);
     });
     let Ok(runtime) = Handle::try_current() else {
         // No runtime to confirm the release on: the request is queued all the same, and

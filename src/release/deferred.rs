@@ -1,9 +1,9 @@
 //! A dropped guard's session unlock, recorded rather than sent at once ([`DeferredUnlock`]), and
-//! the slot of a shared session that keeps them ([`DeferredSlot`]).
+//! the queue of a shared session that keeps them ([`DeferredUnlocks`]).
 //!
 //! While the dropping task runs on, the unlock is only recorded, on the shared session or in the
 //! parking, and a task is woken to send it: the task that drives the session's connection, when
-//! pglock runs it ([`DeferredSlot::drive`]), or else the one flusher of the session or of the
+//! pglock runs it ([`DeferredUnlocks::drive`]), or else the one flusher of the session or of the
 //! parking (see [`FlushBell`](crate::release::flush::FlushBell)). If the next acquisition on the
 //! connection comes first and asks for the same key in the same mode, it claims the unlock and
 //! sends one statement that releases and then acquires (`sql::unlock_then`): one message each
@@ -85,9 +85,9 @@ impl DeferredUnlock {
         }
         match self.conn() {
             Conn::Session(session) => {
-                let slot = session.deferred_unlock.clone();
-                slot.push(self);
-                slot.bell.ring(&slot);
+                let unlocks = session.deferred_unlocks.clone();
+                unlocks.push(self);
+                unlocks.bell.ring(&unlocks);
             }
             Conn::Pooled(_) => self.send_alone(),
         }
@@ -163,8 +163,8 @@ impl Drop for DeferredUnlock {
 /// The task that drives the session's connection sends them, when pglock runs that task
 /// ([`drive`](Self::drive)); otherwise a flusher of their own does (see [`FlushBell`]).
 #[derive(Default)]
-pub(crate) struct DeferredSlot {
-    unlocks: Mutex<DeferredUnlocks>,
+pub(crate) struct DeferredUnlocks {
+    unlocks: Mutex<QueuedUnlocks>,
     /// Whether `unlocks` holds any, kept under its lock: read first, so that an acquisition
     /// with nothing deferred before it (a `lock` + `unlock` loop) takes no lock.
     occupied: AtomicBool,
@@ -173,32 +173,32 @@ pub(crate) struct DeferredSlot {
 
 /// The first deferred unlock apart, so that the common case allocates nothing.
 #[derive(Default)]
-struct DeferredUnlocks {
+struct QueuedUnlocks {
     first: Option<DeferredUnlock>,
     more: Vec<DeferredUnlock>,
 }
 
-/// Ends [`DeferredSlot::drive`]'s listening, however the task ends (the connection closed, the
+/// Ends [`DeferredUnlocks::drive`]'s listening, however the task ends (the connection closed, the
 /// session dropped, the runtime shut down): a later drop then starts a flusher, and what was
 /// deferred before is sent now (on a closed connection it fails, which frees its key).
 struct StopListening<'a> {
-    slot: &'a DeferredSlot,
+    unlocks: &'a DeferredUnlocks,
     bell: &'a Arc<Bell>,
 }
 
 impl Drop for StopListening<'_> {
     fn drop(&mut self) {
-        self.slot.bell.stop_listening(self.bell);
-        self.slot.flush();
+        self.unlocks.bell.stop_listening(self.bell);
+        self.unlocks.flush();
     }
 }
 
-impl DeferredSlot {
+impl DeferredUnlocks {
     fn push(&self, deferred: DeferredUnlock) {
-        let mut slot = self.unlocks.lock().unwrap();
-        match slot.first {
-            None => slot.first = Some(deferred),
-            Some(_) => slot.more.push(deferred),
+        let mut unlocks = self.unlocks.lock().unwrap();
+        match unlocks.first {
+            None => unlocks.first = Some(deferred),
+            Some(_) => unlocks.more.push(deferred),
         }
         self.occupied.store(true, Ordering::Release);
     }
@@ -209,7 +209,7 @@ impl DeferredSlot {
         self.occupied.load(Ordering::Acquire)
     }
 
-    /// Drives `connection`, a session's connection future, and sends this slot's deferred
+    /// Drives `connection`, a session's connection future, and sends these deferred
     /// unlocks whenever a dropped guard rings, from the same task.
     ///
     /// A flusher task of its own would be woken by every drop, and on a current-thread runtime
@@ -228,7 +228,7 @@ impl DeferredSlot {
     ) {
         let bell = self.bell.listen();
         let _stop = StopListening {
-            slot: &self,
+            unlocks: &self,
             bell: &bell,
         };
         let mut connection = std::pin::pin!(connection);
@@ -254,20 +254,20 @@ impl DeferredSlot {
         if !self.occupied() {
             return None;
         }
-        let mut slot = self.unlocks.lock().unwrap();
-        let first = slot.first.take()?;
+        let mut unlocks = self.unlocks.lock().unwrap();
+        let first = unlocks.first.take()?;
         // Emptied below, under the lock.
         self.occupied.store(false, Ordering::Release);
-        if slot.more.is_empty() {
-            drop(slot);
+        if unlocks.more.is_empty() {
+            drop(unlocks);
             if first.key == key && first.mode == mode {
                 return Some(first);
             }
             first.send_alone();
             return None;
         }
-        let mut others = std::mem::take(&mut slot.more);
-        drop(slot);
+        let mut others = std::mem::take(&mut unlocks.more);
+        drop(unlocks);
         others.push(first);
         let found = others
             .iter()
@@ -284,19 +284,19 @@ impl DeferredSlot {
         if !self.occupied() {
             return Vec::new();
         }
-        let mut slot = self.unlocks.lock().unwrap();
+        let mut unlocks = self.unlocks.lock().unwrap();
         // `more` fills only behind `first`.
-        let Some(first) = slot.first.take() else {
+        let Some(first) = unlocks.first.take() else {
             return Vec::new();
         };
         self.occupied.store(false, Ordering::Release);
-        let mut all = std::mem::take(&mut slot.more);
+        let mut all = std::mem::take(&mut unlocks.more);
         all.push(first);
         all
     }
 }
 
-impl Flushed for DeferredSlot {
+impl Flushed for DeferredUnlocks {
     fn bell(&self) -> &FlushBell {
         &self.bell
     }

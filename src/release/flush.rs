@@ -97,7 +97,7 @@ impl FlushBell {
         runtime.spawn(flusher.run());
     }
 
-    /// A bell that a task other than a flusher answers (see [`DeferredSlot::drive`]): rings
+    /// A bell that a task other than a flusher answers (see [`DeferredUnlocks::drive`]): rings
     /// wake that task, and no flusher is started while it listens.
     pub(crate) fn listen(&self) -> Arc<Bell> {
         let bell = Arc::new(Bell::default());
