@@ -104,6 +104,7 @@ impl RidingUnlock {
     /// Takes the unlock over: the key's reservation, the combined statement with the pid the
     /// unlock must run on, and the dropped guard's prepared unlock, for the new guard when it
     /// makes the same checks.
+    #[inline(always)]
     fn take_over(self) -> (Reservation, (Statement, i32), Option<PreparedUnlock>) {
         let (reservation, granted_on, unlock) = self.deferred.into_combined();
         let reservation = reservation.expect("a deferred unlock keeps its reservation");
@@ -302,6 +303,7 @@ impl Acquirer {
     /// unlock deferred and riding in this acquisition's statement. With tasks waiting for the
     /// pool, the parked connection goes to them first (once its release is confirmed), and this
     /// acquisition queues for the pool behind them.
+    #[inline(always)]
     fn claim_parked(
         &self,
         parking: &Parking,
@@ -325,6 +327,7 @@ impl Acquirer {
 
     /// A dropped guard's unlock deferred on `session` for this key and mode, riding in this
     /// acquisition's statement when it can; any other is sent alone first.
+    #[inline(always)]
     fn riding_on_session(
         &self,
         session: &Session,
@@ -340,6 +343,7 @@ impl Acquirer {
     /// The checks this acquisition's statements make on `conn`: those of the combined
     /// statement, if one is sent (the connection may have been verified since it was chosen,
     /// but the checking forms work on any), else the connection's.
+    #[inline(always)]
     fn checks_on(&self, conn: &Conn, riding: Option<&RidingUnlock>) -> Checks {
         match riding {
             Some(riding) => riding.checks,
@@ -483,15 +487,14 @@ impl Acquirer {
     ) -> Result<RidingUnlock, SentAlone> {
         // The connection's checks; else, while the plain forms are not prepared there, those of
         // the dropped guard's unlock, whose combined form was prepared with it.
-        let combined = |checks| {
-            (deferred.key == self.key && deferred.mode == mode && self.scope == LockScope::Session)
-                .then(|| unlock_then(self.op(deadline), mode, Form::of(self.key), checks))
-                .flatten()
-                .and_then(|sql| deferred.conn().cached(sql))
-                .map(|statement| (statement, checks))
-        };
-        let statement = combined(deferred.conn().verification().checks())
-            .or_else(|| combined(deferred.checks()));
+        let statement = self
+            .combined_statement(
+                &deferred,
+                mode,
+                deadline,
+                deferred.conn().verification().checks(),
+            )
+            .or_else(|| self.combined_statement(&deferred, mode, deadline, deferred.checks()));
         match statement {
             Some((statement, checks)) => Ok(RidingUnlock {
                 deferred,
@@ -503,6 +506,23 @@ impl Acquirer {
                 Err(SentAlone)
             }
         }
+    }
+
+    /// The combined statement that sends `deferred` in this acquisition's, in the form that
+    /// makes `checks`, with those checks, if it is prepared on the connection.
+    #[inline(always)]
+    fn combined_statement(
+        &self,
+        deferred: &DeferredUnlock,
+        mode: LockMode,
+        deadline: Deadline,
+        checks: Checks,
+    ) -> Option<(Statement, Checks)> {
+        if deferred.key != self.key || deferred.mode != mode || self.scope != LockScope::Session {
+            return None;
+        }
+        let sql = unlock_then(self.op(deadline), mode, Form::of(self.key), checks)?;
+        Some((deferred.conn().cached(sql)?, checks))
     }
 
     /// Acquires on `conn`, after `prior`: what a dropped guard left on the connection.
@@ -719,6 +739,7 @@ impl Acquirer {
     /// guard takes over the riding unlock's own, which makes the same checks. Without a riding
     /// unlock, the combined statement a guard's drop may need later must be prepared too (if
     /// not, [`prepare`](Self::prepare) prepares it with the others).
+    #[inline(always)]
     fn cached(
         &self,
         conn: &Conn,
