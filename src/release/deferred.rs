@@ -78,6 +78,7 @@ impl DeferredUnlock {
     /// Records the unlock on its session (or in its parking), to be sent once the dropping task
     /// yields unless an acquisition claims it first. Sent at once when there is nowhere to
     /// record it.
+    #[inline]
     pub(crate) fn defer(self) {
         if let Some(parking) = self.parking.clone() {
             parking.defer(self);
