@@ -55,7 +55,7 @@ struct QueueState {
 /// One caller's request: its key, reserved on the session, and where its answer goes.
 struct Request {
     key: AdvisoryKey,
-    claim: Claim,
+    reservation: SharedReservation,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -64,9 +64,9 @@ struct Request {
 /// up, as an abandoned single acquisition does: new acquisitions of the key then wait for the
 /// batch to settle it instead of failing with `AlreadyHeld`).
 #[derive(Clone)]
-struct Claim(Arc<Mutex<Option<Reservation>>>);
+struct SharedReservation(Arc<Mutex<Option<Reservation>>>);
 
-impl Claim {
+impl SharedReservation {
     /// The reservation, taken by the batch (once).
     fn take(&self) -> Reservation {
         self.0
@@ -85,14 +85,14 @@ impl Claim {
 
 /// A caller waiting for its answer: if it gives up, the key is marked as being cleaned up.
 struct Waiting {
-    claim: Claim,
+    reservation: SharedReservation,
     answered: bool,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
         if !self.answered {
-            self.claim.mark_cleaning();
+            self.reservation.mark_cleaning();
         }
     }
 }
@@ -140,14 +140,18 @@ pub(crate) async fn try_lock(
         None => return Ok(Answer::Busy(None)),
     };
     let (reply, answer) = oneshot::channel();
-    let claim = Claim(Arc::new(Mutex::new(Some(reservation))));
+    let reservation = SharedReservation(Arc::new(Mutex::new(Some(reservation))));
     let mut waiting = Waiting {
-        claim: claim.clone(),
+        reservation: reservation.clone(),
         answered: false,
     };
     let start = {
         let mut state = session.try_locks.state.lock().unwrap();
-        state.waiting.push(Request { key, claim, reply });
+        state.waiting.push(Request {
+            key,
+            reservation,
+            reply,
+        });
         !std::mem::replace(&mut state.sending, true)
     };
     if start {
@@ -270,8 +274,14 @@ async fn send_batch(session: &Arc<Session>, requests: Vec<Request>) {
         }
         Err(_) => {
             let undone = undo(&conn, &requests).await;
-            for (Request { claim, reply, .. }, undone) in requests.into_iter().zip(undone) {
-                drop(claim.take());
+            for (
+                Request {
+                    reservation, reply, ..
+                },
+                undone,
+            ) in requests.into_iter().zip(undone)
+            {
+                drop(reservation.take());
                 let _ = reply.send(match undone {
                     Ok(()) => Answer::Retry,
                     // Asking again alone could stack a lock the undo left behind: report why
@@ -295,17 +305,17 @@ async fn answer(
         let answer = match answer {
             Some((Some(true), backend_pid)) => Answer::Granted(AdvisoryLockGuard::new(
                 conn.share(),
-                request.claim.take(),
+                request.reservation.take(),
                 LockMode::Exclusive,
                 backend_pid,
                 Some(unlock.clone()),
             )),
             Some((Some(false), backend_pid)) => {
-                drop(request.claim.take());
+                drop(request.reservation.take());
                 Answer::Busy(Some(backend_pid))
             }
             Some((None, _)) => {
-                drop(request.claim.take());
+                drop(request.reservation.take());
                 Answer::Standby
             }
             // The server answered no row for this key (it always does): treat it as unknown.
@@ -320,7 +330,7 @@ async fn answer(
     if !unanswered.is_empty() {
         let undone = undo(conn, &unanswered).await;
         for (request, undone) in unanswered.into_iter().zip(undone) {
-            drop(request.claim.take());
+            drop(request.reservation.take());
             let _ = request
                 .reply
                 .send(undone.map_or_else(Answer::Failed, |()| Answer::Retry));
@@ -332,7 +342,7 @@ async fn answer(
 /// reserve it again).
 fn answer_all(requests: Vec<Request>, answer: impl Fn() -> Answer) {
     for request in requests {
-        drop(request.claim.take());
+        drop(request.reservation.take());
         let _ = request.reply.send(answer());
     }
 }
@@ -342,7 +352,7 @@ fn answer_all(requests: Vec<Request>, answer: impl Fn() -> Answer) {
 /// them wait for the undo.
 async fn undo(conn: &Conn, requests: &[Request]) -> Vec<Result<()>> {
     let undos = requests.iter().map(|request| {
-        request.claim.mark_cleaning();
+        request.reservation.mark_cleaning();
         release(
             conn,
             &Release::UnlockIfHeld(LockMode::Exclusive),
