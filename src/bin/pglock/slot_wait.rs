@@ -7,7 +7,6 @@ use pglock::{Error, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::child::Signals;
-use crate::output::with_causes;
 use crate::wait::{Acquired, Patience, Reports, Waiter};
 
 impl Waiter<'_> {
@@ -99,14 +98,5 @@ impl Waiter<'_> {
                 Err(error) => return Err(error),
             }
         }
-    }
-
-    fn lost_while_waiting(&self, error: &Error) {
-        let error = with_causes(error);
-        self.state.lost(&error);
-        self.out.info(format_args!(
-            "lost the connection while waiting for lock {}: {error}; connecting again",
-            self.label
-        ));
     }
 }

@@ -2,10 +2,13 @@
 //! comes; in the server's queue or polling without a connection; telling on stderr who holds it
 //! meanwhile. A waiter never has more than one connection open.
 
+use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use pglock::{AdvisoryKey, AdvisoryLock, AdvisoryLockGuard, Error, LockMode};
 use tokio::time::Instant;
+use tokio_postgres::Client;
 
 use crate::args::WaitMode;
 use crate::child::Signals;
@@ -159,6 +162,65 @@ pub enum Acquired<G = AdvisoryLockGuard> {
     Interrupted(i32),
 }
 
+/// One call of [`Waiter::acquire`]: the lock it wants, how long it may wait, and how far it
+/// has come. It outlasts each connection: a lost connection or a poll starts a new attempt,
+/// not a new wait.
+struct Wait {
+    key: AdvisoryKey,
+    mode: LockMode,
+    patience: Patience,
+    started: Instant,
+    reports: Reports,
+    /// How the waiter waits, once it has found the lock busy.
+    waiting: Option<Waiting>,
+    /// The pause before the next poll (see [`next_poll`]).
+    pause: Duration,
+    /// The holders last reported, which a report from the queue repeats.
+    held_by: Option<String>,
+}
+
+impl Wait {
+    fn new(key: AdvisoryKey, mode: LockMode, patience: Patience, every: Duration) -> Self {
+        let started = Instant::now();
+        Wait {
+            key,
+            mode,
+            patience,
+            started,
+            reports: Reports::new(started, every),
+            waiting: None,
+            pause: FIRST_POLL,
+            held_by: None,
+        }
+    }
+}
+
+/// What an attempt asks the server along with it, for the case the lock is busy.
+#[derive(Clone, Copy)]
+struct Asks {
+    /// Who holds the lock, for a report due now.
+    holders: bool,
+    /// The server's free connection slots and the waiters queued, to choose how to wait.
+    room: bool,
+}
+
+/// The answers to [`Asks`]: `None` where not asked, or not answered.
+struct Answers {
+    holders: Option<String>,
+    free: Option<(i32, i32)>,
+    queued: Option<i64>,
+}
+
+/// How a wait in the server's queue ended, for [`Waiter::acquire`], which holds the connection.
+enum Queued {
+    /// The lock is held.
+    Held(AdvisoryLockGuard),
+    /// The wait is over without the lock (`Busy` or `Interrupted`).
+    Over(Acquired),
+    /// The connection died while it waited: nothing is held on it, the wait goes on.
+    Lost,
+}
+
 impl Waiter<'_> {
     /// Takes `key` in `mode` within `patience`: connects (waiting out passing refusals), tries,
     /// and while the lock is busy waits as [`WaitMode`] says, reporting the holders on stderr.
@@ -175,162 +237,198 @@ impl Waiter<'_> {
         patience: Patience,
         signals: &mut Signals,
     ) -> Result<Acquired, Error> {
-        let started = Instant::now();
-        let mut reports = Reports::new(started, self.progress_every);
-        let mut waiting = None;
-        let mut pause = FIRST_POLL;
-        let mut held_by = None;
+        let mut wait = Wait::new(key, mode, patience, self.progress_every);
         loop {
             let connection = tokio::select! {
                 connected = self.db.connect(self.app, patience.connect_deadline(), &mut self.refusals, self.out) => connected?,
                 signal = signals.recv() => return Ok(self.interrupted(signal)),
             };
             let lock = AdvisoryLock::new(connection.session.clone(), key);
-            let attempt = async {
-                match mode {
-                    LockMode::Exclusive => lock.try_lock().await,
-                    LockMode::Shared => lock.try_lock_shared().await,
-                }
-            };
-            // What a busy lock calls for (who holds it, the server's free slots, the waiters
-            // queued) goes out with the attempt, in the same round trip: a waiter that goes on to
-            // poll gives its connection slot back sooner, and a fleet arriving at once holds the
-            // server's slots for as short a time as it can.
-            let client = connection.session.client();
-            let report_due = reports.is_due() && !self.out.quiet;
-            let may_choose =
-                !matches!(patience, Patience::NoWait) && waiting != Some(Waiting::Queue);
-            let lookups = futures_util::future::join3(
-                async {
-                    if report_due {
-                        who_holds(client, key).await
-                    } else {
-                        None
-                    }
-                },
-                async {
-                    if may_choose {
-                        slots::free_slots(client).await
-                    } else {
-                        None
-                    }
-                },
-                async {
-                    if may_choose {
-                        slots::queued(client, key).await
-                    } else {
-                        None
-                    }
-                },
-            );
-            let (first, (holders, free, waiters)) = tokio::select! {
-                both = futures_util::future::join(attempt, lookups) => both,
+            let asks = self.asks(&wait);
+            let (first, answers) = tokio::select! {
+                tried = attempt(&lock, connection.session.client(), &wait, asks) => tried,
                 signal = signals.recv() => return Ok(self.interrupted(signal)),
             };
             if let Some(guard) = first? {
-                if waiting.is_some() {
-                    self.acquired(started);
+                if wait.waiting.is_some() {
+                    self.acquired(wait.started);
                 }
                 return Ok(Acquired::Held(connection, guard));
             }
-            self.state.waiting();
-            if report_due {
-                held_by = holders;
-                self.report_busy(held_by.as_deref(), patience.plan(started.elapsed()));
-                reports.done();
-            }
-            if patience.expired() {
-                if !matches!(patience, Patience::NoWait) {
-                    self.gave_up(started);
-                }
-                return Ok(Acquired::Busy);
-            }
-            let choice = match waiting {
-                Some(Waiting::Queue) => Waiting::Queue,
-                before => slots::decide(self.mode, free, before, self.label, self.out),
+            let waiting = match self.found_busy(&mut wait, asks, answers.holders, answers.free) {
+                ControlFlow::Continue(waiting) => waiting,
+                ControlFlow::Break(over) => return Ok(over),
             };
-            // How to wait: chosen when the lock is first found busy, and again at each poll (a
-            // polling waiter goes back to the queue once the server has room).
-            let chosen = *waiting.insert(choice);
-            match chosen {
-                Waiting::Queue => {
-                    let wait = async {
-                        match (mode, patience.deadline()) {
-                            (LockMode::Exclusive, Some(at)) => lock.try_lock_until(at).await,
-                            (LockMode::Shared, Some(at)) => lock.try_lock_shared_until(at).await,
-                            (LockMode::Exclusive, None) => lock.lock().await.map(Some),
-                            (LockMode::Shared, None) => lock.lock_shared().await.map(Some),
-                        }
-                    };
-                    let outcome = {
-                        let mut wait = std::pin::pin!(wait);
-                        loop {
-                            tokio::select! {
-                                result = &mut wait => break Ok(result),
-                                signal = signals.recv() => break Err(signal),
-                                () = reports.due(), if !self.out.quiet => {
-                                    self.report_still_waiting(started, held_by.as_deref(), patience);
-                                    reports.done();
-                                }
-                            }
-                        }
-                    };
-                    let result = match outcome {
-                        Ok(result) => result,
-                        Err(signal) => {
-                            // The wait was dropped above, which abandons it; this makes sure the
-                            // server has taken the cancel before pglock exits.
-                            connection.abandon_wait().await;
-                            return Ok(self.interrupted(signal));
-                        }
-                    };
-                    match result {
-                        Ok(Some(guard)) => {
-                            self.acquired(started);
-                            return Ok(Acquired::Held(connection, guard));
-                        }
-                        Ok(None) => {
-                            self.gave_up(started);
-                            return Ok(Acquired::Busy);
-                        }
-                        // Nothing is held on a connection that died while it waited: wait on a
-                        // new one.
-                        Err(error) if error.is_connection_lost() => {
-                            let error = with_causes(&error);
-                            self.state.lost(&error);
-                            self.out.info(format_args!(
-                                "lost the connection while waiting for lock {}: {error}; \
-                                 connecting again",
-                                self.label
-                            ));
-                        }
-                        Err(error) => return Err(error),
-                    }
-                }
+            match waiting {
+                Waiting::Queue => match self
+                    .in_queue(&lock, &connection, &mut wait, signals)
+                    .await?
+                {
+                    Queued::Held(guard) => return Ok(Acquired::Held(connection, guard)),
+                    Queued::Over(over) => return Ok(over),
+                    Queued::Lost => {}
+                },
                 Waiting::Poll => {
-                    // Waiters in the server's queue get the lock before any poller: while some
-                    // are queued, polling sooner only takes connection slots from the holder's
-                    // command.
-                    let queued = waiters.unwrap_or(0);
-                    if self.mode == WaitMode::Auto && pause < FIRST_POLL_WHEN_FULL {
-                        // Polling because the server is short of slots: come back less often.
-                        pause = FIRST_POLL_WHEN_FULL;
-                    }
                     // Closes the connection: a polling waiter holds none between attempts.
                     drop(lock);
                     drop(connection);
-                    let wait = poll_pause(pause, queued);
-                    let wake = match patience.deadline() {
-                        Some(at) => at.min(Instant::now() + jitter(wait)),
-                        None => Instant::now() + jitter(wait),
-                    };
-                    pause = next_poll(pause);
-                    tokio::select! {
-                        () = tokio::time::sleep_until(wake) => {}
-                        signal = signals.recv() => return Ok(self.interrupted(signal)),
+                    if let Some(signal) = self
+                        .until_next_poll(&mut wait, answers.queued, signals)
+                        .await
+                    {
+                        return Ok(self.interrupted(signal));
                     }
                 }
             }
+        }
+    }
+
+    /// What the next attempt asks along with it: the holders when a report is due, and the
+    /// room on the server while the waiter may still choose how to wait (not with `-n`, nor
+    /// once it waits in the queue, where it stays).
+    fn asks(&self, wait: &Wait) -> Asks {
+        Asks {
+            holders: wait.reports.is_due() && !self.out.quiet,
+            room: !matches!(wait.patience, Patience::NoWait)
+                && wait.waiting != Some(Waiting::Queue),
+        }
+    }
+
+    /// The attempt found the lock busy: says so for `--http`, and on stderr when a report is
+    /// due (`holders` were asked then); breaks with [`Acquired::Busy`] once the patience has
+    /// run out, else goes on with how to wait.
+    fn found_busy(
+        &self,
+        wait: &mut Wait,
+        asks: Asks,
+        holders: Option<String>,
+        free: Option<(i32, i32)>,
+    ) -> ControlFlow<Acquired, Waiting> {
+        self.state.waiting();
+        if asks.holders {
+            wait.held_by = holders;
+            self.report_busy(
+                wait.held_by.as_deref(),
+                wait.patience.plan(wait.started.elapsed()),
+            );
+            wait.reports.done();
+        }
+        if wait.patience.expired() {
+            if !matches!(wait.patience, Patience::NoWait) {
+                self.gave_up(wait.started);
+            }
+            return ControlFlow::Break(Acquired::Busy);
+        }
+        ControlFlow::Continue(self.choose(wait, free))
+    }
+
+    /// How to wait: chosen when the lock is first found busy, and again at each poll (a
+    /// polling waiter goes back to the queue once the server has room); a waiter in the queue
+    /// stays there.
+    fn choose(&self, wait: &mut Wait, free: Option<(i32, i32)>) -> Waiting {
+        let choice = match wait.waiting {
+            Some(Waiting::Queue) => Waiting::Queue,
+            before => slots::decide(self.mode, free, before, self.label, self.out),
+        };
+        *wait.waiting.insert(choice)
+    }
+
+    /// Waits for `lock` in the server's queue on `connection`, within the patience, reporting
+    /// on stderr meanwhile. A signal abandons the wait, and pglock makes sure the server has
+    /// taken the cancel before it goes on to exit.
+    ///
+    /// # Errors
+    ///
+    /// Server errors, and connection errors other than a lost connection.
+    async fn in_queue(
+        &self,
+        lock: &AdvisoryLock,
+        connection: &Connection,
+        wait: &mut Wait,
+        signals: &mut Signals,
+    ) -> Result<Queued, Error> {
+        let (mode, patience) = (wait.mode, wait.patience);
+        let queued = async {
+            match (mode, patience.deadline()) {
+                (LockMode::Exclusive, Some(at)) => lock.try_lock_until(at).await,
+                (LockMode::Shared, Some(at)) => lock.try_lock_shared_until(at).await,
+                (LockMode::Exclusive, None) => lock.lock().await.map(Some),
+                (LockMode::Shared, None) => lock.lock_shared().await.map(Some),
+            }
+        };
+        let result = match self.with_reports(queued, wait, signals).await {
+            Ok(result) => result,
+            Err(signal) => {
+                // The wait was dropped on return, which abandons it; this makes sure the
+                // server has taken the cancel before pglock exits.
+                connection.abandon_wait().await;
+                return Ok(Queued::Over(self.interrupted(signal)));
+            }
+        };
+        match result {
+            Ok(Some(guard)) => {
+                self.acquired(wait.started);
+                Ok(Queued::Held(guard))
+            }
+            Ok(None) => {
+                self.gave_up(wait.started);
+                Ok(Queued::Over(Acquired::Busy))
+            }
+            // Nothing is held on a connection that died while it waited: wait on a new one.
+            Err(error) if error.is_connection_lost() => {
+                self.lost_while_waiting(&error);
+                Ok(Queued::Lost)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Awaits `queued`, a wait in the server's queue, with a report on stderr each time one
+    /// is due; a signal ends it first (`Err`). `queued` is dropped before this returns, so a
+    /// wait cut short by a signal is abandoned by then.
+    async fn with_reports<T>(
+        &self,
+        queued: impl Future<Output = T>,
+        wait: &mut Wait,
+        signals: &mut Signals,
+    ) -> Result<T, i32> {
+        let mut queued = std::pin::pin!(queued);
+        loop {
+            tokio::select! {
+                result = &mut queued => break Ok(result),
+                signal = signals.recv() => break Err(signal),
+                () = wait.reports.due(), if !self.out.quiet => {
+                    self.report_still_waiting(wait.started, wait.held_by.as_deref(), wait.patience);
+                    wait.reports.done();
+                }
+            }
+        }
+    }
+
+    /// Sleeps until a polling waiter's next attempt, which comes no later than the deadline;
+    /// gives the signal that came first, if one did.
+    async fn until_next_poll(
+        &self,
+        wait: &mut Wait,
+        queued: Option<i64>,
+        signals: &mut Signals,
+    ) -> Option<i32> {
+        // Waiters in the server's queue get the lock before any poller: while some are queued,
+        // polling sooner only takes connection slots from the holder's command.
+        let queued = queued.unwrap_or(0);
+        if self.mode == WaitMode::Auto && wait.pause < FIRST_POLL_WHEN_FULL {
+            // Polling because the server is short of slots: come back less often.
+            wait.pause = FIRST_POLL_WHEN_FULL;
+        }
+        let pause = poll_pause(wait.pause, queued);
+        let wake = match wait.patience.deadline() {
+            Some(at) => at.min(Instant::now() + jitter(pause)),
+            None => Instant::now() + jitter(pause),
+        };
+        wait.pause = next_poll(wait.pause);
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => None,
+            signal = signals.recv() => Some(signal),
         }
     }
 
@@ -390,4 +488,64 @@ impl Waiter<'_> {
             human_duration(started.elapsed())
         ));
     }
+
+    pub(crate) fn lost_while_waiting(&self, error: &Error) {
+        let error = with_causes(error);
+        self.state.lost(&error);
+        self.out.info(format_args!(
+            "lost the connection while waiting for lock {}: {error}; connecting again",
+            self.label
+        ));
+    }
+}
+
+/// One attempt at `lock`, with what a busy lock calls for (who holds it, the server's free
+/// slots, the waiters queued: as `asks` says) in the same round trip on `client`, the lock's
+/// own connection: a waiter that goes on to poll gives its connection slot back sooner, and a
+/// fleet arriving at once holds the server's slots for as short a time as it can.
+async fn attempt(
+    lock: &AdvisoryLock,
+    client: &Client,
+    wait: &Wait,
+    asks: Asks,
+) -> (Result<Option<AdvisoryLockGuard>, Error>, Answers) {
+    let (key, mode) = (wait.key, wait.mode);
+    let attempt = async {
+        match mode {
+            LockMode::Exclusive => lock.try_lock().await,
+            LockMode::Shared => lock.try_lock_shared().await,
+        }
+    };
+    let lookups = futures_util::future::join3(
+        async {
+            if asks.holders {
+                who_holds(client, key).await
+            } else {
+                None
+            }
+        },
+        async {
+            if asks.room {
+                slots::free_slots(client).await
+            } else {
+                None
+            }
+        },
+        async {
+            if asks.room {
+                slots::queued(client, key).await
+            } else {
+                None
+            }
+        },
+    );
+    let (first, (holders, free, queued)) = futures_util::future::join(attempt, lookups).await;
+    (
+        first,
+        Answers {
+            holders,
+            free,
+            queued,
+        },
+    )
 }
