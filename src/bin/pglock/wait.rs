@@ -162,6 +162,17 @@ pub enum Acquired<G = AdvisoryLockGuard> {
     Interrupted(i32),
 }
 
+impl<G> Acquired<G> {
+    /// The same ending, with what is held turned into `H`.
+    pub fn map<H>(self, held: impl FnOnce(G) -> H) -> Acquired<H> {
+        match self {
+            Acquired::Held(connection, guard) => Acquired::Held(connection, held(guard)),
+            Acquired::Busy => Acquired::Busy,
+            Acquired::Interrupted(signal) => Acquired::Interrupted(signal),
+        }
+    }
+}
+
 /// One call of [`Waiter::acquire`]: the lock it wants, how long it may wait, and how far it
 /// has come. It outlasts each connection: a lost connection or a poll starts a new attempt,
 /// not a new wait.
