@@ -37,91 +37,148 @@ pub async fn stand_by(
     state: &State,
     out: &Output,
 ) -> Result<StoodBy, Error> {
-    let name = election.name();
     let started = Instant::now();
-    let interrupted = |signal: i32| {
-        out.info(format_args!(
-            "{} while campaigning for {name}: giving up",
-            signal_name(signal)
-        ));
-        StoodBy::Interrupted(signal)
+    let mut standby = Standby {
+        election,
+        pool,
+        state,
+        out,
+        started,
+        reports: Reports::new(started, progress_every),
     };
-    let first = tokio::select! {
-        first = election.try_campaign() => first?,
-        signal = signals.recv() => return Ok(interrupted(signal)),
-    };
-    if let Some(leadership) = first {
-        return Ok(StoodBy::Leading(Box::new(leadership)));
+    if let Some(ended) = standby.try_campaign(signals).await? {
+        return Ok(ended);
     }
-    // Someone leads. Who, and how to wait, are asked on the pool's idle connection, which the
-    // campaign then uses: a standby holds one connection at most.
-    let mut reports = Reports::new(started, progress_every);
-    let (led_by, waiting) = match pool.get().await {
-        Ok(client) => (
-            who_holds(&client, election.lock_key()).await,
-            slots::choose(mode, &client, &format!("leadership {name}"), out).await,
-        ),
-        Err(_) => (None, slots::choose_without_asking(mode)),
-    };
+    let (led_by, waiting) = standby.who_leads_and_how_to_wait(mode).await;
     state.standing_by(led_by.clone());
-    let report = |led_by: Option<&str>, note: &str| {
-        let waited = human_duration(started.elapsed());
-        match led_by {
-            Some(led_by) => out.info(format_args!(
-                "standing by for leadership {name}: led by {led_by}{note}; waited {waited} so far"
-            )),
-            None => out.info(format_args!(
-                "standing by for leadership {name}; waited {waited} so far"
-            )),
-        }
-    };
     if !out.quiet {
-        report(led_by.as_deref(), "");
-        reports.done();
+        standby.report(led_by.as_deref(), "");
+        standby.reports.done();
     }
     match waiting {
-        Waiting::Queue => {
-            let campaign = election.campaign();
-            let mut campaign = std::pin::pin!(campaign);
-            loop {
-                tokio::select! {
-                    result = &mut campaign => return result.map(|l| StoodBy::Leading(Box::new(l))),
-                    signal = signals.recv() => return Ok(interrupted(signal)),
-                    () = reports.due(), if !out.quiet => {
-                        report(led_by.as_deref(), " when the wait began");
-                        reports.done();
-                    }
+        Waiting::Queue => standby.in_queue(led_by.as_deref(), signals).await,
+        Waiting::Poll => standby.polling(signals).await,
+    }
+}
+
+/// One stand-by: the election, where it connects, and what it tells.
+struct Standby<'a> {
+    election: &'a LeaderElection,
+    pool: &'a Pool,
+    state: &'a State,
+    out: &'a Output,
+    started: Instant,
+    reports: Reports,
+}
+
+impl Standby<'_> {
+    /// One campaign that does not wait: `Some` when it ends the stand-by, because this instance
+    /// leads or because a signal came first.
+    async fn try_campaign(&self, signals: &mut Signals) -> Result<Option<StoodBy>, Error> {
+        let attempt = tokio::select! {
+            attempt = self.election.try_campaign() => attempt?,
+            signal = signals.recv() => return Ok(Some(self.interrupted(signal))),
+        };
+        Ok(attempt.map(|leadership| StoodBy::Leading(Box::new(leadership))))
+    }
+
+    /// Someone leads: who, and how to wait, are asked on the pool's idle connection, which
+    /// the campaign then uses: a standby holds one connection at most.
+    async fn who_leads_and_how_to_wait(&self, mode: WaitMode) -> (Option<String>, Waiting) {
+        let name = self.election.name();
+        match self.pool.get().await {
+            Ok(client) => (
+                who_holds(&client, self.election.lock_key()).await,
+                slots::choose(mode, &client, &format!("leadership {name}"), self.out).await,
+            ),
+            Err(_) => (None, slots::choose_without_asking(mode)),
+        }
+    }
+
+    /// One campaign for the whole wait, in the server's queue, where it keeps its place;
+    /// the reports meanwhile name `led_by`, the leader when the wait began.
+    ///
+    /// # Errors
+    ///
+    /// As [`LeaderElection::campaign`].
+    async fn in_queue(
+        &mut self,
+        led_by: Option<&str>,
+        signals: &mut Signals,
+    ) -> Result<StoodBy, Error> {
+        let campaign = self.election.campaign();
+        let mut campaign = std::pin::pin!(campaign);
+        loop {
+            tokio::select! {
+                result = &mut campaign => return result.map(|l| StoodBy::Leading(Box::new(l))),
+                signal = signals.recv() => return Ok(self.interrupted(signal)),
+                () = self.reports.due(), if !self.out.quiet => {
+                    self.report(led_by, " when the wait began");
+                    self.reports.done();
                 }
             }
         }
-        Waiting::Poll => {
-            let mut pause = FIRST_POLL;
-            loop {
-                // Closes the idle connection: a polling standby holds none between attempts.
-                pool.retain(|_, _| false);
-                let wake = Instant::now() + jitter(pause);
-                pause = next_poll(pause);
-                tokio::select! {
-                    () = tokio::time::sleep_until(wake) => {}
-                    signal = signals.recv() => return Ok(interrupted(signal)),
-                }
-                let attempt = tokio::select! {
-                    attempt = election.try_campaign() => attempt?,
-                    signal = signals.recv() => return Ok(interrupted(signal)),
-                };
-                if let Some(leadership) = attempt {
-                    return Ok(StoodBy::Leading(Box::new(leadership)));
-                }
-                if reports.is_due() && !out.quiet {
-                    let led_by = match pool.get().await {
-                        Ok(client) => who_holds(&client, election.lock_key()).await,
-                        Err(_) => None,
-                    };
-                    state.standing_by(led_by.clone());
-                    report(led_by.as_deref(), "");
-                    reports.done();
-                }
+    }
+
+    /// Campaigns without waiting, again and again after a growing pause, without a
+    /// connection in between; reports who leads as the reports fall due.
+    ///
+    /// # Errors
+    ///
+    /// As [`LeaderElection::try_campaign`].
+    async fn polling(&mut self, signals: &mut Signals) -> Result<StoodBy, Error> {
+        let mut pause = FIRST_POLL;
+        loop {
+            // Closes the idle connection: a polling standby holds none between attempts.
+            self.pool.retain(|_, _| false);
+            let wake = Instant::now() + jitter(pause);
+            pause = next_poll(pause);
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                signal = signals.recv() => return Ok(self.interrupted(signal)),
             }
+            if let Some(ended) = self.try_campaign(signals).await? {
+                return Ok(ended);
+            }
+            if self.reports.is_due() && !self.out.quiet {
+                self.report_leader().await;
+            }
+        }
+    }
+
+    /// Asks who leads now (on a connection of its own, which the next attempt uses) and
+    /// reports it, for `--http` and on stderr.
+    async fn report_leader(&mut self) {
+        let led_by = match self.pool.get().await {
+            Ok(client) => who_holds(&client, self.election.lock_key()).await,
+            Err(_) => None,
+        };
+        self.state.standing_by(led_by.clone());
+        self.report(led_by.as_deref(), "");
+        self.reports.done();
+    }
+
+    fn interrupted(&self, signal: i32) -> StoodBy {
+        self.out.info(format_args!(
+            "{} while campaigning for {}: giving up",
+            signal_name(signal),
+            self.election.name()
+        ));
+        StoodBy::Interrupted(signal)
+    }
+
+    /// A progress report on stderr: who leads (`led_by`, with `note` on when that was seen),
+    /// and how long this instance has stood by.
+    fn report(&self, led_by: Option<&str>, note: &str) {
+        let name = self.election.name();
+        let waited = human_duration(self.started.elapsed());
+        match led_by {
+            Some(led_by) => self.out.info(format_args!(
+                "standing by for leadership {name}: led by {led_by}{note}; waited {waited} so far"
+            )),
+            None => self.out.info(format_args!(
+                "standing by for leadership {name}; waited {waited} so far"
+            )),
         }
     }
 }
