@@ -3,6 +3,7 @@
 use std::ops::ControlFlow;
 use std::time::Duration;
 
+use deadpool_postgres::Pool;
 use pglock::{AdvisoryKey, Error, LeaderElection, Leadership};
 use tokio::time::Instant;
 
@@ -36,84 +37,100 @@ pub async fn leader(db: &Database, args: LeaderArgs, out: &Output) -> i32 {
         Ok(pool) => pool,
         Err(error) => return out.report_error(&error),
     };
-    // pglock's connections have TCP keepalives and a user timeout (see `connect`), which end a
-    // dead connection while a standby waits: the standby can keep its place in the queue.
-    let mut election = LeaderElection::new(&pool, name.as_str())
-        .identity(identity())
-        .queue_round(None);
-    if let Some(table) = &args.term_table {
-        election = election.term_table(table.clone());
-    }
-    let mut refusals = Refusals::default();
-    let mut pause = args.restart_delay;
-    // Connection failures at the start are waited out within the connect timeout, as `pglock
-    // run` does; once the first campaign has reached the server, a standby retries forever.
-    let mut give_up = Some(Instant::now() + db.connect_timeout);
+    let election = election(&pool, &args);
+    let mut retries = Retries::new(db.connect_timeout, args.restart_delay);
     loop {
         let started = Instant::now();
-        let stood_by = stand_by(
-            &election,
-            &pool,
-            args.session.wait_mode,
-            args.session.progress_every,
-            &mut signals,
-            &state,
-            out,
-        )
-        .await;
+        let stood_by = stand_by(&election, &pool, &args.session, &mut signals, &state, out).await;
         let leadership = match stood_by {
             Ok(StoodBy::Leading(leadership)) => *leadership,
             Ok(StoodBy::Interrupted(signal)) => return exit::SIGNAL_BASE + signal,
             Err(error) if permanent(&error) => return out.report_error(&error),
             Err(error) => {
-                let retry = if error.is_transient() {
-                    Retry::Refused(&mut refusals, &mut give_up)
-                } else {
-                    Retry::Failed(&mut pause)
-                };
+                let retry = retries.retry(&error);
                 match after_failed_campaign(&error, retry, &name, &mut signals, &state, out).await {
                     ControlFlow::Continue(()) => continue,
                     ControlFlow::Break(code) => return code,
                 }
             }
         };
-        give_up = None;
-        refusals.connected(out);
-        pause = args.restart_delay;
+        retries.won(args.restart_delay, out);
         let term = leadership.term();
-        state.leading(term, leadership.backend_pid());
-        out.info(format_args!(
-            "leading {name} in term {term} (backend pid {}) after {}",
-            leadership.backend_pid(),
-            human_duration(started.elapsed())
-        ));
-        match lead(leadership, &args, &mut signals, &state, out).await {
-            Led::Exited { code, stopping } => {
-                let restart = match args.restart {
-                    Restart::Always => true,
-                    Restart::OnFailure => code != exit::OK,
-                    Restart::Never => false,
-                };
-                if stopping || !restart {
-                    return code;
-                }
-                state.standing_by(None);
-                out.info(format_args!(
-                    "the command exited with {code} in term {term}; campaigning again in {}",
-                    human_duration(args.restart_delay)
-                ));
-                if let Some(code) = pause_or_signal(&mut signals, args.restart_delay).await {
-                    return code;
-                }
-            }
-            Led::Lost => {
-                if args.restart == Restart::Never {
-                    return exit::LOCK_LOST;
-                }
-                out.info(format_args!("campaigning again for {name}"));
-            }
-            Led::Failed(code) => return code,
+        announce(&leadership, &name, started, &state, out);
+        let led = lead(leadership, &args, &mut signals, &state, out).await;
+        if let ControlFlow::Break(code) =
+            after_term(led, term, &args, &mut signals, &state, out).await
+        {
+            return code;
         }
+    }
+}
+
+/// The election for `NAME`, as the options say. pglock's connections have TCP keepalives and
+/// a user timeout (see `connect`), which end a dead connection while a standby waits: the
+/// standby can keep its place in the queue, without queue rounds.
+fn election(pool: &Pool, args: &LeaderArgs) -> LeaderElection {
+    let election = LeaderElection::new(pool, args.name.as_str())
+        .identity(identity())
+        .queue_round(None);
+    match &args.term_table {
+        Some(table) => election.term_table(table.clone()),
+        None => election,
+    }
+}
+
+/// Says for `--http`, and on stderr, that this instance leads: in which term, on which backend,
+/// and how long after the campaign `started`.
+fn announce(leadership: &Leadership, name: &str, started: Instant, state: &State, out: &Output) {
+    let term = leadership.term();
+    state.leading(term, leadership.backend_pid());
+    out.info(format_args!(
+        "leading {name} in term {term} (backend pid {}) after {}",
+        leadership.backend_pid(),
+        human_duration(started.elapsed())
+    ));
+}
+
+/// After `term` ended as `led` says: continues to campaign again as `--restart` says (after
+/// `--restart-delay` when the command exited); breaks with the exit code when it does not,
+/// when pglock was asked to stop (`stopping`), or when a signal comes during the delay.
+async fn after_term(
+    led: Led,
+    term: i64,
+    args: &LeaderArgs,
+    signals: &mut Signals,
+    state: &State,
+    out: &Output,
+) -> ControlFlow<i32> {
+    let code = match led {
+        Led::Exited { code, stopping } => {
+            let restart = match args.restart {
+                Restart::Always => true,
+                Restart::OnFailure => code != exit::OK,
+                Restart::Never => false,
+            };
+            if stopping || !restart {
+                return ControlFlow::Break(code);
+            }
+            code
+        }
+        Led::Lost => {
+            if args.restart == Restart::Never {
+                return ControlFlow::Break(exit::LOCK_LOST);
+            }
+            out.info(format_args!("campaigning again for {}", args.name));
+            return ControlFlow::Continue(());
+        }
+        Led::Failed(code) => return ControlFlow::Break(code),
+    };
+    state.standing_by(None);
+    out.info(format_args!(
+        "the command exited with {code} in term {term}; campaigning again in {}",
+        human_duration(args.restart_delay)
+    ));
+    match pause_or_signal(signals, args.restart_delay).await {
+        Some(code) => ControlFlow::Break(code),
+        None => ControlFlow::Continue(()),
     }
 }
 
@@ -178,6 +195,46 @@ async fn lead(
             let _ = leadership.step_down().await;
             Led::Failed(exit::SOFTWARE)
         }
+    }
+}
+
+/// What failed campaigns have come to so far, which sets how the next one is retried.
+struct Retries {
+    /// Connection attempts refused for a passing reason.
+    refusals: Refusals,
+    /// Until when refusals are waited out: connection failures at the start are waited out
+    /// within the connect timeout, as `pglock run` does; once a campaign has reached the
+    /// server (`None`), a standby retries forever.
+    give_up: Option<Instant>,
+    /// The pause before retrying any other failure.
+    pause: Duration,
+}
+
+impl Retries {
+    fn new(connect_timeout: Duration, restart_delay: Duration) -> Self {
+        Retries {
+            refusals: Refusals::default(),
+            give_up: Some(Instant::now() + connect_timeout),
+            pause: restart_delay,
+        }
+    }
+
+    /// How to retry after `error`: a refusal for a passing reason is waited out with the
+    /// fleet's backoff, anything else after the pause.
+    fn retry(&mut self, error: &Error) -> Retry<'_> {
+        if error.is_transient() {
+            Retry::Refused(&mut self.refusals, &mut self.give_up)
+        } else {
+            Retry::Failed(&mut self.pause)
+        }
+    }
+
+    /// A campaign won, so it reached the server: from now on refusals are waited out forever,
+    /// and a failed campaign is retried after `--restart-delay` again.
+    fn won(&mut self, restart_delay: Duration, out: &Output) {
+        self.give_up = None;
+        self.refusals.connected(out);
+        self.pause = restart_delay;
     }
 }
 

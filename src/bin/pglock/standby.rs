@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 use pglock::{Error, LeaderElection, Leadership};
 use tokio::time::Instant;
 
-use crate::args::WaitMode;
+use crate::args::{SessionArgs, WaitMode};
 use crate::child::Signals;
 use crate::connect::jitter;
 use crate::format::{human_duration, signal_name};
@@ -23,7 +23,8 @@ pub enum StoodBy {
     Interrupted(i32),
 }
 
-/// Waits until `election` makes this instance the leader, on connections from `pool`.
+/// Waits until `election` makes this instance the leader, on connections from `pool`, waiting
+/// and reporting as `session` says.
 ///
 /// # Errors
 ///
@@ -31,8 +32,7 @@ pub enum StoodBy {
 pub async fn stand_by(
     election: &LeaderElection,
     pool: &Pool,
-    mode: WaitMode,
-    progress_every: std::time::Duration,
+    session: &SessionArgs,
     signals: &mut Signals,
     state: &State,
     out: &Output,
@@ -44,12 +44,12 @@ pub async fn stand_by(
         state,
         out,
         started,
-        reports: Reports::new(started, progress_every),
+        reports: Reports::new(started, session.progress_every),
     };
     if let Some(ended) = standby.try_campaign(signals).await? {
         return Ok(ended);
     }
-    let (led_by, waiting) = standby.who_leads_and_how_to_wait(mode).await;
+    let (led_by, waiting) = standby.who_leads_and_how_to_wait(session.wait_mode).await;
     state.standing_by(led_by.clone());
     if !out.quiet {
         standby.report(led_by.as_deref(), "");
