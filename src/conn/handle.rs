@@ -209,7 +209,7 @@ impl Conn {
 
     /// The statement for `sql` if pglock has prepared it on this connection (this checkout, for
     /// a pooled one): no future, no lock but a short mutex.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn cached(&self, sql: &'static str) -> Option<Statement> {
         match self {
             Conn::Pooled(pooled) => pooled.cached(sql),

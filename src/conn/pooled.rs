@@ -88,7 +88,7 @@ impl Pooled {
             .expect("a pooled connection holds its object until dropped")
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn cached(&self, sql: &'static str) -> Option<Statement> {
         self.remembered.statements.cached(sql)
     }

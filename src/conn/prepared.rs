@@ -18,7 +18,7 @@ pub(crate) struct PreparedStatements(Mutex<Vec<(&'static str, Statement)>>);
 
 impl PreparedStatements {
     /// The statement prepared for `sql`, if there is one: no future, only a short mutex.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn cached(&self, sql: &'static str) -> Option<Statement> {
         self.0
             .lock()

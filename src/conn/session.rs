@@ -494,7 +494,7 @@ impl Session {
         self.statements.prepare(&self.client, sql).await
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn cached(&self, sql: &'static str) -> Option<Statement> {
         self.statements.cached(sql)
     }

@@ -142,6 +142,7 @@ impl DeferredUnlock {
     /// over: the key's reservation (it holds the same key, so the mark of a key being cleaned
     /// up goes), the pid to release on, and the unlock statement (which the acquisition's guard
     /// may use in turn: the same key, mode and connection).
+    #[inline]
     pub(crate) fn into_combined(mut self) -> (Option<Reservation>, i32, Option<PreparedUnlock>) {
         let statement = self.statement.take();
         let reservation = self.reservation.take();
@@ -195,6 +196,7 @@ impl Drop for StopListening<'_> {
 }
 
 impl DeferredUnlocks {
+    #[inline]
     fn push(&self, deferred: DeferredUnlock) {
         let mut unlocks = self.unlocks.lock().unwrap();
         match unlocks.first {
