@@ -62,20 +62,8 @@ impl Waiter<'_> {
                     None => semaphore.acquire().await.map(Some),
                 }
             };
-            let outcome = {
-                let mut wait = std::pin::pin!(wait);
-                loop {
-                    tokio::select! {
-                        result = &mut wait => break Ok(result),
-                        signal = signals.recv() => break Err(signal),
-                        () = reports.due(), if !self.out.quiet => {
-                            self.report_still_waiting(started, None, patience);
-                            reports.done();
-                        }
-                    }
-                }
-            };
-            let result = match outcome {
+            let outcome = self.with_reports(wait, (started, patience), None, &mut reports, signals);
+            let result = match outcome.await {
                 Ok(result) => result,
                 Err(signal) => {
                     // The wait was dropped above, which abandons it; this makes sure the server

@@ -367,7 +367,10 @@ impl Waiter<'_> {
                 (LockMode::Shared, None) => lock.lock_shared().await.map(Some),
             }
         };
-        let result = match self.with_reports(queued, wait, signals).await {
+        let held_by = wait.held_by.as_deref();
+        let waited = (wait.started, wait.patience);
+        let queued = self.with_reports(queued, waited, held_by, &mut wait.reports, signals);
+        let result = match queued.await {
             Ok(result) => result,
             Err(signal) => {
                 // The wait was dropped on return, which abandons it; this makes sure the
@@ -394,13 +397,16 @@ impl Waiter<'_> {
         }
     }
 
-    /// Awaits `queued`, a wait in the server's queue, with a report on stderr each time one
-    /// is due; a signal ends it first (`Err`). `queued` is dropped before this returns, so a
-    /// wait cut short by a signal is abandoned by then.
-    async fn with_reports<T>(
+    /// Awaits `queued`, a wait in the server's queue that began at `started`, with a report on
+    /// stderr each time one is due (naming `held_by`, the holders last seen); a signal ends it
+    /// first (`Err`). `queued` is dropped before this returns, so a wait cut short by a signal
+    /// is abandoned by then.
+    pub(crate) async fn with_reports<T>(
         &self,
         queued: impl Future<Output = T>,
-        wait: &mut Wait,
+        (started, patience): (Instant, Patience),
+        held_by: Option<&str>,
+        reports: &mut Reports,
         signals: &mut Signals,
     ) -> Result<T, i32> {
         let mut queued = std::pin::pin!(queued);
@@ -408,9 +414,9 @@ impl Waiter<'_> {
             tokio::select! {
                 result = &mut queued => break Ok(result),
                 signal = signals.recv() => break Err(signal),
-                () = wait.reports.due(), if !self.out.quiet => {
-                    self.report_still_waiting(wait.started, wait.held_by.as_deref(), wait.patience);
-                    wait.reports.done();
+                () = reports.due(), if !self.out.quiet => {
+                    self.report_still_waiting(started, held_by, patience);
+                    reports.done();
                 }
             }
         }
