@@ -115,7 +115,8 @@ impl RidingUnlock {
 /// A deferred unlock that could not ride in the acquisition's statement was sent alone.
 struct SentAlone;
 
-/// What the general path does next after an attempt on one connection.
+/// What an acquisition does after an attempt on one connection, on either path (see
+/// [`Acquirer::after`]).
 enum Next {
     /// The acquisition's outcome.
     Done(Result<Option<AdvisoryLockGuard>>),
@@ -124,8 +125,8 @@ enum Next {
     Again { deallocated: bool },
 }
 
-/// A claimed parked connection with its unlock in flight, as the acquisition's start. A
-/// deferred unlock found instead (another clone's drop came in between) is sent alone, and the
+/// A claimed parked connection as the acquisition's start: idle, or with its unlock in flight.
+/// A deferred unlock found instead (another clone's drop came in between) is sent alone, and the
 /// acquisition takes a fresh connection.
 fn prior_of(claimed: Claimed) -> Option<(Conn, Prior)> {
     match claimed {
