@@ -247,6 +247,13 @@ pub static CASES: &[Case] = &[
         session_contended_8
     ),
     case!(
+        "pglock_shared_session_contended_8",
+        "3 contended 8x8",
+        Some("raw_contended_8"),
+        None,
+        shared_session_contended_8
+    ),
+    case!(
         "pglock_pool4_1000_tasks",
         "4 1000 tasks",
         Some("raw_contended_8"),
@@ -802,11 +809,29 @@ async fn pool_contended_8(env: &Env, d: Duration) -> Sample {
     contended(8, d, |_, deadline| lock_loop(lock.clone(), deadline)).await
 }
 
+/// Eight tasks, each on a session of its own, declared dedicated (one task uses it), so that
+/// waits queue in the server as on a pool.
 async fn session_contended_8(env: &Env, d: Duration) -> Sample {
+    sessions_contended_8(env, d, true).await
+}
+
+/// The same on shared sessions (the default), whose waits poll: no target, it shows what
+/// declaring a session per task dedicated is worth.
+async fn shared_session_contended_8(env: &Env, d: Duration) -> Sample {
+    sessions_contended_8(env, d, false).await
+}
+
+async fn sessions_contended_8(env: &Env, d: Duration, dedicated: bool) -> Sample {
     let key = env.key();
     let mut sessions8 = Vec::new();
     for _ in 0..8 {
-        sessions8.push(env.session().await);
+        let session = Session::connect(&env.url).await.unwrap();
+        let session = if dedicated {
+            session.dedicated()
+        } else {
+            session
+        };
+        sessions8.push(warmed(session, key).await);
     }
     contended(8, d, |task, deadline| {
         lock_loop(AdvisoryLock::new(&sessions8[task], key), deadline)
