@@ -248,6 +248,12 @@ impl Session {
     /// (SQLSTATE 57014) and a transaction-scoped lock's rollback could undo their writes.
     /// pglock's own guarantees (mutual exclusion, nothing left held) hold either way.
     ///
+    /// Polling costs under contention: its waiters are not served in order, and with 8 tasks
+    /// contending for one key on 8 shared sessions the longest wait in a bench run was 3.3 s,
+    /// against 2.4 ms on 8 dedicated ones (`pglock_shared_session_contended_8` in
+    /// docs/performance.md). Give each task that waits for a contended key a dedicated session,
+    /// or take its locks from a pool.
+    ///
     /// The `pglock` command uses its session from one task and declares it dedicated, so that
     /// its waits keep their place in the server's queue.
     ///
