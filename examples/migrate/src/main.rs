@@ -129,11 +129,14 @@ async fn instance_inner(
         .await
         .map_err(|e| chain(&e))?;
     // The lock lives on a session of its own: refinery needs the migrating client by `&mut`.
+    // Only this task uses it, so it is declared dedicated: its wait queues in the server and
+    // gets the lock as soon as it is free, instead of polling.
     let session = if lock {
         Some(Arc::new(
             Session::connect(&with_app(url, "migrate-demo lock"))
                 .await
-                .map_err(|e| chain(&e))?,
+                .map_err(|e| chain(&e))?
+                .dedicated(),
         ))
     } else {
         None
