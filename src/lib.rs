@@ -22,6 +22,10 @@
 //!   polling.
 //! - Every acquisition is cancel-safe; release on drop is pipelined and never leaves a lock on
 //!   a pooled connection.
+//! - A [`Session`] is shared by default: other tasks may run their statements on it, so its
+//!   waits poll and pglock never sends it a cancel request. A session that one task uses is
+//!   declared [`dedicated`](Session::dedicated): its waits queue in the server, first come
+//!   first served.
 //! - [`AdvisoryKey`]: names hashed by a documented, stable function, numeric keys, and the
 //!   keys of other tools.
 //! - [`LeaderElection`]: one leader at a time among any number of instances, a task that stops
