@@ -143,12 +143,6 @@ const ROOM_FOR_THE_COMMAND: i32 = 2;
 /// waves (see `connect::Refusals`), a second or more apart once they have been refused twice.
 const ROOM_STEADY: Duration = Duration::from_secs(1);
 
-/// Whether `arriving` instances, and as many again still on their way, could take the `free`
-/// slots but the waiters' [`headroom`].
-fn crowded(free: i32, max: i32, arriving: i32) -> bool {
-    arriving > 0 && free < headroom(max) + 2 * arriving
-}
-
 /// [`ROOM`]'s answer; `None` when it cannot be had (a pooler in between, a restricted catalog).
 async fn room(client: &Client) -> Option<(i32, i32, i32)> {
     let row = client.query_one(ROOM, &[]).await.ok()?;
@@ -156,12 +150,14 @@ async fn room(client: &Client) -> Option<(i32, i32, i32)> {
 }
 
 /// Waits, when the server is short of connection slots or (for a holder that has just started)
-/// other instances of the same lock are arriving in numbers that could fill it, until at least [`ROOM_FOR_THE_COMMAND`] slots
+/// other instances of the same lock are arriving, until at least [`ROOM_FOR_THE_COMMAND`] slots
 /// have stayed free for [`ROOM_STEADY`] (at most [`ROOM_WAIT`]), so that the command the holder
-/// starts next can connect. A fleet started at once arrives over a second or more: free slots
-/// seen by its first holder at one moment may be gone by the time its command connects. Later
-/// holders see the other instances come and go as they poll, and wait only when slots are
-/// short. A holder that finds neither (the usual case) starts its command at once.
+/// starts next can connect. A fleet started at once arrives over a second or more, and the
+/// first holder cannot tell from the few instances it sees how many are still on their way:
+/// free slots seen at one moment may all be taken by the rest of the fleet's connection
+/// attempts by the time its command connects: it waits whenever it sees one. A holder that got
+/// the lock later in its life waits only when slots are short; a holder that finds neither (the
+/// usual case) starts its command at once.
 ///
 /// # Cancel safety
 ///
@@ -169,7 +165,7 @@ async fn room(client: &Client) -> Option<(i32, i32, i32)> {
 pub async fn room_for_the_command(client: &Client, just_started: bool, out: &Output) {
     match room(client).await {
         Some((free, max, arriving))
-            if free < ROOM_FOR_THE_COMMAND || (just_started && crowded(free, max, arriving)) =>
+            if free < ROOM_FOR_THE_COMMAND || (just_started && arriving > 0) =>
         {
             let message = format_args!(
                 "{free} of {max} connection slots free, {arriving} other instances connected \
