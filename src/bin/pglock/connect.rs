@@ -28,14 +28,21 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Cancels the statement the session runs (an abandoned lock wait) and waits for the
-    /// server to take the request, so that no waiter stays queued after pglock exits. pglock's
-    /// cancel-safe acquisition sends one too, from a background task that may not get to run
-    /// before the process exits.
+    /// Cancels the statement the session runs (an abandoned lock wait) and waits until the
+    /// wait has ended on the server, so that no waiter stays queued after pglock exits. pglock's
+    /// cancel-safe acquisition sends a cancel too, from a background task that may not get to
+    /// run before the process exits. A cancel request only reaches the server's postmaster,
+    /// which signals the backend later: the empty statement queued behind the wait answers once
+    /// the backend has left the lock queue (cancelled, or granted just before and then freed
+    /// when the connection closes). At most [`ABANDON_BOUND`].
     pub async fn abandon_wait(&self) {
         let token = self.session.cancel_token();
         let cancel = token.cancel_query(self.connector.clone());
-        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
+        let _ = tokio::time::timeout(ABANDON_BOUND, async {
+            let _ = cancel.await;
+            let _ = self.session.client().simple_query("").await;
+        })
+        .await;
     }
 
     /// Resolves once the connection has ended (the server closed it, e.g. the backend was
@@ -50,6 +57,9 @@ impl Connection {
         let _ = closed.wait_for(|closed| *closed).await;
     }
 }
+
+/// How long pglock waits at most, on its way out, for the server to end an abandoned lock wait.
+const ABANDON_BOUND: Duration = Duration::from_secs(5);
 
 /// The `application_name` of a connection.
 #[derive(Clone, Copy, Debug)]

@@ -67,7 +67,7 @@ impl Waiter<'_> {
                 Ok(result) => result,
                 Err(signal) => {
                     // The wait was dropped above, which abandons it; this makes sure the server
-                    // has taken the cancel before pglock exits.
+                    // has ended it before pglock exits.
                     connection.abandon_wait().await;
                     return Ok(self.interrupted(signal));
                 }

@@ -346,7 +346,7 @@ impl Waiter<'_> {
 
     /// Waits for `lock` in the server's queue on `connection`, within the patience, reporting
     /// on stderr meanwhile. A signal abandons the wait, and pglock makes sure the server has
-    /// taken the cancel before it goes on to exit.
+    /// ended it before it goes on to exit.
     ///
     /// # Errors
     ///
@@ -374,7 +374,7 @@ impl Waiter<'_> {
             Ok(result) => result,
             Err(signal) => {
                 // The wait was dropped on return, which abandons it; this makes sure the
-                // server has taken the cancel before pglock exits.
+                // server has ended it before pglock exits.
                 connection.abandon_wait().await;
                 return Ok(Queued::Over(self.interrupted(signal)));
             }
