@@ -1,6 +1,7 @@
 //! A `Session` shared by several tasks: no task's acquisition, abandoned or not, may weaken
 //! another's lock or disturb another's statements.
 
+use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,6 +199,74 @@ async fn drop_guards_of_a_closed_session() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(session);
     db.assert_no_locks().await;
+}
+
+/// The same scenario in a program built with `-C panic=abort`, as an application built with
+/// `panic = "abort"` is (`tests/fixtures/panic_abort/closed_session_drop.rs`): it must exit 0.
+/// Its control run, a panic in a spawned task, must die of SIGABRT, which shows that the build
+/// aborts at a panic rather than letting tokio catch it.
+#[tokio::test]
+async fn guards_of_a_closed_session_dropped_together_in_a_panic_abort_build() {
+    let program = build_with_panic_abort("closed_session_drop");
+    let control = tokio::process::Command::new(&program)
+        .arg("--panic-in-a-task")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        control.status.signal(),
+        Some(SIGABRT),
+        "the control run of a panic=abort build ended with {}:\n{}",
+        control.status,
+        String::from_utf8_lossy(&control.stdout)
+    );
+    let db = TestDb::new("shared_closed_drop_abort").await;
+    let run = tokio::process::Command::new(&program)
+        .arg(db.url())
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    assert!(
+        run.status.success() && stdout.contains("dropped"),
+        "the panic=abort program ended with {}:\n{stdout}\n{stderr}",
+        run.status
+    );
+    db.assert_no_locks().await;
+}
+
+/// SIGABRT, the signal of `std::process::abort`.
+const SIGABRT: i32 = 6;
+
+/// Builds the example `name` with `-C panic=abort` (only the example itself: a crate built to
+/// unwind links into a binary that aborts) and gives its executable.
+fn build_with_panic_abort(name: &str) -> std::path::PathBuf {
+    let output = std::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["rustc", "--quiet", "--example", name])
+        .args([
+            "--message-format=json-render-diagnostics",
+            "--",
+            "-C",
+            "panic=abort",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "cargo rustc --example {name} -- -C panic=abort: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["name"] == name)
+        .find_map(|message| message["executable"].as_str().map(std::path::PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no executable for the example {name}"))
 }
 
 /// A shared session refuses transaction scope before sending anything, with an error that says
