@@ -155,7 +155,7 @@ async fn room(client: &Client) -> Option<(i32, i32, i32)> {
 /// starts next can connect. A fleet started at once arrives over a second or more, and the
 /// first holder cannot tell from the few instances it sees how many are still on their way:
 /// free slots seen at one moment may all be taken by the rest of the fleet's connection
-/// attempts by the time its command connects: it waits whenever it sees one. A holder that got
+/// attempts by the time its command connects, so it waits whenever it sees one. A holder that got
 /// the lock later in its life waits only when slots are short; a holder that finds neither (the
 /// usual case) starts its command at once.
 ///
